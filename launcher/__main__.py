@@ -1,0 +1,6 @@
+"""`python -m launcher ...` (also `torchrun -m launcher ...`) = `magcache-launch ...`."""
+import sys
+
+from launcher.cli import main
+
+sys.exit(main())

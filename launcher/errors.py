@@ -1,0 +1,13 @@
+"""Exceptions the CLI turns into exit codes (input: 2 with one line; run failures: their own code)."""
+
+
+class InputError(ValueError):
+    """Bad user input found before any weight is loaded: the CLI prints one line and exits 2."""
+
+
+class RunFailed(RuntimeError):
+    """A run that started but could not finish (a rank died, disk full...); carries its exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,122 @@
+"""Outputs: mp4, lossless frames, latents and the JSON manifest, each written atomically.
+
+Every file is written to a hidden temp name in the destination directory and renamed into place,
+so an interrupted or failed run never leaves a half-written output under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def frames_uint8_truncated(video: torch.Tensor) -> np.ndarray:
+    """[3,F,H,W] in [-1,1] -> [F,H,W,3] uint8 the way the official `save_video` does (truncation).
+
+    The mp4 follows official so a video compares frame for frame with one made by generate.py.
+    """
+    x = video.detach().float().clamp(-1, 1)
+    x = (x + 1) / 2
+    return (x * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def frames_uint8_rounded(video: torch.Tensor) -> np.ndarray:
+    """[3,F,H,W] in [-1,1] -> [F,H,W,3] uint8, rounded: the lossless `--save-frames` form."""
+    x = video.detach().float().clamp(-1, 1)
+    return ((x + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
+    """H.264 mp4 via imageio-ffmpeg's bundled ffmpeg (no system ffmpeg needed)."""
+    import imageio_ffmpeg
+
+    frames = frames_uint8_truncated(video)
+    f, h, w, _ = frames.shape
+    with atomic_path(Path(path), suffix=".mp4") as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), (w, h), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+            output_params=["-movflags", "+faststart"],
+        )
+        writer.send(None)
+        try:
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        finally:
+            writer.close()
+        if tmp.stat().st_size == 0:
+            raise OSError(f"ffmpeg wrote nothing to {path}")
+
+
+def read_mp4_info(path: Path) -> dict[str, Any]:
+    """Frame count, fps and size as ffmpeg reads them back (for tests and `batch` verification)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = reader.__next__()
+    n = sum(1 for _ in reader)
+    return {"frames": n, "fps": meta["fps"], "size": tuple(meta["size"])}
+
+
+def write_frames(directory: Path, video: torch.Tensor) -> list[Path]:
+    """One lossless PNG per frame, `frame_00000.png`...; each written atomically."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(frames_uint8_rounded(video)):
+        final = directory / f"frame_{i:05d}.png"
+        with atomic_path(final, suffix=".png") as tmp:
+            Image.fromarray(frame).save(tmp, format="PNG")
+        paths.append(final)
+    return paths
+
+
+def write_latents(path: Path, latents: torch.Tensor) -> None:
+    """Final latents before decode: key `latents`, float32, [C,F,H,W]."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(path), suffix=".safetensors") as tmp:
+        save_file({"latents": latents.detach().float().contiguous().cpu()}, str(tmp))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_path(Path(path), suffix=".json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_path_for(video_path: Path) -> Path:
+    """The manifest sits beside the video: `clip.mp4` -> `clip.json`."""
+    return Path(video_path).with_suffix(".json")
