@@ -1,0 +1,164 @@
+"""`magcache-launch`: parse flags, hand them to the runner, print results. Nothing else lives here."""
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+
+from launcher.config import MagCacheOptions, RunConfig, UsageError, build_run_config
+from launcher.options import compose_params, magcache_params, model_params, output_params, sampling_params
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Wan2.2 video generation on one GPU or many, with rank-synchronized MagCache.",
+)
+
+
+def _is_rank0() -> bool:
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) not in (None, "", "0"):
+            return False
+    return True
+
+
+def _magcache_options(kw: dict[str, Any], *, calibration: bool = False) -> MagCacheOptions:
+    return MagCacheOptions(
+        enabled=kw.pop("use_magcache") and not calibration,
+        thresh=kw.pop("magcache_thresh"),
+        K=kw.pop("magcache_K"),
+        retention_ratio=kw.pop("retention_ratio"),
+        split=kw.pop("magcache_split"),  # type: ignore[arg-type]
+        reset_at_switch=kw.pop("magcache_reset_at_switch"),
+        ratios_file=kw.pop("magcache_ratios"),
+        calibration=calibration,
+    )
+
+
+def _run_config(kw: dict[str, Any], *, calibration: bool = False) -> RunConfig:
+    kw = dict(kw)
+    calibration = calibration or kw.pop("magcache_calibration", False)
+    mc = _magcache_options(kw, calibration=calibration)
+    kw["dist_timeout_s"] = kw.pop("dist_timeout")
+    return build_run_config(magcache=mc, **kw)
+
+
+@app.command()
+@compose_params(model_params, sampling_params, magcache_params, output_params)
+def generate(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="what to generate")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="first frame (i2v-A14B; optional for ti2v-5B)")] = None,
+    magcache_calibration: Annotated[bool, typer.Option("--magcache-calibration", "--magcache_calibration", help="run uncached and record a ratio table")] = False,
+    json_summary: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout at the end")] = False,
+    **kw: Any,
+) -> None:
+    """Generate one video (single process, torchrun or srun)."""
+    from launcher.runner import run_generate
+
+    cfg = _run_config(dict(kw, prompt=prompt, image=image, magcache_calibration=magcache_calibration))
+    manifest = run_generate(cfg)
+    if manifest is not None and json_summary:
+        print(json.dumps(manifest, ensure_ascii=False))
+
+
+@app.command()
+@compose_params(model_params, sampling_params, magcache_params)
+def calibrate(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="a prompt typical of your use")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="first frame for image tasks")] = None,
+    out: Annotated[Path, typer.Option("--out", help="ratio file to write (a PNG plot is written beside it)")] = Path("magcache_ratios.json"),
+    save_file: Annotated[Optional[Path], typer.Option("--save-file", "--save_file", help="also keep the uncached video")] = None,
+    **kw: Any,
+) -> None:
+    """Record MagCache ratios for your checkpoint with an uncached run; writes OUT and OUT.png."""
+    from launcher.runner import run_generate
+
+    cfg = _run_config(
+        dict(kw, prompt=prompt, image=image, save_file=save_file, save_frames=None, save_latents=None, overwrite=True),
+        calibration=True,
+    )
+    run_generate(cfg, calibration_out=out)
+
+
+@app.command()
+def plan(
+    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
+    sample_steps: Annotated[Optional[int], typer.Option("--sample-steps", "--sample_steps")] = None,
+    sample_shift: Annotated[Optional[float], typer.Option("--sample-shift", "--sample_shift")] = None,
+    sample_solver: Annotated[str, typer.Option("--sample-solver", "--sample_solver")] = "unipc",
+    image: Annotated[bool, typer.Option("--image/--no-image", help="ti2v-5B: use the image-mode ratio table")] = False,
+    magcache_thresh: Annotated[float, typer.Option("--magcache-thresh", "--magcache_thresh")] = 0.04,
+    magcache_K: Annotated[int, typer.Option("--magcache-k", "--magcache-K", "--magcache_K")] = 2,
+    retention_ratio: Annotated[float, typer.Option("--retention-ratio", "--retention_ratio")] = 0.2,
+    magcache_split: Annotated[str, typer.Option("--magcache-split", "--magcache_split")] = "upstream",
+    magcache_reset_at_switch: Annotated[bool, typer.Option("--magcache-reset-at-switch", "--magcache_reset_at_switch")] = False,
+    magcache_ratios: Annotated[Optional[Path], typer.Option("--magcache-ratios", "--magcache_ratios")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Print the forward-by-forward MagCache schedule for these flags, without loading weights."""
+    from launcher.planning import make_plan
+    from launcher.report import print_plan
+
+    mc = MagCacheOptions(
+        enabled=True, thresh=magcache_thresh, K=magcache_K, retention_ratio=retention_ratio,
+        split=magcache_split, reset_at_switch=magcache_reset_at_switch,  # type: ignore[arg-type]
+        ratios_file=magcache_ratios,
+    )
+    the_plan = make_plan(
+        task=task, steps=sample_steps, shift=sample_shift, solver=sample_solver, with_image=image, options=mc
+    )
+    if as_json:
+        print(json.dumps(the_plan.to_json()))
+    else:
+        print_plan(the_plan, task=task)
+
+
+@app.command()
+@compose_params(model_params, sampling_params, magcache_params)
+def batch(
+    prompts: Annotated[Path, typer.Argument(help="JSONL (one object per line) or text (one prompt per line)")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "--out_dir", help="where videos, manifests and summary.json go")],
+    force: Annotated[bool, typer.Option("--force", help="regenerate items that already verify")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/n: take every n-th item starting at i (Slurm arrays)")] = None,
+    **kw: Any,
+) -> None:
+    """Generate many prompts with one model load; resumable; data-parallel over spare ranks."""
+    from launcher.batch import run_batch
+
+    code = run_batch(prompts_file=prompts, out_dir=out_dir, force=force, shard=shard, flags=kw)
+    raise typer.Exit(code)
+
+
+def _fail(message: str, code: int) -> int:
+    if _is_rank0():
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: bad input exits 2 with one line, never a traceback."""
+    from launcher.errors import InputError, RunFailed
+
+    try:
+        result = app(args=argv, prog_name="magcache-launch", standalone_mode=False)
+        return int(result or 0)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        return _fail("interrupted", 130)
+    except click.ClickException as e:
+        return _fail(e.format_message().replace("\n", " "), 2)
+    except (UsageError, InputError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
+    except RunFailed as e:
+        return _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

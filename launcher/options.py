@@ -1,0 +1,86 @@
+"""Typer option declarations shared by `generate`, `calibrate` and `batch`.
+
+Every flag has its canonical kebab-case name plus the snake_case spelling of the official
+`generate.py` / MagCache4Wan2.2 scripts as an alias, so their command lines run unchanged.
+Commands compose these parameter sets with `compose_params` instead of repeating 30 arguments.
+"""
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+
+def _opt(*names: str, help: str, **kw: Any) -> Any:
+    return typer.Option(*names, help=help, **kw)
+
+
+def model_params(
+    task: Annotated[str, _opt("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
+    ckpt_dir: Annotated[Optional[Path], _opt("--ckpt-dir", "--ckpt_dir", help="checkpoint folder (official or diffusers layout)")] = None,
+    offload_model: Annotated[Optional[str], _opt("--offload-model", "--offload_model", help="True/False: move the idle expert to CPU (official default True on one GPU)")] = None,
+    convert_model_dtype: Annotated[bool, _opt("--convert-model-dtype", "--convert_model_dtype", help="cast DiT weights to --dtype")] = False,
+    t5_cpu: Annotated[bool, _opt("--t5-cpu", "--t5_cpu", help="keep the T5 encoder on CPU")] = False,
+    t5_fsdp: Annotated[bool, _opt("--t5-fsdp", "--t5_fsdp", help="shard T5 blocks with FSDP2")] = False,
+    dit_fsdp: Annotated[bool, _opt("--dit-fsdp", "--dit_fsdp", help="shard DiT blocks with FSDP2 over the sequence group")] = False,
+    ulysses_size: Annotated[int, _opt("--ulysses-size", "--ulysses_size", help="Ulysses sequence-parallel degree (divides the heads)")] = 1,
+    cfg_parallel: Annotated[bool, _opt("--cfg-parallel", "--cfg_parallel", help="cond and uncond forwards on two halves of the world")] = False,
+    dtype: Annotated[Optional[str], _opt("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on CUDA, float32 on CPU)")] = None,
+    device: Annotated[Optional[str], _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,
+    dist_timeout: Annotated[float, _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
+) -> None:
+    """Flags that choose and place the model (shared by every command that loads it)."""
+
+
+def sampling_params(
+    size: Annotated[Optional[str], _opt("--size", help="WIDTH*HEIGHT, e.g. 1280*720 (area only, for image tasks)")] = None,
+    frame_num: Annotated[Optional[int], _opt("--frame-num", "--frame_num", help="frames, 4n+1")] = None,
+    negative_prompt: Annotated[str, _opt("--negative-prompt", "--negative_prompt", help="'' = the official default")] = "",
+    base_seed: Annotated[int, _opt("--base-seed", "--base_seed", help="-1 draws a random seed (recorded in the manifest)")] = -1,
+    sample_solver: Annotated[str, _opt("--sample-solver", "--sample_solver", help="unipc or dpm++")] = "unipc",
+    sample_steps: Annotated[Optional[int], _opt("--sample-steps", "--sample_steps", help="denoising steps (task default)")] = None,
+    sample_shift: Annotated[Optional[float], _opt("--sample-shift", "--sample_shift", help="flow shift (task default)")] = None,
+    sample_guide_scale: Annotated[Optional[str], _opt("--sample-guide-scale", "--sample_guide_scale", help="CFG scale, or LOW,HIGH per expert")] = None,
+) -> None:
+    """Flags of one generation that a batch line may override."""
+
+
+def magcache_params(
+    use_magcache: Annotated[bool, _opt("--use-magcache", "--use_magcache", help="skip DiT forwards with MagCache")] = False,
+    magcache_thresh: Annotated[float, _opt("--magcache-thresh", "--magcache_thresh", help="accumulated-error bound")] = 0.04,
+    magcache_K: Annotated[int, _opt("--magcache-k", "--magcache-K", "--magcache_K", help="max consecutive skips per branch")] = 2,
+    retention_ratio: Annotated[float, _opt("--retention-ratio", "--retention_ratio", help="fraction of forwards always computed")] = 0.2,
+    magcache_split: Annotated[str, _opt("--magcache-split", "--magcache_split", help="upstream (default) or scheduler expert split")] = "upstream",
+    magcache_reset_at_switch: Annotated[bool, _opt("--magcache-reset-at-switch", "--magcache_reset_at_switch", help="fresh cache for the low-noise expert")] = False,
+    magcache_ratios: Annotated[Optional[Path], _opt("--magcache-ratios", "--magcache_ratios", help="calibrated ratio file")] = None,
+) -> None:
+    """MagCache flags (upstream defaults)."""
+
+
+def output_params(
+    save_file: Annotated[Optional[Path], _opt("--save-file", "--save_file", help="output mp4 (default: a timestamped name)")] = None,
+    save_frames: Annotated[Optional[Path], _opt("--save-frames", "--save_frames", help="folder for lossless PNG frames")] = None,
+    save_latents: Annotated[Optional[Path], _opt("--save-latents", "--save_latents", help="final latents (.safetensors, key 'latents')")] = None,
+    overwrite: Annotated[bool, _opt("--overwrite", help="replace an existing --save_file")] = False,
+) -> None:
+    """Where one generation's outputs go."""
+
+
+def compose_params(*sources: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give `fn(**kw)` the union of the sources' parameters (its own keyword params come first)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params = list(own)
+        annotations = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k != "return"}
+        for src in sources:
+            for p in inspect.signature(src).parameters.values():
+                params.append(p.replace(kind=p.KEYWORD_ONLY))
+            annotations.update({k: v for k, v in src.__annotations__.items() if k != "return"})
+        own_pos = [p for p in params if p.kind is not p.KEYWORD_ONLY]
+        kw_only = [p for p in params if p.kind is p.KEYWORD_ONLY]
+        fn.__signature__ = inspect.Signature(own_pos + kw_only)  # type: ignore[attr-defined]
+        fn.__annotations__ = annotations
+        return fn
+
+    return deco

@@ -1,0 +1,56 @@
+"""Human-facing output on rank 0: the plan table, progress and the end-of-run summary (rich)."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from magcache.plan import Plan
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def _action(fwd: Any) -> str:
+    if fwd.retained:
+        return "[cyan]compute[/] (kept)"
+    return "[green]skip[/]" if fwd.skip else "compute"
+
+
+def print_plan(the_plan: Plan, *, task: str, out: Console | None = None) -> None:
+    """One row per step (cond and uncond side by side), then the speedup and warnings."""
+    out = out or Console(file=sys.stdout, highlight=False)
+    table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps, split at forward {the_plan.split_forwards}")
+    for col in ("step", "expert", "cond", "uncond"):
+        table.add_column(col)
+    fwds = the_plan.forwards
+    for i in range(0, len(fwds), 2):
+        cond, uncond = fwds[i], fwds[i + 1]
+        table.add_row(str(cond.step), cond.expert, _action(cond), _action(uncond))
+    out.print(table)
+    skipped = len(the_plan.skipped_forwards)
+    out.print(
+        f"skipped {skipped} of {the_plan.total_forwards} forwards "
+        f"(cond {the_plan.skips_by_branch.get('cond', 0)}, uncond {the_plan.skips_by_branch.get('uncond', 0)}); "
+        f"forward-count speedup [bold]{the_plan.forward_speedup:.2f}x[/]"
+    )
+    for w in the_plan.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+
+
+def print_summary(manifest: dict[str, Any]) -> None:
+    """The short end-of-run summary: where the video is, phase timings, skipped forwards."""
+    timings = manifest.get("timings_s", {})
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    console.print(f"[bold]video[/] {manifest.get('video')}  seed {manifest.get('seed')}")
+    console.print(f"timings: {phases}")
+    mc = manifest.get("magcache") or {}
+    if mc.get("enabled"):
+        console.print(
+            f"magcache: skipped {mc['skipped_count']} of {mc['total_forwards']} forwards "
+            f"(cond {mc['skipped_by_branch'].get('cond', 0)}, uncond {mc['skipped_by_branch'].get('uncond', 0)}; "
+            + ", ".join(f"{k} {v}" for k, v in mc["skipped_by_expert"].items())
+            + f"), forward-count speedup {mc['forward_speedup']:.2f}x"
+        )
+    for w in manifest.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
