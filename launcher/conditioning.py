@@ -85,15 +85,14 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    # torchvision's to_tensor (bytes -> float32, then /255, CHW); torchvision is unusable here.
-    array = np.asarray(image, dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1], RGB: official `TF.to_tensor(img).sub_(0.5).div_(0.5)`.
 
-
-def _to_signed(image: Image.Image) -> torch.Tensor:
-    """[3, H, W] in [-1, 1], as official `.sub_(0.5).div_(0.5)`."""
-    return _to_tensor(image).sub(0.5).div(0.5)
+    Written out (bytes -> float32, /255, CHW) because torchvision is unusable beside this torch.
+    """
+    array = np.asarray(_rgb(image), dtype=np.uint8).copy()
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return pixels.sub(0.5).div(0.5)
 
 
 # ------------------------------------------------------------------------- i2v-A14B (fact 17)
@@ -117,14 +116,18 @@ def i2v_target_size(img_h: int, img_w: int, max_area: int, vae_stride: int = 8,
     return lat_h * vae_stride, lat_w * vae_stride, lat_h, lat_w
 
 
-def i2v_prepare_image(image: Image.Image, h: int, w: int) -> torch.Tensor:
-    """[3, 1, h, w] float32 on CPU: full-resolution [-1, 1] tensor, bicubic to (h, w).
+def i2v_resize(pixels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[3, 1, h, w]: the full-resolution [-1, 1] image (`pil_to_tensor`) bicubic-resized.
 
-    No antialias and no crop (aspect may change), on CPU like official (`img[None].cpu()`),
-    since bicubic on another device rounds differently.
+    No antialias and no crop (aspect may change), and on CPU like official
+    (`img[None].cpu()`), since bicubic on another device rounds differently.
     """
-    pixels = _to_signed(_rgb(image))
-    return F.interpolate(pixels[None], size=(h, w), mode="bicubic").transpose(0, 1)
+    return F.interpolate(pixels[None].cpu(), size=(h, w), mode="bicubic").transpose(0, 1)
+
+
+def i2v_prepare_image(image: Image.Image, h: int, w: int) -> torch.Tensor:
+    """[3, 1, h, w] float32 on CPU: `i2v_resize(pil_to_tensor(image), h, w)`."""
+    return i2v_resize(pil_to_tensor(image), h, w)
 
 
 def i2v_condition_video(image: torch.Tensor, frame_num: int) -> torch.Tensor:
@@ -196,7 +199,7 @@ def ti2v_prepare_image(image: Image.Image, max_area: int, stride: int = 32) -> t
     x1 = (image.width - ow) // 2
     y1 = (image.height - oh) // 2
     image = image.crop((x1, y1, x1 + ow, y1 + oh))
-    return _to_signed(image).unsqueeze(1)
+    return pil_to_tensor(image).unsqueeze(1)
 
 
 def ti2v_mask(shape: Sequence[int], image: bool = True,

@@ -17,9 +17,11 @@ from launcher.conditioning import (
     i2v_condition_video,
     i2v_mask,
     i2v_prepare_image,
+    i2v_resize,
     i2v_target_size,
     i2v_y,
     latent_shape,
+    pil_to_tensor,
     seq_len,
     ti2v_blend,
     ti2v_mask,
@@ -149,6 +151,21 @@ def test_images_are_converted_to_rgb_first_like_official(mode):
     rgb = image.convert("RGB")
     assert torch.equal(i2v_prepare_image(image, 32, 48), i2v_prepare_image(rgb, 32, 48))
     assert torch.equal(ti2v_prepare_image(image, 64 * 32), ti2v_prepare_image(rgb, 64 * 32))
+
+
+def test_pil_to_tensor_is_signed_rgb_chw():
+    image = _gradient_image(5, 3)
+    pixels = pil_to_tensor(image)
+    assert pixels.shape == (3, 3, 5) and pixels.dtype == torch.float32
+    assert torch.equal(pixels, _signed(image))  # (x/255 - 0.5)/0.5 == x/255*2 - 1 bit for bit
+    assert pixels[0, 0, 0] == -1 and pixels[0, 0, 4] == 1 and pixels[1, 2, 0] == 1
+
+
+def test_i2v_resize_runs_on_cpu_and_equals_prepare():
+    image = _gradient_image(40, 30)
+    out = i2v_resize(pil_to_tensor(image), 16, 32)
+    assert out.device.type == "cpu" and out.shape == (3, 1, 16, 32)
+    assert torch.equal(out, i2v_prepare_image(image, 16, 32))
 
 
 def test_i2v_condition_video():
