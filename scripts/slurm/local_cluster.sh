@@ -57,6 +57,7 @@ alive_pid() {
   pid="$(cat "$PIDS/$name")"
   [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
+  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] || return 1  # exited, not reaped yet
   echo "$pid"
 }
 
@@ -172,8 +173,7 @@ launch() {
   local pid=$!
   echo "$pid" > "$PIDS/$name"
   LAUNCHED+=("$name")
-  local i
-  for i in $(seq 1 50); do  # exec chain (setsid, setpriv) settles within milliseconds
+  for _ in $(seq 1 50); do  # exec chain (setsid, setpriv) settles within milliseconds
     [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] && return 0
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
@@ -201,10 +201,13 @@ node_idle() { [ "$(timeout 10 sinfo -h -n "$NODE" -o %t 2>/dev/null)" = "idle" ]
 srun_works() { [ "$(timeout 30 srun -n2 hostname 2>/dev/null | wc -l)" = 2 ]; }
 
 cmd_start() {
-  [ "$(id -u)" = 0 ] || skip "starting slurmd/munged needs root (run as root or use an existing cluster)"
-  mkdir -p "$DIR"
-  exec 9>"$DIR/.lock"
-  flock -w 180 9 || die "another local_cluster.sh holds $DIR/.lock for over 180s: wait or remove a stale lock"
+  local root=0
+  [ "$(id -u)" = 0 ] && root=1
+  if [ "$root" = 1 ]; then
+    mkdir -p "$DIR"
+    exec 9>"$DIR/.lock"
+    flock -w 180 9 || die "another local_cluster.sh holds $DIR/.lock for over 180s: wait or remove a stale lock"
+  fi
   local t0=$SECONDS
   if all_alive && node_idle_or_busy; then
     say "reusing running cluster in $DIR (pids: $(for d in "${DAEMONS[@]}"; do printf '%s=%s ' "$d" "$(cat "$PIDS/$d")"; done))"
@@ -212,6 +215,7 @@ cmd_start() {
     echo "# local_cluster: reused"
     return 0
   fi
+  [ "$root" = 1 ] || skip "no running cluster in $DIR and starting munged/slurmd needs root: run as root, or have root run '$0 start' first"
   stop_daemons  # remnants of a half-running cluster
   ensure_installed
   local p
@@ -220,6 +224,7 @@ cmd_start() {
   done
   write_config
   # A start that fails part-way leaves nothing running behind it.
+  # shellcheck disable=SC2154  # rc is assigned inside the trap
   trap 'rc=$?; if [ "$rc" != 0 ]; then stop_daemons; fi; exit "$rc"' EXIT
   rm -f "$SOCK" "$DIR/run/"*.pid
   : > "$DIR/log/munged.log"; : > "$DIR/log/slurmctld.log"; : > "$DIR/log/slurmd.log"
