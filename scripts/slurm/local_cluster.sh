@@ -68,7 +68,7 @@ all_alive() {
 
 log_tails() {
   local f
-  for f in "$DIR"/log/*.log; do
+  for f in "$DIR"/log/*.log "$DIR"/log/*.out; do
     [ -f "$f" ] || continue
     echo "--- tail $f" >&2
     tail -n 8 "$f" >&2
@@ -227,7 +227,7 @@ cmd_start() {
   # shellcheck disable=SC2154  # rc is assigned inside the trap
   trap 'rc=$?; if [ "$rc" != 0 ]; then stop_daemons; fi; exit "$rc"' EXIT
   rm -f "$SOCK" "$DIR/run/"*.pid
-  : > "$DIR/log/munged.log"; : > "$DIR/log/slurmctld.log"; : > "$DIR/log/slurmd.log"
+  : > "$DIR/log/slurmctld.log"; : > "$DIR/log/slurmd.log"  # munged (user munge) logs in $DIR/munge
   launch munged setpriv --reuid=munge --regid=munge --init-groups \
     munged --foreground --key-file="$DIR/munge/munge.key" --socket="$SOCK" \
     --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
