@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 from launcher.config import MagCacheOptions, RunConfig, UsageError, build_run_config
@@ -57,9 +56,9 @@ def generate(
     **kw: Any,
 ) -> None:
     """Generate one video (single process, torchrun or srun)."""
+    cfg = _run_config(dict(kw, prompt=prompt, image=image, magcache_calibration=magcache_calibration))
     from launcher.runner import run_generate
 
-    cfg = _run_config(dict(kw, prompt=prompt, image=image, magcache_calibration=magcache_calibration))
     manifest = run_generate(cfg)
     if manifest is not None and json_summary:
         print(json.dumps(manifest, ensure_ascii=False))
@@ -75,12 +74,12 @@ def calibrate(
     **kw: Any,
 ) -> None:
     """Record MagCache ratios for your checkpoint with an uncached run; writes OUT and OUT.png."""
-    from launcher.runner import run_generate
-
     cfg = _run_config(
         dict(kw, prompt=prompt, image=image, save_file=save_file, save_frames=None, save_latents=None, overwrite=True),
         calibration=True,
     )
+    from launcher.runner import run_generate
+
     run_generate(cfg, calibration_out=out)
 
 
@@ -146,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="magcache-launch", standalone_mode=False)
         return int(result or 0)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except typer.Abort:
         return _fail("interrupted", 130)
-    except click.ClickException as e:
-        return _fail(e.format_message().replace("\n", " "), 2)
+    except typer.TyperException as e:  # Typer's own parse errors (unknown flag, bad int...)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        return _fail(" ".join(message.split()), 2)
     except (UsageError, InputError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
     except RunFailed as e:

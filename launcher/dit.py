@@ -29,11 +29,15 @@ class SequenceSharding(Protocol):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_len: int) -> torch.Tensor:
         """Self-attention over the whole sequence for local q/k/v [B, S_local, H, D]."""
 
+    def local_valid(self, valid_len: int) -> int:
+        """How many of this rank's tokens are real (not padding) when the sequence has `valid_len`."""
+
 
 class BlockRunner(Protocol):
-    """What runs (or skips) the block stack: MagCache's controller, or its no-op twin."""
+    """What runs (or skips) the block stack: MagCache's controller, its no-op twin, or the recorder."""
 
-    def forward(self, index: int, x: torch.Tensor, run_blocks: Callable[[torch.Tensor], torch.Tensor], **labels) -> torch.Tensor: ...
+    def forward(self, index: int, x: torch.Tensor, run_blocks: Callable[[torch.Tensor], torch.Tensor],
+                expert: str = "single", valid: int | None = None) -> torch.Tensor: ...
 
 
 class LocalSequence:
@@ -51,6 +55,9 @@ class LocalSequence:
         # [B, S, H, D] -> SDPA wants [B, H, S, D]; no padding exists on one rank.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
+
+    def local_valid(self, valid_len: int) -> int:
+        return valid_len
 
 
 @dataclass
@@ -130,7 +137,7 @@ class WanDiT:
         *,
         runner: BlockRunner,
         index: int,
-        labels: dict | None = None,
+        expert: str = "single",
     ) -> torch.Tensor:
         """latent [C_in,F,H,W]; timestep [1] or per-token [1, L]; text_states = embed_text(context).
 
@@ -163,7 +170,7 @@ class WanDiT:
                 h = block(h, text_states, tproj, rotary)
             return h
 
-        x = runner.forward(index, x, run_blocks, **(labels or {}))
+        x = runner.forward(index, x, run_blocks, expert=expert, valid=sh.local_valid(seq_len))
 
         # head: modulated norm + projection, on this rank's tokens
         if temb.ndim == 3:

@@ -1,11 +1,14 @@
 """Human-facing output on rank 0: the plan table, progress and the end-of-run summary (rich)."""
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from magcache.plan import Plan
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
@@ -54,3 +57,19 @@ def print_summary(manifest: dict[str, Any]) -> None:
         )
     for w in manifest.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
+
+
+@contextlib.contextmanager
+def progress_bar(total_steps: int, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A per-step denoising bar on rank 0 (stderr); other ranks get no callback."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("denoise"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("denoise", total=total_steps)
+
+        def on_step(done: int, total: int) -> None:
+            progress.update(task, completed=done)
+
+        yield on_step

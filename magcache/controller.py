@@ -41,7 +41,8 @@ class BlockCache(Protocol):
 
     decisions: list[Decision]
 
-    def forward(self, index: int, x: Tensor, run_blocks: RunBlocks, expert: str = "single") -> Tensor: ...
+    def forward(self, index: int, x: Tensor, run_blocks: RunBlocks, expert: str = "single",
+                valid: int | Tensor | None = None) -> Tensor: ...
 
     def reset(self) -> None: ...
 
@@ -61,8 +62,12 @@ class MagCacheController:
         self._residual = [None, None]
         self.decisions = []
 
-    def forward(self, index: int, x: Tensor, run_blocks: RunBlocks, expert: str = "single") -> Tensor:
-        """`x` after patch embedding (and sequence split); returns x after the blocks."""
+    def forward(self, index: int, x: Tensor, run_blocks: RunBlocks, expert: str = "single",
+                valid: int | Tensor | None = None) -> Tensor:
+        """`x` after patch embedding (and sequence split); returns x after the blocks.
+
+        `valid` (this rank's real tokens) is part of the shared interface; skipping ignores it.
+        """
         b = index % 2
         proposal = self.schedule.propose(index)
         skip = False
@@ -94,7 +99,8 @@ class ComputeAll:
     def reset(self) -> None:
         self.decisions = []
 
-    def forward(self, index: int, x: Tensor, run_blocks: RunBlocks, expert: str = "single") -> Tensor:
+    def forward(self, index: int, x: Tensor, run_blocks: RunBlocks, expert: str = "single",
+                valid: int | Tensor | None = None) -> Tensor:
         self.decisions.append(Decision(index=index, step=index // 2, branch=branch_of(index),
                                        expert=expert, retained=False, skip=False))
         return run_blocks(x)

@@ -1,0 +1,116 @@
+"""The JSON manifest written beside each video: enough to reproduce and audit the run."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, fields
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from launcher.checkpoints import CheckpointInfo
+    from launcher.config import RunConfig
+    from launcher.pipeline import Result
+    from launcher.runtime import Runtime
+    from magcache.ratios import RatioTable
+
+MANIFEST_VERSION = 1
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("magcache-launch", "torch", "diffusers", "transformers", "accelerate", "safetensors", "yunchang"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def flags_of(cfg: "RunConfig") -> dict[str, Any]:
+    """Every resolved flag, JSON-friendly (the task as its name, paths as strings)."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "task":
+            value = value.name
+        elif f.name == "magcache":
+            value = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(value).items()}
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def magcache_section(cfg: "RunConfig", decisions: list[dict[str, Any]], table: "RatioTable | None") -> dict[str, Any]:
+    total = len(decisions)
+    skipped = [d["index"] for d in decisions if d["skip"]]
+    by_branch = {"cond": 0, "uncond": 0}
+    by_expert: dict[str, int] = {e: 0 for e in cfg.task.experts}
+    for d in decisions:
+        if d["skip"]:
+            by_branch[d["branch"]] += 1
+            by_expert[d["expert"]] = by_expert.get(d["expert"], 0) + 1
+    computed = total - len(skipped)
+    return {
+        "enabled": cfg.magcache.enabled,
+        "calibration": cfg.magcache.calibration,
+        "thresh": cfg.magcache.thresh,
+        "K": cfg.magcache.K,
+        "retention_ratio": cfg.magcache.retention_ratio,
+        "split": cfg.magcache.split,
+        "reset_at_switch": cfg.magcache.reset_at_switch,
+        "ratio_table": None if table is None else {"key": table.key, "source": table.source,
+                                                   "sample_steps": table.sample_steps},
+        "total_forwards": total,
+        "computed_forwards": computed,
+        "skipped_forwards": skipped,
+        "skipped_count": len(skipped),
+        "skipped_by_branch": by_branch,
+        "skipped_by_expert": by_expert,
+        "forward_speedup": total / computed if computed else float("inf"),
+        "decisions": decisions,
+    }
+
+
+def build_manifest(
+    *,
+    cfg: "RunConfig",
+    info: "CheckpointInfo",
+    rt: "Runtime",
+    seed: int,
+    result: "Result",
+    decisions: list[dict[str, Any]],
+    table: "RatioTable | None",
+    files: dict[str, Any],
+    peak_memory: list[dict[str, Any]],
+    load_seconds: float,
+    calibration: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "video": files.get("video"),
+        "sha256": files.get("video_sha256"),
+        "task": cfg.task.name,
+        "prompt": cfg.prompt,
+        "seed": seed,
+        "flags": flags_of(cfg),
+        "output": {"frames": files.get("video_frames"), "size": files.get("video_size"),
+                   "fps": cfg.task.sample_fps, **{k: v for k, v in files.items() if k not in ("video", "video_sha256")}},
+        "latent_shape": list(result.latents.shape),
+        "seq_len": result.seq_len,
+        "scheduler": {"solver": cfg.sample_solver, "steps": cfg.sample_steps, "shift": cfg.sample_shift,
+                      "timesteps": result.timesteps, "experts": result.experts_per_step},
+        "world": rt.describe(),
+        "checkpoint": {"dir": str(info.root), "layout": info.layout, "num_heads": info.num_heads,
+                       "in_channels": info.in_channels, "vae": info.vae_version},
+        "magcache": magcache_section(cfg, decisions, table),
+        "calibration": calibration,
+        "timings_s": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in result.timings.items()}},
+        "peak_memory_mb": peak_memory,
+        "versions": package_versions(),
+        "warnings": warnings or [],
+    }

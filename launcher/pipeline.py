@@ -1,0 +1,226 @@
+"""The official Wan2.2 sampling loop (text2video / image2video / textimage2video), once for all tasks.
+
+Per step: pick the expert by `t >= boundary*1000`, run the cond then the uncond forward (or one
+of them per CFG half), combine `uncond + g*(cond - uncond)`, take a scheduler step; ti2v with an
+image re-imposes the first-frame latent after every step. Each forward goes through the block
+runner (MagCache controller, calibration recorder or compute-all) with its global forward index.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from PIL import Image
+
+from launcher import conditioning as cond
+from launcher.dit import BlockRunner, WanDiT, pad_context
+from launcher.solvers import make_scheduler
+from launcher.tasks import TaskSpec
+
+
+class BranchExchange(Protocol):
+    """Which CFG branches this rank computes, and how both predictions reach every rank."""
+
+    branches: tuple[int, ...]
+
+    def combine(self, preds: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SerialBranches:
+    """One rank (or one sequence group) computes cond then uncond, as official does."""
+
+    branches = (0, 1)
+
+    def combine(self, preds: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return preds[0], preds[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What one video needs beyond the loaded models (a batch varies these per item)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    max_area: int
+    frame_num: int
+    steps: int
+    shift: float
+    solver: str
+    guide_scale: tuple[float, float]  # (low_noise, high_noise)
+    image: Image.Image | None = None
+
+
+@dataclass
+class Result:
+    latents: torch.Tensor  # [C,F,H,W] float32, before decode
+    video: torch.Tensor | None  # [3,F,H,W] in [-1,1], on decoding ranks
+    timesteps: list[int]
+    experts_per_step: list[str]
+    seq_len: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Models:
+    """The loaded modules. `experts` maps "high"/"low" (A14B) or "single" (ti2v) to a DiT."""
+
+    task: TaskSpec
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    experts: dict[str, WanDiT]
+    device: torch.device
+    text_device: torch.device
+    dit_dtype: torch.dtype
+    autocast: bool = False
+    offload_idle_expert: bool = False
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return cond.pil_to_tensor(img)
+
+
+class WanPipeline:
+    """Runs one request at a time on already-loaded models."""
+
+    def __init__(
+        self,
+        models: Models,
+        *,
+        exchange: BranchExchange | None = None,
+        decode: bool = True,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.m = models
+        self.exchange = exchange or SerialBranches()
+        self.decode = decode
+        self.on_step = on_step
+
+    # -- text -------------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> list[torch.Tensor]:
+        from launcher.text_encoder import encode_prompts
+
+        ctx = encode_prompts(self.m.tokenizer, self.m.text_encoder, prompts, text_len=self.m.task.text_len,
+                             device=self.m.text_device)
+        return [c.to(self.m.device) for c in ctx]
+
+    # -- conditioning -----------------------------------------------------------------------
+    def _prepare(self, req: Request):
+        """Initial latent, extra channels (i2v), first-frame latent (ti2v image) and seq_len."""
+        task, dev = self.m.task, self.m.device
+        sp = 1  # padding for sequence parallel is internal to the sharding; seq_len is the real one
+        y = z = mask2 = None
+        if task.mode == "i2v":
+            img = _to_tensor(req.image)
+            h, w, lat_h, lat_w = cond.i2v_target_size(img.shape[1], img.shape[2], req.max_area,
+                                                      task.vae_stride[1], task.patch_size[1])
+            lat_f = (req.frame_num - 1) // task.vae_stride[0] + 1
+            noise = cond.draw_noise((task.z_dim, lat_f, lat_h, lat_w), req.seed, dev)
+            from launcher.vae import encode
+
+            frame = cond.i2v_resize(img, h, w)
+            video = cond.i2v_condition_video(frame, req.frame_num)
+            latent_img = encode(self.m.vae, video.to(dev))
+            y = cond.i2v_y(cond.i2v_mask(req.frame_num, lat_h, lat_w).to(dev), latent_img)
+            latent = noise
+        elif task.mode == "ti2v" and req.image is not None:
+            from launcher.vae import encode
+
+            img = cond.ti2v_prepare_image(req.image, req.max_area)  # [3,1,oh,ow]
+            z = encode(self.m.vae, img.to(dev))
+            shape = (task.z_dim, (req.frame_num - 1) // task.vae_stride[0] + 1, z.shape[2], z.shape[3])
+            noise = cond.draw_noise(shape, req.seed, dev)
+            mask2 = cond.ti2v_mask(shape).to(dev)
+            latent = cond.ti2v_blend(z, noise, mask2)
+        else:
+            shape = cond.latent_shape(task, req.frame_num, req.height, req.width)
+            latent = cond.draw_noise(shape, req.seed, dev)
+        _, lat_f, lat_h, lat_w = latent.shape
+        seq_len = cond.seq_len(lat_f, lat_h, lat_w, task.patch_size, sp)
+        return latent, y, z, mask2, seq_len
+
+    # -- the loop ---------------------------------------------------------------------------
+    def expert_for(self, t: int) -> str:
+        task = self.m.task
+        if task.boundary is None:
+            return "single"
+        return "high" if t >= task.boundary * task.num_train_timesteps else "low"
+
+    def _activate(self, name: str) -> WanDiT:
+        """Official `_prepare_model_for_timestep`: with offload, only the active expert is on GPU."""
+        dit = self.m.experts[name]
+        if self.m.offload_idle_expert:
+            for other, d in self.m.experts.items():
+                if other != name:
+                    d.model.to("cpu")
+            dit.model.to(self.m.device)
+        return dit
+
+    @torch.no_grad()
+    def generate(self, req: Request, runner: BlockRunner) -> Result:
+        timer = _Timer()
+        task = self.m.task
+        with timer.phase("encode_text"):
+            context, context_null = self.encode_text([req.prompt, req.negative_prompt])
+            ctx = {0: pad_context(context, task.text_len), 1: pad_context(context_null, task.text_len)}
+        with timer.phase("prepare"):
+            latent, y, z, mask2, seq_len = self._prepare(req)
+            scheduler = make_scheduler(req.solver, req.steps, req.shift, device=self.m.device)
+        timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+        experts_per_step = [self.expert_for(t) for t in timesteps]
+        text_states: dict[tuple[str, int], torch.Tensor] = {}
+        amp = (torch.autocast(self.m.device.type, dtype=self.m.dit_dtype) if self.m.autocast
+               else contextlib.nullcontext())
+        with timer.phase("denoise"):
+            for i, t in enumerate(scheduler.timesteps):
+                expert = experts_per_step[i]
+                dit = self._activate(expert)
+                g = req.guide_scale[1] if expert == "high" else req.guide_scale[0]
+                model_in = latent if y is None else torch.cat([latent, y])
+                if mask2 is not None:
+                    ts = cond.ti2v_timesteps(mask2, t, seq_len).to(self.m.device)
+                else:
+                    ts = t.reshape(1).to(self.m.device)
+                preds: dict[int, torch.Tensor] = {}
+                for b in self.exchange.branches:
+                    key = (expert, b)
+                    if key not in text_states:
+                        text_states[key] = dit.embed_text(ctx[b].to(dit.model.dtype))
+                    with amp:
+                        out = dit.forward(model_in, ts, text_states[key], runner=runner, index=2 * i + b,
+                                          expert=expert)
+                    preds[b] = out.float()
+                pred_cond, pred_uncond = self.exchange.combine(preds)
+                noise_pred = pred_uncond + g * (pred_cond - pred_uncond)
+                latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0][0]
+                if mask2 is not None:
+                    latent = cond.ti2v_blend(z, latent, mask2)
+                if self.on_step is not None:
+                    self.on_step(i + 1, req.steps)
+        video = None
+        if self.decode:
+            from launcher.vae import decode
+
+            with timer.phase("decode"):
+                video = decode(self.m.vae, latent)
+        return Result(latents=latent.float(), video=video, timesteps=timesteps,
+                      experts_per_step=experts_per_step, seq_len=seq_len, timings=timer.timings)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny checkpoints (built once per session) and CLI runners."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_maker():
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """`tiny_ckpt(task, layout="official", seed=0) -> Path`, cached for the whole session."""
+    maker = _load_maker()
+    cache: dict[tuple[str, str, int], Path] = {}
+    base = tmp_path_factory.mktemp("tiny_ckpts")
+
+    def get(task: str, layout: str = "official", seed: int = 0) -> Path:
+        key = (task, layout, seed)
+        if key not in cache:
+            out = base / f"{task}-{layout}-{seed}"
+            maker.make_tiny_checkpoint(task, layout, out, seed=seed)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: one thread each (2 shared cores), no rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
+                                                            "SLURM_NTASKS", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None):
+    """Run `python -m launcher ARGS` in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args], capture_output=True, text=True, timeout=timeout,
+        env=env or cli_env(), cwd=cwd or ROOT,
+    )
