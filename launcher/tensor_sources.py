@@ -1,0 +1,133 @@
+"""Lazy, read-only access to checkpoint tensors under their *target* (diffusers/transformers) names.
+
+A source never materialises a whole model: safetensors are memory-mapped by `safe_open` and `.pth`
+files by `torch.load(mmap=True, weights_only=True)`, so a rank can read just its rows of a tensor
+(`get_slice`) when loading sharded. Knows nothing of Wan: the caller supplies the key map.
+"""
+from __future__ import annotations
+
+from collections.abc import KeysView, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+import torch
+from safetensors import safe_open
+
+
+@dataclass(frozen=True, slots=True)
+class WeightFiles:
+    """Where each target key of one model lives and its shape: all a source needs, read from headers only."""
+
+    kind: Literal["safetensors", "pth"]
+    #: target key -> (file, key inside that file)
+    locations: Mapping[str, tuple[Path, str]]
+    #: target key -> shape as stored
+    shapes: Mapping[str, tuple[int, ...]]
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return tuple(sorted({path for path, _ in self.locations.values()}))
+
+
+class TensorSource(Protocol):
+    """Target key -> tensor on the CPU, read on demand. Use as a context manager to release mmaps."""
+
+    def keys(self) -> KeysView[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def get(self, key: str) -> torch.Tensor: ...
+    def get_slice(self, key: str, start: int, stop: int) -> torch.Tensor: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> TensorSource: ...
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+class _SourceBase:
+    def __init__(self, weights: WeightFiles) -> None:
+        self._weights = weights
+
+    def keys(self) -> KeysView[str]:
+        return self._weights.shapes.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._weights.shapes[key]
+
+    def __enter__(self) -> _SourceBase:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _check_rows(self, key: str, start: int, stop: int) -> None:
+        rows = self.shape(key)[0] if self.shape(key) else 0
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"rows [{start}, {stop}) out of range for {key!r} with {rows} rows")
+
+
+class SafetensorsSource(_SourceBase):
+    """Reads from one or many safetensors shards; each shard is opened once, on first use."""
+
+    def __init__(self, weights: WeightFiles) -> None:
+        super().__init__(weights)
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, key: str) -> tuple[Any, str]:
+        path, stored = self._weights.locations[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[path], stored
+
+    def get(self, key: str) -> torch.Tensor:
+        handle, stored = self._handle(key)
+        return handle.get_tensor(stored)
+
+    def get_slice(self, key: str, start: int, stop: int) -> torch.Tensor:
+        self._check_rows(key, start, stop)
+        handle, stored = self._handle(key)
+        return handle.get_slice(stored)[start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()  # safe_open handles unmap when dropped
+
+
+def load_pth_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A `.pth` state dict without running pickled code; mmap-backed when the file is a torch zip archive."""
+    import zipfile
+
+    mmap = zipfile.is_zipfile(path)  # legacy (pre-1.6) files cannot be mapped; they load eagerly
+    state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TypeError("not a flat dict of tensors")
+    return state
+
+
+class PthSource(_SourceBase):
+    """Reads from one `.pth` state dict; the file is mapped once, on first use."""
+
+    def __init__(self, weights: WeightFiles) -> None:
+        super().__init__(weights)
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        path, stored = self._weights.locations[key]
+        if self._state is None:
+            self._state = load_pth_state_dict(path)
+        return self._state[stored]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensor(key)
+
+    def get_slice(self, key: str, start: int, stop: int) -> torch.Tensor:
+        self._check_rows(key, start, stop)
+        return self._tensor(key)[start:stop]
+
+    def close(self) -> None:
+        self._state = None
+
+
+def open_source(weights: WeightFiles) -> TensorSource:
+    """The reader for this kind of file."""
+    if weights.kind == "pth" and len(weights.files) > 1:
+        raise ValueError("a .pth source reads one file; got several")
+    return SafetensorsSource(weights) if weights.kind == "safetensors" else PthSource(weights)
