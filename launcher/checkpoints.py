@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,12 +22,12 @@ from launcher.checkpoint_files import CheckpointError, read_json, require_dir
 from launcher.checkpoint_layouts import DIFFUSERS_EXPERT_FOLDERS, inspect_diffusers, inspect_official
 from launcher.keymaps import T5_TIED_ALIASES
 from launcher.tasks import TASKS, TaskSpec
-from launcher.tensor_sources import TensorSource, WeightFiles, load_pth_state_dict, open_source
+from launcher.tensor_sources import TensorSource, WeightFiles, open_source
 
 __all__ = [
-    "DIFFUSERS_EXPERT_FOLDERS", "CheckpointError", "CheckpointInfo", "Layout", "TensorSource", "WeightFiles", "detect_layout",
-    "inspect_checkpoint", "load_pth_state_dict", "load_text_encoder", "load_tokenizer", "load_transformer",
-    "load_vae", "t5_source", "transformer_source", "vae_source",
+    "DIFFUSERS_EXPERT_FOLDERS", "CheckpointError", "CheckpointInfo", "Layout", "TensorSource", "WeightFiles",
+    "detect_layout", "inspect_checkpoint", "load_text_encoder", "load_tokenizer", "load_transformer", "load_vae",
+    "t5_source", "transformer_source", "vae_source",
 ]
 
 Layout = Literal["official", "diffusers"]
@@ -135,10 +136,11 @@ def _compare(expected: Mapping[str, tuple[int, ...]], weights: WeightFiles, what
 
 def _check_shapes(info: CheckpointInfo) -> None:
     for expert, cfg in info.transformer_configs.items():
-        _compare(_meta_shapes(lambda: WanTransformer3DModel.from_config(cfg)), info.transformer_weights[expert], "DiT")
+        dit = _meta_shapes(partial(WanTransformer3DModel.from_config, cfg))
+        _compare(dit, info.transformer_weights[expert], "DiT")
     t5 = _meta_shapes(lambda: UMT5EncoderModel(UMT5Config(**info.t5_config)))
     _compare({k: v for k, v in t5.items() if k not in T5_TIED_ALIASES}, info.t5_weights, "umt5")
-    _compare(_meta_shapes(lambda: AutoencoderKLWan.from_config(info.vae_config)), info.vae_weights, "VAE")
+    _compare(_meta_shapes(partial(AutoencoderKLWan.from_config, info.vae_config)), info.vae_weights, "VAE")
 
 
 def transformer_source(info: CheckpointInfo, expert: str) -> TensorSource:
@@ -190,8 +192,8 @@ def load_text_encoder(info: CheckpointInfo, *, dtype: torch.dtype, device: torch
     with t5_source(info) as source:
         result = model.load_state_dict(_state_dict(source, device, lambda _: dtype), strict=False, assign=True)
     if set(result.missing_keys) != set(T5_TIED_ALIASES) or result.unexpected_keys:
-        raise CheckpointError(f"{info.t5_weights.files[0]}: umt5 keys do not match the model "
-                              f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); re-download it")
+        raise CheckpointError(f"{info.t5_weights.files[0]}: umt5 keys do not match the model (missing "
+                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); re-download it")
     model.tie_weights()  # encoder.embed_tokens.weight is shared.weight
     return model.to(device).eval().requires_grad_(False)
 

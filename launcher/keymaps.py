@@ -30,7 +30,8 @@ def _checked(mapping: dict[str, str], what: str) -> dict[str, str]:
     seen: dict[str, str] = {}
     for src, dst in mapping.items():
         if dst in seen:
-            raise KeyMapError(f"{what}: keys {seen[dst]!r} and {src!r} both map to {dst!r}; the checkpoint mixes formats")
+            raise KeyMapError(f"{what}: keys {seen[dst]!r} and {src!r} both map to {dst!r}; "
+                              "the checkpoint mixes formats")
         seen[dst] = src
     return mapping
 
@@ -41,7 +42,8 @@ def _rename_with(converter, keys: list[str], what: str) -> dict[str, str]:
     mapping = {src: dst for dst, src in converted.items()}
     for lost in (k for k in keys if k not in mapping):  # two sources renamed onto one target: name both
         dst = next(iter(converter({lost: lost})))
-        raise KeyMapError(f"{what}: keys {converted[dst]!r} and {lost!r} both map to {dst!r}; the checkpoint mixes formats")
+        raise KeyMapError(f"{what}: keys {converted[dst]!r} and {lost!r} both map to {dst!r}; "
+                          "the checkpoint mixes formats")
     return mapping
 
 

@@ -56,7 +56,8 @@ class _SourceBase:
     def __enter__(self) -> _SourceBase:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
     def _check_rows(self, key: str, start: int, stop: int) -> None:

@@ -94,7 +94,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=True))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(),
+                                     decoders.Metaspace(replacement="▁", prepend_scheme="always")])
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
@@ -146,11 +147,12 @@ def _write_official(task: TaskSpec, parts: dict[str, object], out: Path) -> None
         else:  # sharded with an index, like the real A14B experts
             save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                                   max_shard_size=sum(t.numel() * t.element_size() for t in state.values()) // 2)
-        cfg = dit.config
-        config = {"_class_name": "WanModel", "_diffusers_version": diffusers.__version__, "dim": TINY_DIT["num_attention_heads"]
-                  * TINY_DIT["attention_head_dim"], "eps": cfg.eps, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
-                  "in_dim": cfg.in_channels, "model_type": task.mode, "num_heads": cfg.num_attention_heads,
-                  "num_layers": cfg.num_layers, "out_dim": cfg.out_channels, "text_len": task.text_len}
+        cfg = dit.config  # the keys WanModel.save_pretrained writes (text_dim, patch_size are not among them)
+        config = {"_class_name": "WanModel", "_diffusers_version": diffusers.__version__,
+                  "dim": cfg.num_attention_heads * cfg.attention_head_dim, "eps": cfg.eps, "ffn_dim": cfg.ffn_dim,
+                  "freq_dim": cfg.freq_dim, "in_dim": cfg.in_channels, "model_type": task.mode,
+                  "num_heads": cfg.num_attention_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_channels,
+                  "text_len": task.text_len}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     t5_keys = _reference_keys("official_t5_umt5_xxl_encoder.json", T5_LAYERS)
     torch.save(_official_state(parts["text_encoder"], t5_keys, t5_key_map), out / task.t5_checkpoint)

@@ -82,7 +82,8 @@ def test_dit_cross_attention_norm_is_diffusers_norm2() -> None:
                  "blocks.0.modulation": "blocks.0.scale_shift_table"}
 
 
-@pytest.mark.parametrize("bad", ["blocks.0.ffn.gate.1.weight", "encoder.final_layer_norm.weight", "pos_embedding.weight"])
+@pytest.mark.parametrize("bad", ["blocks.0.ffn.gate.1.weight", "encoder.final_layer_norm.weight",
+                                 "pos_embedding.weight"])
 def test_unknown_t5_key_is_refused(bad: str) -> None:
     with pytest.raises(KeyMapError, match="umt5"):
         t5_key_map(["token_embedding.weight", bad])
