@@ -1,0 +1,135 @@
+"""MagCache wired into real generations on tiny checkpoints: plan == executed, exactness, calibration."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.cli import main
+from e2e_helpers import generate, make_image
+
+
+def plan_json(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_thresh_zero_skips_nothing_and_equals_uncached_bit_for_bit(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("t2v-A14B")
+    plain = generate(ckpt, tmp_path / "plain", "t2v-A14B", steps=6)
+    cached = generate(ckpt, tmp_path / "cached", "t2v-A14B", "--use_magcache", "--magcache_thresh", "0", steps=6)
+    assert cached["magcache"]["enabled"] and cached["magcache"]["skipped_count"] == 0
+    assert torch.equal(plain["_latents"], cached["_latents"])
+
+
+@pytest.mark.parametrize(
+    "task,flags",
+    [
+        ("t2v-A14B", ["--magcache_thresh", "0.3", "--retention_ratio", "0.2", "--magcache_K", "2"]),
+        ("t2v-A14B", ["--magcache_thresh", "0.3", "--retention_ratio", "0.1", "--magcache-split", "scheduler",
+                      "--magcache-reset-at-switch"]),
+        ("i2v-A14B", ["--magcache_thresh", "0.5", "--retention_ratio", "0.1", "--magcache_K", "3"]),
+        ("ti2v-5B", ["--magcache_thresh", "0.5", "--retention_ratio", "0.2"]),
+    ],
+)
+def test_generate_skips_exactly_where_plan_says(tiny_ckpt, tmp_path, capsys, task, flags):
+    steps = 10
+    extra = list(flags)
+    if task == "i2v-A14B":
+        extra += ["--image", str(make_image(tmp_path / "in.png"))]
+    m = generate(tiny_ckpt(task), tmp_path / "run", task, "--use_magcache", *extra, steps=steps)
+    p = plan_json(capsys, "--task", task, "--sample_steps", str(steps), *flags,
+                  *(["--image"] if task == "i2v-A14B" else []))
+    mc = m["magcache"]
+    assert p["skipped_forwards"], "the flags must make the plan skip something"
+    assert mc["skipped_forwards"] == p["skipped_forwards"]
+    assert [(d["index"], d["step"], d["branch"], d["expert"], d["retained"], d["skip"]) for d in mc["decisions"]] == [
+        (f["index"], f["step"], f["branch"], f["expert"], f["retained"], f["skip"]) for f in p["forwards"]
+    ]
+    assert mc["forward_speedup"] == pytest.approx(p["forward_speedup"], abs=1e-4)
+
+
+def test_skipping_changes_the_result_but_stays_close(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("ti2v-5B")
+    plain = generate(ckpt, tmp_path / "plain", "ti2v-5B", steps=10)
+    cached = generate(ckpt, tmp_path / "cached", "ti2v-5B", "--use_magcache", "--magcache_thresh", "0.5", steps=10)
+    assert cached["magcache"]["skipped_count"] > 0
+    diff = (plain["_latents"] - cached["_latents"]).norm() / plain["_latents"].norm()
+    assert 0 < diff < 0.5
+
+
+def test_residual_reuse_matches_a_hand_computed_forward(tiny_ckpt):
+    """A skipped forward = head(embed(x_t) + residual of the branch's last computed forward)."""
+    from launcher.checkpoints import inspect_checkpoint, load_transformer
+    from launcher.dit import WanDiT, pad_context
+    from launcher.tasks import TASKS
+    from magcache.controller import MagCacheController
+    from magcache.schedule import MagCacheParams, MagCacheSchedule
+
+    info = inspect_checkpoint(tiny_ckpt("ti2v-5B"), TASKS["ti2v-5B"])
+    dit = WanDiT(load_transformer(info, "single", dtype=torch.float32, device="cpu"))
+    steps = 3
+    # forwards 0,1 retained (computed); forward 2 (cond, step 1) may skip: mag 1.0 keeps err 0
+    sched = MagCacheSchedule(mode="ti2v", steps=steps, split=0, mag=[1.0] * (2 * steps),
+                             params=MagCacheParams(thresh=0.1, K=2, retention_ratio=1 / 3))
+    ctrl = MagCacheController(sched)
+    g = torch.Generator().manual_seed(0)
+    ctx = dit.embed_text(pad_context(torch.randn(5, 32, generator=g), 512))
+    x0, x1 = torch.randn(48, 2, 4, 4, generator=g), torch.randn(48, 2, 4, 4, generator=g)
+    t0, t1 = torch.tensor([900]), torch.tensor([700])
+    dit.forward(x0, t0, ctx, runner=ctrl, index=0)
+    dit.forward(x0, t0, ctx, runner=ctrl, index=1)
+    skipped = dit.forward(x1, t1, ctx, runner=ctrl, index=2)
+    assert [d.skip for d in ctrl.decisions] == [False, False, True]
+
+    class Hand:
+        """Runs the blocks for x0, then replays: embedding of x1 plus that residual."""
+
+        residual = None
+
+        def forward(self, index, x, run_blocks, expert="single", valid=None):
+            if index == 0:
+                out = run_blocks(x)
+                Hand.residual = out - x
+                return out
+            return x + Hand.residual
+
+    hand = Hand()
+    dit.forward(x0, t0, ctx, runner=hand, index=0)
+    expected = dit.forward(x1, t1, ctx, runner=hand, index=2)
+    assert torch.equal(skipped, expected)
+    computed = dit.forward(x1, t1, ctx, runner=type("All", (), {"forward": lambda s, i, x, rb, **k: rb(x)})(), index=2)
+    assert not torch.equal(skipped, computed)
+
+
+def test_calibration_round_trips_into_generate(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("t2v-A14B")
+    ratios = tmp_path / "cal" / "ratios.json"
+    assert main(["calibrate", "--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--ckpt_dir", str(ckpt),
+                 "--prompt", "a cat", "--base_seed", "3", "--sample_steps", "8", "--out", str(ratios)]) == 0
+    data = json.loads(ratios.read_text())
+    assert data["task"] == "t2v-A14B" and data["sample_steps"] == 8 and len(data["ratios"]) == 14
+    assert all(r > 0 for r in data["ratios"]) and len(data["stds"]) == len(data["cos_dists"]) == 14
+    png = ratios.with_suffix(".png")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    m = generate(ckpt, tmp_path / "use", "t2v-A14B", "--use_magcache", "--magcache_ratios", str(ratios),
+                 "--magcache_thresh", "0.5", "--retention_ratio", "0.1", steps=8)
+    assert m["magcache"]["ratio_table"]["source"] == str(ratios)
+    from magcache.ratios import load_ratio_file
+    from launcher.planning import make_plan
+    from launcher.config import MagCacheOptions
+
+    p = make_plan(task="t2v-A14B", steps=8, shift=None, solver="unipc", with_image=False,
+                  options=MagCacheOptions(enabled=True, thresh=0.5, retention_ratio=0.1, ratios_file=ratios))
+    assert m["magcache"]["skipped_forwards"] == list(p.skipped_forwards)
+    assert load_ratio_file(ratios).sample_steps == 8
+
+
+def test_generate_with_calibration_flag_writes_ratio_file(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    generate(tiny_ckpt("ti2v-5B"), tmp_path / "run", "ti2v-5B", "--magcache_calibration", steps=4)
+    data = json.loads((tmp_path / "magcache_ratios_ti2v-5B.json").read_text())
+    assert data["task"] == "ti2v-5B/t2v" and len(data["ratios"]) == 6
