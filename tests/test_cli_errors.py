@@ -1,0 +1,120 @@
+"""Bad input: exit 2, one line on stderr naming the problem, no traceback, nothing written.
+
+Each case runs the real console entry point in a subprocess, as a user would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from e2e_helpers import make_image
+
+
+def assert_one_line_error(proc, *needles: str) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def base(ckpt: Path | str, out: Path, task: str = "t2v-A14B", **over: str) -> list[str]:
+    flags = {"--task": task, "--size": "64*64", "--frame_num": "5", "--ckpt_dir": str(ckpt), "--prompt": "a cat",
+             "--sample_steps": "2", "--save_file": str(out / "v.mp4")}
+    flags.update(over)
+    args = ["generate"]
+    for k, v in flags.items():
+        if v is not None:
+            args += [k, v]
+    return args
+
+
+FLAG_CASES = [
+    ({"--task": "t2v-14B"}, ["--task", "unknown"]),
+    ({"--size": "640x"}, ["--size", "WIDTH*HEIGHT"]),
+    ({"--size": "72*64"}, ["multiples of 16"]),
+    ({"--frame_num": "8"}, ["--frame_num 8", "4n+1"]),
+    ({"--frame_num": "0"}, ["--frame_num 0"]),
+    ({"--sample_steps": "0"}, ["--sample_steps 0"]),
+    ({"--sample_solver": "euler"}, ["--sample_solver"]),
+    ({"--magcache_thresh": "-0.1"}, ["--magcache_thresh"]),
+    ({"--magcache_K": "0"}, ["--magcache_K"]),
+    ({"--retention_ratio": "1.5"}, ["--retention_ratio"]),
+    ({"--ckpt_dir": "/nonexistent/ckpt"}, ["--ckpt_dir", "not found"]),
+    ({"--prompt": ""}, ["--prompt"]),
+    ({"--sample_steps": "two"}, ["--sample"]),
+    ({"--no-such-flag": "1"}, ["--no-such-flag"]),
+]
+
+
+@pytest.mark.parametrize("over,needles", FLAG_CASES, ids=[next(iter(o)) + "=" + str(next(iter(o.values()))) for o, _ in FLAG_CASES])
+def test_bad_flags(tmp_path, over, needles):
+    t0 = time.perf_counter()
+    proc = run_cli(*base(tmp_path, tmp_path / "out", **over))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "out").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_image_rules(tmp_path):
+    img = make_image(tmp_path / "in.png")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli(*base(tmp_path, out, task="i2v-A14B")), "needs --image")
+    assert_one_line_error(run_cli(*base(tmp_path, out, task="i2v-A14B", **{"--image": str(tmp_path / "no.png")})),
+                          "not found")
+    assert_one_line_error(run_cli(*base(tmp_path, out, task="i2v-A14B", **{"--image": str(junk)})), "not a readable image")
+    assert_one_line_error(run_cli(*base(tmp_path, out, **{"--image": str(img)})), "text-only")
+    assert not out.exists()
+
+
+def test_unwritable_output_and_existing_file(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permission bits
+            target = Path("/proc/self/v.mp4")
+        else:
+            target = ro / "v.mp4"
+        assert_one_line_error(run_cli(*base(tmp_path, tmp_path, **{"--save_file": str(target)})), "not writable")
+    finally:
+        os.chmod(ro, 0o700)
+    existing = tmp_path / "exists.mp4"
+    existing.write_bytes(b"keep me")
+    assert_one_line_error(run_cli(*base(tmp_path, tmp_path, **{"--save_file": str(existing)})), "--overwrite")
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_bad_ratio_files(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"task": "t2v-A14B", "sample_steps": 40, "sample_shift": 12.0, "ratios": [1.0, 0.9, 0.8]}))
+    for path, needle in ((bad_json, "JSON"), (short, "ratios")):
+        proc = run_cli("plan", "--task", "t2v-A14B", "--magcache_ratios", str(path))
+        assert_one_line_error(proc, needle)
+    assert_one_line_error(run_cli("plan", "--task", "t2v-A14B", "--magcache_ratios", str(tmp_path / "none.json")),
+                          "not found")
+
+
+def test_checkpoint_of_another_task(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    line = assert_one_line_error(run_cli(*base(tiny_ckpt("i2v-A14B"), out, task="t2v-A14B")), "t2v-A14B")
+    assert "i2v-A14B" in line
+    assert_one_line_error(run_cli(*base(tiny_ckpt("t2v-A14B"), out, task="ti2v-5B")), "ti2v-5B")
+    assert not out.exists()
+
+
+def test_ulysses_size_must_divide_heads(tiny_ckpt, tmp_path):
+    proc = run_cli(*base(tiny_ckpt("t2v-A14B"), tmp_path / "out", **{"--ulysses_size": "3"}))
+    assert_one_line_error(proc, "--ulysses_size 3", "4 attention heads")
