@@ -42,6 +42,9 @@ class Runtime:
     is_output_rank: bool = True
     decodes: bool = True
     mesh: dict[str, int] = field(default_factory=lambda: {"dp": 1, "cfg": 1, "sp": 1})
+    #: this rank's data-parallel group (batch items are spread over groups) and their count
+    dp_rank: int = 0
+    dp_size: int = 1
     _shutdown: Callable[[], None] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -59,6 +62,13 @@ class Runtime:
 
     def broadcast_seed(self, seed: int) -> int:
         return seed
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (CPU-side, small objects only)."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
 
     def shutdown(self) -> None:
         if self._shutdown is not None:
