@@ -55,8 +55,6 @@ def print_summary(manifest: dict[str, Any]) -> None:
             + ", ".join(f"{k} {v}" for k, v in mc["skipped_by_expert"].items())
             + f"), forward-count speedup {mc['forward_speedup']:.2f}x"
         )
-    for w in manifest.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
 
 
 @contextlib.contextmanager

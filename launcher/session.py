@@ -17,7 +17,7 @@ from launcher.config import RunConfig
 from launcher.manifest import build_manifest
 from launcher.models import load_models
 from launcher.pipeline import Request, Result, WanPipeline
-from launcher.planning import make_schedule
+from launcher.planning import make_plan, make_schedule
 from launcher.runtime import Runtime
 
 
@@ -60,20 +60,27 @@ class GenerationSession:
         if cfg.magcache.calibration:
             from magcache.calibrate import CalibrationRecorder
 
-            return CalibrationRecorder(reduce_sum=self.rt.reduce_sum), None
+            return CalibrationRecorder(reduce_sum=self.rt.reduce_sum), None, []
         if not cfg.magcache.enabled:
-            return ComputeAll(), None
+            return ComputeAll(), None, []
         schedule, table = make_schedule(
             cfg.task, steps=cfg.sample_steps, shift=cfg.sample_shift, solver=cfg.sample_solver,
             with_image=cfg.uses_image, options=cfg.magcache,
         )
-        return MagCacheController(schedule, sync=self.rt.sync), table
+        warnings = list(make_plan(task=cfg.task.name, steps=cfg.sample_steps, shift=cfg.sample_shift,
+                                  solver=cfg.sample_solver, with_image=cfg.uses_image, options=cfg.magcache).warnings)
+        return MagCacheController(schedule, sync=self.rt.sync), table, warnings
 
     def generate(self, cfg: RunConfig, seed: int, outputs: Outputs) -> dict[str, Any] | None:
         """Run one request; the output rank writes files and returns the manifest."""
         from launcher.report import progress_bar
 
-        runner, table = self.block_runner(cfg)
+        runner, table, warnings = self.block_runner(cfg)
+        if self.rt.is_output_rank:
+            from launcher.report import console
+
+            for w in warnings:
+                console.print(f"[yellow]warning:[/] {w}")
         request = self.request_for(cfg, seed)
         with progress_bar(cfg.sample_steps, enabled=self.rt.is_output_rank) as on_step:
             self.pipeline.on_step = on_step
@@ -89,6 +96,7 @@ class GenerationSession:
         return build_manifest(
             cfg=cfg, info=self.info, rt=self.rt, seed=seed, result=result, decisions=decisions, table=table,
             files=files, peak_memory=peak, load_seconds=self.load_seconds, calibration=calibration,
+            warnings=warnings,
         )
 
     def _calibration(self, cfg: RunConfig, recorder, result: Result, outputs: Outputs) -> dict[str, Any] | None:

@@ -23,6 +23,8 @@ def test_thresh_zero_skips_nothing_and_equals_uncached_bit_for_bit(tiny_ckpt, tm
     cached = generate(ckpt, tmp_path / "cached", "t2v-A14B", "--use_magcache", "--magcache_thresh", "0", steps=6)
     assert cached["magcache"]["enabled"] and cached["magcache"]["skipped_count"] == 0
     assert torch.equal(plain["_latents"], cached["_latents"])
+    # few-step guard: the run says what to expect and how to calibrate
+    assert any("only 6 steps" in w for w in cached["warnings"]) and plain["warnings"] == []
 
 
 @pytest.mark.parametrize(
