@@ -1,0 +1,187 @@
+"""`magcache-launch batch`: many prompts, one model load, resumable, spread over data-parallel groups.
+
+Fixed order, the same on every rank: read and check the prompt file and flags (exit 2, nothing
+loaded) -> inspect the checkpoint -> runtime -> global rank 0 settles each item (invalid, already
+done, or to generate with its seed) and every rank takes that one plan, so ranks never disagree
+on what to run -> each dp group generates its share (all its ranks call `session.generate`, its
+output rank writes) -> rank 0 gathers every group's results, writes the summary, prints the table.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from launcher.batch_items import BatchItem, parse_shard, read_items, summary_name, take_shard
+from launcher.batch_results import ItemResult, one_line, print_table, verified_manifest, write_summary
+from launcher.config import RunConfig, UsageError
+from launcher.errors import InputError
+from launcher.tasks import TASKS
+
+EXIT_SOME_FAILED = 3
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """Rank 0's decision for every item of this shard; broadcast so all ranks run the same work."""
+
+    settled: list[ItemResult]  # invalid (failed) or verified done (skipped)
+    todo: list[tuple[int, int]]  # (item index, seed), in file order
+
+
+def _run_config(kw: dict[str, Any]) -> RunConfig:
+    # The same flag -> RunConfig mapping as `generate`, so an item equals `generate` with its flags.
+    from launcher.cli import _run_config as from_flags
+
+    return from_flags(kw)
+
+
+def _probe_config(flags: dict[str, Any]) -> RunConfig:
+    """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
+    spec = TASKS.get(flags.get("task", ""))
+    stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
+    return _run_config(dict(flags, prompt="(batch)", image=stand_in, check_paths=False))
+
+
+def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
+    """The item's seed, else --base_seed; None when that is negative (drawn by rank 0)."""
+    seed = item.seed if item.seed is not None else int(flags.get("base_seed", -1))
+    return seed if seed >= 0 else None
+
+
+def _item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
+    seed = _fixed_seed(item, flags)
+    kw = dict(flags, **item.overrides(), base_seed=-1 if seed is None else seed,
+              save_file=out_dir / f"{item.stem}.mp4", save_frames=None, save_latents=None, overwrite=True)
+    return _run_config(kw)
+
+
+def _row(item: BatchItem, seed: int | None, **kw: Any) -> ItemResult:
+    return ItemResult(index=item.index, name=item.stem, line=item.line, prompt=item.prompt, seed=seed, **kw)
+
+
+def make_plan(items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
+              *, force: bool) -> BatchPlan:
+    """Invalid items fail, verified ones are skipped (unless --force), the rest get their seed."""
+    from launcher.runner import draw_seed
+
+    plan = BatchPlan(settled=[], todo=[])
+    for item in items:
+        cfg, fixed = configs[item.index], _fixed_seed(item, flags)
+        if isinstance(cfg, str):
+            plan.settled.append(_row(item, fixed, status="failed", error=cfg))
+            continue
+        t0 = time.perf_counter()
+        manifest = None if force else verified_manifest(cfg, fixed)
+        if manifest is not None and cfg.save_file is not None:
+            plan.settled.append(ItemResult.from_manifest(_row(item, fixed, status="skipped"), manifest,
+                                                         cfg.save_file, time.perf_counter() - t0, "skipped"))
+            continue
+        plan.todo.append((item.index, fixed if fixed is not None else draw_seed(-1)))
+    return plan
+
+
+def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[int, RunConfig | str],
+                    rt: Any, info: Any, prompts_file: Path) -> list[ItemResult]:
+    """This dp group's items (the k-th item to generate goes to group k % dp_size)."""
+    from rich.markup import escape
+
+    from launcher.report import console
+    from launcher.session import GenerationSession, Outputs
+    from launcher.video import manifest_path_for, write_json
+
+    mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % rt.dp_size == rt.dp_rank]
+    if not mine:
+        return []
+    first = configs[mine[0][0]]
+    assert isinstance(first, RunConfig)
+    session = GenerationSession(first, info, rt)
+    results: list[ItemResult] = []
+    for n, (index, seed) in enumerate(mine, start=1):
+        item, cfg = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
+        assert cfg.save_file is not None
+        t0 = time.perf_counter()
+        try:
+            manifest = session.generate(cfg, seed, Outputs(video=cfg.save_file))
+        except Exception as exc:
+            if rt.world_size > 1:
+                raise  # the group's ranks may now disagree on where they are: end the job, rerun resumes
+            result = _row(item, seed, status="failed", error=one_line(exc), seconds=round(time.perf_counter() - t0, 3))
+        else:
+            if manifest is None:
+                continue  # not this group's output rank
+            manifest["batch"] = {"prompts_file": str(prompts_file), "index": index, "line": item.line, "name": item.stem}
+            write_json(manifest_path_for(cfg.save_file), manifest)
+            result = ItemResult.from_manifest(_row(item, seed, status="ok"), manifest, cfg.save_file,
+                                              time.perf_counter() - t0, "ok")
+        if rt.is_output_rank:
+            results.append(result)
+            console.print(f"dp group {rt.dp_rank}: item {n}/{len(mine)} [bold]{item.stem}[/] "
+                          f"{result.status} in {result.seconds:.1f}s" + (f": {escape(result.error)}" if result.error else ""),
+                          highlight=False)
+    return results
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
+
+
+def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | None, flags: dict[str, Any]) -> int:
+    """Run the batch; 0 when every item is done (now or before), 3 when any failed."""
+    from launcher.checkpoints import CheckpointError, inspect_checkpoint
+
+    started = time.perf_counter()
+    shard_ix = parse_shard(shard)
+    all_items = read_items(Path(prompts_file))
+    base = _probe_config(flags)
+    try:
+        info = inspect_checkpoint(base.ckpt_dir, base.task)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir)
+    items = take_shard(all_items, shard_ix)
+    configs: dict[int, RunConfig | str] = {}
+    for item in items:
+        try:
+            configs[item.index] = _item_config(flags, item, out_dir)
+        except InputError as e:
+            configs[item.index] = one_line(e)
+
+    from launcher.report import console
+    from launcher.runtime import start_runtime
+
+    rt = start_runtime(base, num_heads=info.num_heads)
+    try:
+        plan = rt.all_gather_object(make_plan(items, configs, flags, force=force) if rt.rank == 0 else None)[0]
+        if rt.rank == 0:
+            console.print(f"batch: {len(items)} item(s)" + (f" (shard {shard_ix[0]}/{shard_ix[1]} of {len(all_items)})"
+                          if shard is not None else "") + f", {len(plan.todo)} to generate on {rt.dp_size} dp group(s), "
+                          f"{sum(r.status == 'skipped' for r in plan.settled)} already done, "
+                          f"{sum(r.status == 'failed' for r in plan.settled)} invalid", highlight=False)
+        by_index = {item.index: item for item in items}
+        local = _generate_share(plan, by_index, configs, rt, info, Path(prompts_file))
+        gathered: dict[int, ItemResult] = {r.index: r for r in plan.settled}
+        for part in rt.all_gather_object(local):
+            for r in part:
+                gathered.setdefault(r.index, r)
+        for index, seed in plan.todo:  # never drop an item silently, whatever a group did
+            if index not in gathered:
+                gathered[index] = _row(by_index[index], seed, status="failed", error="no result from its dp group")
+        results = sorted(gathered.values(), key=lambda r: r.index)
+        if rt.rank == 0:
+            write_summary(
+                out_dir / summary_name(shard_ix), results, prompts_file=str(prompts_file), out_dir=str(out_dir),
+                shard=None if shard is None else f"{shard_ix[0]}/{shard_ix[1]}", task=base.task.name,
+                world=rt.describe(), seconds=round(time.perf_counter() - started, 3),
+            )
+            print_table(results, title=f"batch {Path(prompts_file).name} -> {out_dir}")
+        return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else 0
+    finally:
+        rt.shutdown()

@@ -1,0 +1,130 @@
+"""What a batch reports: one record per item, the resume check, summary.json and the stderr table.
+
+The resume check trusts a finished item only when its files prove it: the manifest's sha256 is
+the video's, and the manifest was made from this item's prompt, seed and output-shaping flags.
+Anything less (a video without manifest, a stale manifest, other flags) means "generate again".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from launcher.config import RunConfig
+from launcher.manifest import flags_of
+from launcher.video import manifest_path_for, sha256_of, write_json
+
+Status = Literal["ok", "failed", "skipped"]
+SUMMARY_VERSION = 1
+
+#: Flags that choose where files go or how the work is spread, not what the video is: a batch
+#: resumed on another layout (more ranks, --offload_model...) keeps the videos it already has.
+LAYOUT_FLAGS = frozenset({
+    "save_file", "save_frames", "save_latents", "overwrite", "dist_timeout_s", "offload_model", "t5_cpu",
+    "t5_fsdp", "dit_fsdp", "ulysses_size", "cfg_parallel", "base_seed",
+})
+
+
+@dataclass(slots=True)
+class ItemResult:
+    """One row of summary.json (and of the table). Plain data: it travels between ranks."""
+
+    index: int
+    name: str
+    line: int
+    prompt: str
+    seed: int | None
+    status: Status
+    error: str | None = None
+    seconds: float = 0.0
+    skipped_forwards: int | None = None
+    video: str | None = None
+    manifest: str | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def from_manifest(cls, base: ItemResult, manifest: dict[str, Any], video: Path, seconds: float,
+                      status: Status) -> ItemResult:
+        mc = manifest.get("magcache") or {}
+        return cls(
+            index=base.index, name=base.name, line=base.line, prompt=base.prompt, seed=manifest.get("seed"),
+            status=status, seconds=round(seconds, 3), skipped_forwards=mc.get("skipped_count"),
+            video=str(video), manifest=str(manifest_path_for(video)), sha256=manifest.get("sha256"),
+        )
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _comparable_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    plain = json.loads(json.dumps(flags, default=str))  # as the manifest stores them
+    return {k: v for k, v in plain.items() if k not in LAYOUT_FLAGS}
+
+
+def verified_manifest(cfg: RunConfig, seed: int | None) -> dict[str, Any] | None:
+    """The manifest of `cfg.save_file` if video and manifest exist and belong to this item, else None.
+
+    `seed` None means the item's seed is drawn at random: any recorded seed is then this item's.
+    """
+    video = cfg.save_file
+    if video is None or not video.is_file():
+        return None
+    path = manifest_path_for(video)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("flags"), dict):
+        return None
+    if manifest.get("sha256") != sha256_of(video) or manifest.get("prompt") != cfg.prompt:
+        return None
+    if seed is not None and manifest.get("seed") != seed:
+        return None
+    if _comparable_flags(manifest["flags"]) != _comparable_flags(flags_of(cfg)):
+        return None
+    return manifest
+
+
+def counts(results: list[ItemResult]) -> dict[str, int]:
+    out = {"ok": 0, "skipped": 0, "failed": 0}
+    for r in results:
+        out[r.status] += 1
+    return out
+
+
+def write_summary(path: Path, results: list[ItemResult], **meta: Any) -> None:
+    """Atomically, so a reader (or a resumed run) never sees half a summary."""
+    payload = {
+        "summary_version": SUMMARY_VERSION, **meta, "counts": counts(results),
+        "items": [asdict(r) for r in sorted(results, key=lambda r: r.index)],
+    }
+    write_json(path, payload)
+
+
+def print_table(results: list[ItemResult], *, title: str) -> None:
+    """Item, seed, status, seconds, skipped forwards; then each failure's one-line error."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from launcher.report import console
+
+    style = {"ok": "green", "skipped": "cyan", "failed": "red"}
+    table = Table(title=title)
+    for col, justify in (("item", "left"), ("seed", "right"), ("status", "left"), ("seconds", "right"),
+                         ("skipped fwd", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    ordered = sorted(results, key=lambda r: r.index)
+    for r in ordered:
+        table.add_row(
+            r.name, "-" if r.seed is None else str(r.seed), f"[{style[r.status]}]{r.status}[/]",
+            f"{r.seconds:.1f}", "-" if r.skipped_forwards is None else str(r.skipped_forwards),
+        )
+    console.print(table)
+    c = counts(results)
+    console.print(f"{c['ok']} generated, {c['skipped']} already done, {c['failed']} failed")
+    for r in ordered:
+        if r.status == "failed":
+            console.print(f"[red]failed[/] {r.name} (line {r.line}): {escape(r.error or '')}", soft_wrap=True)
