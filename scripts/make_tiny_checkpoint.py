@@ -2,12 +2,17 @@
 """Write a tiny random Wan2.2 checkpoint (official or diffusers layout) that every code path can load on CPU.
 
     python scripts/make_tiny_checkpoint.py --task t2v-A14B --layout official --out /tmp/tiny [--seed 0]
+    python scripts/make_tiny_checkpoint.py --task ti2v-5B --layout official --out /tmp/bench --preset bench
 
 The weights are made once as diffusers/transformers modules and written in either layout, so the same
 seed gives the same weights in both (official names come from inverting `launcher.keymaps`). Official
 key *names* at tiny dims are the real ones (tests/reference manifests) with fewer blocks: the Wan VAE
 key names do not depend on its widths, and DiT/T5 names only on the block count. Every parameter gets
 its own random values (norm weights included) so a swapped key changes the output.
+
+`--preset bench` makes only the DiT bigger (T5 and VAE stay tiny): large enough that the block stack
+dominates a CPU forward, which is what `scripts/bench_magcache.py` needs to measure MagCache's
+wall-clock efficiency; still random, still small enough to write in seconds.
 """
 from __future__ import annotations
 
@@ -47,6 +52,12 @@ T5_DIM = 32
 TINY_DIT = {"num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 128, "num_layers": DIT_LAYERS,
             "freq_dim": 256, "text_dim": T5_DIM, "patch_size": [1, 2, 2], "cross_attn_norm": True,
             "qk_norm": "rms_norm_across_heads", "eps": 1e-6}
+#: DiT shapes per preset; "tiny" is the default every test uses (keep it byte-identical)
+DIT_PRESETS = {
+    "tiny": TINY_DIT,
+    # head_dim 128 as in the real models; ffn 4x dim (5B: 14336/3072 = 4.7x); ~50M parameters
+    "bench": {**TINY_DIT, "num_attention_heads": 4, "attention_head_dim": 128, "ffn_dim": 2048, "num_layers": 12},
+}
 TINY_T5 = {"d_model": T5_DIM, "d_kv": 8, "d_ff": 64, "num_heads": 4, "num_layers": T5_LAYERS,
            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
            "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0}
@@ -102,12 +113,15 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
                                    model_max_length=512)
 
 
-def make_models(task: TaskSpec, seed: int) -> dict[str, object]:
-    """The random tiny modules, in diffusers/transformers form: experts, text encoder (bf16), VAE, tokenizer."""
+def make_models(task: TaskSpec, seed: int, preset: str = "tiny") -> dict[str, object]:
+    """The random modules, in diffusers/transformers form: experts, text encoder (bf16), VAE, tokenizer.
+
+    `preset` picks the DiT shape only (DIT_PRESETS); T5 and VAE are always the tiny ones.
+    """
     tokenizer = make_tokenizer()
     experts = {}
     for expert in task.experts:
-        dit = WanTransformer3DModel(**TINY_DIT, in_channels=task.dit_in_channels, out_channels=task.z_dim)
+        dit = WanTransformer3DModel(**DIT_PRESETS[preset], in_channels=task.dit_in_channels, out_channels=task.z_dim)
         _randomize(dit, seed, f"dit-{task.name}-{expert}")
         experts[expert] = dit.eval()
     t5 = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_T5))
@@ -137,8 +151,8 @@ def _official_state(module: torch.nn.Module, official_keys: list[str], key_map) 
 
 
 def _write_official(task: TaskSpec, parts: dict[str, object], out: Path) -> None:
-    dit_keys = _reference_keys(f"official_wanmodel_{task.name}.json", DIT_LAYERS)
     for expert, dit in parts["experts"].items():
+        dit_keys = _reference_keys(f"official_wanmodel_{task.name}.json", dit.config.num_layers)
         folder = out / task.expert_folders[expert]
         folder.mkdir(parents=True, exist_ok=True)
         state = _official_state(dit, dit_keys, wan_transformer_key_map)
@@ -179,17 +193,19 @@ def _write_diffusers(task: TaskSpec, parts: dict[str, object], out: Path) -> Non
     pipe.save_pretrained(out)
 
 
-def make_tiny_checkpoint(task: str, layout: str, out: str | Path, seed: int = 0) -> Path:
-    """Write a tiny `task` checkpoint in `layout` ('official' or 'diffusers') to `out` (new or empty)."""
+def make_tiny_checkpoint(task: str, layout: str, out: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
+    """Write a random `task` checkpoint in `layout` ('official' or 'diffusers') to `out` (new or empty)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if layout not in ("official", "diffusers"):
         raise ValueError(f"unknown layout {layout!r}; choose 'official' or 'diffusers'")
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(DIT_PRESETS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; give a new --out directory")
     out.mkdir(parents=True, exist_ok=True)
-    parts = make_models(TASKS[task], seed)
+    parts = make_models(TASKS[task], seed, preset)
     (_write_official if layout == "official" else _write_diffusers)(TASKS[task], parts, out)
     return out
 
@@ -204,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", required=True, choices=("official", "diffusers"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="tiny", choices=sorted(DIT_PRESETS),
+                        help="DiT size: tiny (tests) or bench (blocks dominate a CPU forward)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        out = make_tiny_checkpoint(args.task, args.layout, args.out, seed=args.seed)
+        out = make_tiny_checkpoint(args.task, args.layout, args.out, seed=args.seed, preset=args.preset)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
