@@ -78,8 +78,17 @@ def make_plan(items: list[BatchItem], configs: dict[int, RunConfig | str], flags
             plan.settled.append(ItemResult.from_manifest(_row(item, fixed, status="skipped"), manifest,
                                                          cfg.save_file, time.perf_counter() - t0, "skipped"))
             continue
+        if cfg.save_file is not None:
+            _remove_stale_temps(cfg.save_file)
         plan.todo.append((item.index, fixed if fixed is not None else draw_seed(-1)))
     return plan
+
+
+def _remove_stale_temps(video: Path) -> None:
+    """Temp files a killed run left for this item (`video.atomic_path` names): they are never renamed."""
+    for pattern in (f".{video.name}.*.tmp.mp4", f".{video.with_suffix('.json').name}.*.tmp.json"):
+        for stale in video.parent.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[int, RunConfig | str],
@@ -107,14 +116,16 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
         except Exception as exc:
             if rt.world_size > 1:
                 raise  # the group's ranks may now disagree on where they are: end the job, rerun resumes
-            result = _row(item, seed, status="failed", error=one_line(exc), seconds=round(time.perf_counter() - t0, 3))
+            result = _row(item, seed, status="failed", error=one_line(exc), dp_group=rt.dp_rank,
+                          seconds=round(time.perf_counter() - t0, 3))
         else:
             if manifest is None:
                 continue  # not this group's output rank
-            manifest["batch"] = {"prompts_file": str(prompts_file), "index": index, "line": item.line, "name": item.stem}
+            manifest["batch"] = {"prompts_file": str(prompts_file), "index": index, "line": item.line,
+                                 "name": item.stem, "dp_group": rt.dp_rank}
             write_json(manifest_path_for(cfg.save_file), manifest)
             result = ItemResult.from_manifest(_row(item, seed, status="ok"), manifest, cfg.save_file,
-                                              time.perf_counter() - t0, "ok")
+                                              time.perf_counter() - t0, "ok", dp_group=rt.dp_rank)
         if rt.is_output_rank:
             results.append(result)
             console.print(f"dp group {rt.dp_rank}: item {n}/{len(mine)} [bold]{item.stem}[/] "

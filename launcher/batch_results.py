@@ -42,15 +42,17 @@ class ItemResult:
     video: str | None = None
     manifest: str | None = None
     sha256: str | None = None
+    #: the data-parallel group that generated it (None: not generated in this run)
+    dp_group: int | None = None
 
     @classmethod
     def from_manifest(cls, base: ItemResult, manifest: dict[str, Any], video: Path, seconds: float,
-                      status: Status) -> ItemResult:
+                      status: Status, dp_group: int | None = None) -> ItemResult:
         mc = manifest.get("magcache") or {}
         return cls(
             index=base.index, name=base.name, line=base.line, prompt=base.prompt, seed=manifest.get("seed"),
             status=status, seconds=round(seconds, 3), skipped_forwards=mc.get("skipped_count"),
-            video=str(video), manifest=str(manifest_path_for(video)), sha256=manifest.get("sha256"),
+            video=str(video), manifest=str(manifest_path_for(video)), sha256=manifest.get("sha256"), dp_group=dp_group,
         )
 
 
