@@ -169,6 +169,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
     from launcher.runtime import start_runtime
 
     rt = start_runtime(base, num_heads=info.num_heads)
+    clean = False
     try:
         plan = rt.all_gather_object(make_plan(items, configs, flags, force=force) if rt.rank == 0 else None)[0]
         if rt.rank == 0:
@@ -193,6 +194,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
                 world=rt.describe(), seconds=round(time.perf_counter() - started, 3),
             )
             print_table(results, title=f"batch {Path(prompts_file).name} -> {out_dir}")
+        clean = True
         return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else 0
     finally:
-        rt.shutdown()
+        rt.shutdown(clean=clean)  # after a failure a peer may never reach the teardown barrier

@@ -123,6 +123,9 @@ def test_rerun_regenerates_items_that_do_not_verify(first_run, tmp_path):
     manifest["seed"] = 99  # a manifest from another seed
     (out / "00000.json").write_text(json.dumps(manifest))
     (out / "00003.json").unlink()  # a video without manifest (killed between the two renames)
+    stale = [out / ".00003.mp4.k1ll3d.tmp.mp4", out / ".00003.json.k1ll3d.tmp.json"]  # a SIGKILLed write's temps
+    for path in stale:
+        path.write_bytes(b"partial")
     before = snapshot(out)
     code, summary = batch(first_run["ckpt"], first_run["prompts"], out)
     assert code == 3
@@ -132,6 +135,7 @@ def test_rerun_regenerates_items_that_do_not_verify(first_run, tmp_path):
     assert after["drawn.mp4"] == before["drawn.mp4"]
     for stem in ("00000", "cat", "00003"):
         assert sha256_of(out / f"{stem}.mp4") == by_name(first_run["summary"])[stem]["sha256"]
+    assert not [p for p in stale if p.exists()]
 
 
 def test_a_changed_flag_does_not_count_as_done(first_run, tmp_path):
@@ -236,7 +240,8 @@ def test_bad_line_is_one_line_and_exit_2_in_a_real_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_batch_resumes_without_redoing_finished_items(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_batch_resumes_without_redoing_finished_items(tiny_ckpt, tmp_path, sig):
     # Item 0 is tiny; items 1-2 are larger (seconds each), so the kill lands while item 1 runs.
     prompts = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "a red car", "seed": 1},
@@ -253,14 +258,18 @@ def test_a_killed_batch_resumes_without_redoing_finished_items(tiny_ckpt, tmp_pa
             assert proc.poll() is None, "the batch ended before its first manifest appeared"
             assert time.monotonic() < deadline, "no manifest for item 0 after 300 s"
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)  # the launcher itself, as a scheduler or `kill` would
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+            proc.wait(timeout=60)
+    # SIGKILL: no chance to clean up; SIGTERM (scancel, preemption): unwinds and exits 128 + 15
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
     assert sorted(p.name for p in out.glob("*.mp4")) == ["00000.mp4"]  # nothing half-written under a real name
     assert not (out / "summary.json").exists()
+    if sig == signal.SIGTERM:
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     first = snapshot(out)["00000.mp4"]
     code, summary = batch(tiny_ckpt(TASK), prompts, out)
     assert code == 0
