@@ -1,0 +1,132 @@
+"""FSDP2 sharding of blocks built on the meta device, and loading each rank's rows from disk.
+
+`shard_modules` applies `fully_shard` per module (per transformer block): each block then owns
+its all-gather/reshard hooks, so a forward that calls blocks one by one (as our DiT forward
+does) works without the root forward. Root pieces are left out and stay replicated.
+
+`load_sharded` never materialises a full tensor on a rank: for a dim-0 sharded parameter it
+reads only rows [start, stop) of this rank's FSDP2 shard and wraps them with
+`DTensor.from_local`; FSDP2 pads its own uneven last shard internally.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, KeysView
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+
+class RowSource(Protocol):
+    """Checkpoint tensors by model parameter name, readable a row range at a time.
+
+    `launcher.tensor_sources.TensorSource` has this shape; so does any mmap-backed reader.
+    """
+
+    def keys(self) -> KeysView[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def get(self, key: str) -> Tensor: ...
+    def get_slice(self, key: str, start: int, stop: int) -> Tensor: ...
+
+
+class ShardedLoadError(ValueError):
+    """The checkpoint does not fit the model; the message names the tensor and what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStats:
+    """What one rank read; `bytes_read` counts tensor bytes as stored in the checkpoint."""
+
+    bytes_read: int
+    sharded: int
+    replicated: int
+
+
+def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
+                  reshard_after_forward: bool = True) -> int:
+    """`fully_shard` each module over a 1-D mesh (the sp group); returns how many were sharded.
+
+    Call on a model built on the meta device, before `load_sharded`. A missing or size-1 mesh
+    shards nothing, so single-rank and dp-only runs go through the same code.
+    """
+    if mesh is None or mesh.size() == 1:
+        return 0
+    if mesh.ndim != 1:
+        raise ValueError(f"shard_modules takes a 1-D mesh (e.g. ParallelMesh.submesh('sp')), got {mesh.ndim}-D")
+    count = 0
+    for module in modules:
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        count += 1
+    return count
+
+
+def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) that FSDP2 gives `rank` of `world`: torch.chunk sizes, trailing ranks may be empty."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def _local_device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def _read_shard(name: str, target: DTensor, source: RowSource) -> Tensor:
+    if tuple(target.placements) != (Shard(0),):
+        raise ShardedLoadError(f"{name}: only dim-0 FSDP shards can be loaded, got placements {target.placements}")
+    mesh = target.device_mesh
+    start, stop = shard_rows(target.shape[0], mesh.get_local_rank(), mesh.size())
+    expected = (stop - start, *target.shape[1:])
+    if tuple(target.to_local().shape) != expected:
+        # FSDP2 changed how it splits dim 0; reading our formula's rows would load wrong weights.
+        raise RuntimeError(f"{name}: FSDP2 local shard is {tuple(target.to_local().shape)} but rows "
+                           f"[{start}, {stop}) were computed; update parallel.fsdp.shard_rows for this torch")
+    return source.get_slice(name, start, stop)
+
+
+def load_sharded(model: nn.Module, source: RowSource, *, device: torch.device | str = "cpu") -> LoadStats:
+    """Fill a meta-built (optionally `shard_modules`-ed) model from `source`; returns what was read.
+
+    Sharded parameters get this rank's rows only; replicated parameters and persistent buffers
+    are read whole onto `device`. Values are cast to the dtype the model was built with.
+    """
+    device = torch.device(device)
+    targets = model.state_dict(keep_vars=True)
+    available = set(source.keys())
+    missing = [k for k in targets if k not in available]
+    if missing:
+        raise ShardedLoadError(f"checkpoint lacks {len(missing)} model tensor(s), e.g. {missing[:3]}; "
+                               "check the key map or the checkpoint")
+    values: dict[str, Tensor] = {}
+    bytes_read = sharded = replicated = 0
+    for name, target in targets.items():
+        stored = tuple(source.shape(name))
+        if stored != tuple(target.shape):
+            raise ShardedLoadError(f"{name}: checkpoint shape {stored} != model shape {tuple(target.shape)}; "
+                                   "the model config does not match this checkpoint")
+        if isinstance(target, DTensor):
+            rows = _read_shard(name, target, source)
+            bytes_read += rows.numel() * rows.element_size()
+            local = rows.to(device=_local_device(target.device_mesh), dtype=target.dtype)
+            value: Tensor = DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
+                                               shape=target.shape, stride=target.stride())
+            sharded += 1
+        else:
+            whole = source.get(name)
+            bytes_read += whole.numel() * whole.element_size()
+            value = whole.to(device=device, dtype=target.dtype)
+            replicated += 1
+        values[name] = nn.Parameter(value, requires_grad=target.requires_grad) \
+            if isinstance(target, nn.Parameter) else value
+    model.load_state_dict(values, strict=True, assign=True)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ShardedLoadError(f"{len(left)} tensor(s) are still on the meta device after loading, e.g. {left[:3]} "
+                               "(non-persistent buffers?); create them on a real device before load_sharded")
+    return LoadStats(bytes_read=bytes_read, sharded=sharded, replicated=replicated)

@@ -1,0 +1,115 @@
+"""Ulysses sequence parallelism: shard the sequence, attend over all of it with a head slice.
+
+Each rank holds S/N tokens with all H heads. One all-to-all (yunchang's SeqAllToAll4D) turns
+that into all S tokens with H/N heads, attention runs locally, and a second all-to-all turns it
+back. The sequence is padded to a multiple of N; padded keys are dropped before attention, so
+the result equals the unpadded single-rank attention.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from yunchang.comm.all_to_all import SeqAllToAll4D
+
+from parallel.mesh import check_heads
+
+AttentionBackend = Literal["sdpa", "flash", "auto"]
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def split_sequence(x: Tensor, dim: int, group: dist.ProcessGroup | None,
+                   pad_to_multiple: bool = True) -> tuple[Tensor, int]:
+    """This rank's contiguous chunk of `x` along `dim`, and how many zero rows were appended.
+
+    Padding goes at the end, so only the last ranks hold padding and `gather_sequence`
+    drops it by length alone.
+    """
+    n = group_size(group)
+    if n == 1:
+        return x, 0
+    length = x.shape[dim]
+    pad = -length % n
+    if pad and not pad_to_multiple:
+        raise ValueError(f"sequence length {length} is not a multiple of the {n} sequence-parallel ranks; "
+                         "pass pad_to_multiple=True or choose a size whose token count divides")
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    local = x.chunk(n, dim=dim)[dist.get_rank(group)]
+    return local.contiguous(), pad
+
+
+def gather_sequence(local: Tensor, dim: int, group: dist.ProcessGroup | None, valid_len: int) -> Tensor:
+    """Inverse of `split_sequence`: all chunks in rank order, cut back to `valid_len`."""
+    n = group_size(group)
+    if n == 1:
+        return local.narrow(dim, 0, valid_len) if local.shape[dim] != valid_len else local
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(parts, local, group=group)
+    full = torch.cat(parts, dim=dim)
+    if not 0 <= valid_len <= full.shape[dim]:
+        raise ValueError(f"valid_len {valid_len} is outside the gathered length {full.shape[dim]}")
+    return full.narrow(dim, 0, valid_len)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, backend: AttentionBackend) -> Tensor:
+    """[B, Sq, h, D] x [B, Sk, h, D] -> [B, Sq, h, D], non-causal."""
+    if backend == "flash" or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        flash = _flash_attn()
+        if flash is not None:
+            return flash(q, k, v)
+        if backend == "flash":
+            raise RuntimeError("attention backend 'flash' needs CUDA tensors in fp16/bf16 and the flash-attn "
+                               "package; install it (pip install '.[gpu]') or use backend='sdpa'")
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _flash_attn():
+    """flash-attn's kernel, imported on first use and only for CUDA tensors (it has no CPU build)."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def _pack_heads(x: Tensor, n: int) -> Tensor:
+    """[B, s, 3, H, D] -> [B, s, 3H, D] ordered so each of the n head chunks holds its own q, k, v."""
+    b, s, three, h, d = x.shape
+    return x.reshape(b, s, three, n, h // n, d).transpose(2, 3).reshape(b, s, three * h, d)
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *,
+                      valid_len: int | None, backend: AttentionBackend = "sdpa") -> Tensor:
+    """Self-attention over the whole (sharded) sequence; q, k, v, out are [B, S/N, H, D] local.
+
+    q, k and v travel in one all-to-all (three times fewer messages than one each). `valid_len`
+    is the unpadded global length: keys past it are padding from `split_sequence` and excluded.
+    """
+    n = group_size(group)
+    b, s_local, h, d = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape for self-attention, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_heads(h, n)
+    seq = s_local * n
+    keep = seq if valid_len is None else valid_len
+    if not 0 < keep <= seq:
+        raise ValueError(f"valid_len {valid_len} must be in 1..{seq} (the padded sequence length)")
+    if n == 1:
+        return _attend(q, k[:, :keep], v[:, :keep], backend)
+    packed = _pack_heads(torch.stack([q, k, v], dim=2), n)               # [B, S/N, 3H, D]
+    full = SeqAllToAll4D.apply(group, packed, 2, 1)                     # [B, S, 3H/N, D]
+    qf, kf, vf = full.reshape(b, seq, 3, h // n, d).unbind(dim=2)       # each [B, S, H/N, D]
+    out = _attend(qf, kf[:, :keep], vf[:, :keep], backend)              # padded queries kept: shapes stay even
+    return SeqAllToAll4D.apply(group, out.contiguous(), 1, 2)           # [B, S/N, H, D]
