@@ -1,0 +1,48 @@
+"""Mesh layout, MagCache agreement and CFG exchange on gloo; prints this rank's view.
+
+Written as a flat script on purpose: the context, the mesh and the agree callable are module
+globals, which is exactly how the exit abort used to happen (groups alive into interpreter exit).
+
+Args: SP CFG [AGREE_CALLS]
+"""
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel.cfg import exchange_predictions
+from parallel.dist import agree_min, detect_launch, init_distributed
+from parallel.mesh import ParallelDims
+from spawn import emit
+
+sp, cfg = int(sys.argv[1]), int(sys.argv[2])
+calls = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+
+with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
+    pm = ParallelDims.from_world(ctx.world_size, sp=sp, cfg=cfg).build(ctx)
+    ranks = {n: dist.get_process_group_ranks(pm.group(n)) if pm.dims.degree(n) > 1 else [ctx.rank]
+             for n in ("dp", "cfg", "sp")}
+    agree = agree_min(pm.branch_cpu_group)
+    # Round r: only global rank r votes "cannot skip"; the others say "may skip".
+    votes = [agree(ctx.rank != r) for r in range(ctx.world_size)]
+    world_agree = agree_min(ctx.cpu_group)
+    world_votes = [world_agree(ctx.rank != r) for r in range(ctx.world_size)]
+    exchanged = None
+    if cfg == 2:
+        pred = torch.full((2, 3), float(ctx.rank)) + torch.arange(6.0).reshape(2, 3) / 10
+        cond, uncond = exchange_predictions(pred, pm.cfg_group)
+        exchanged = [cond[0, 0].item(), uncond[0, 0].item()]
+    per_call_us = None
+    if calls:
+        for _ in range(50):
+            agree(True)
+        dist.barrier()
+        start = time.perf_counter()
+        for i in range(calls):
+            agree(i % 7 != 0)
+        per_call_us = (time.perf_counter() - start) / calls * 1e6
+    emit(dict(rank=ctx.rank, world=ctx.world_size, kind=ctx.env.kind,
+              coords=dict(dp=pm.dp_rank, cfg=pm.cfg_rank, sp=pm.sp_rank), ranks=ranks,
+              branch=dist.get_process_group_ranks(pm.branch_cpu_group) if pm.branch_cpu_group else [ctx.rank],
+              votes=votes, world_votes=world_votes, exchanged=exchanged, agree_us=per_call_us))
