@@ -138,10 +138,33 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    from launcher.errors import Terminated
+
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM (torchrun, srun, schedulers) and Ctrl-C unwind the run: temp files go away.
+
+    Our own exception for SIGINT too, because Typer turns KeyboardInterrupt into a silent
+    return code; an ignored SIGINT (background job) stays ignored.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input exits 2 with one line, never a traceback."""
-    from launcher.errors import InputError, RunFailed
+    from launcher.errors import InputError, RunFailed, Terminated
 
+    _install_signal_handlers()
     try:
         result = app(args=argv, prog_name="magcache-launch", standalone_mode=False)
         return int(result or 0)
@@ -157,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         return _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted (SIGINT); partial outputs removed", 130)
+    except Terminated as e:
+        import signal
+
+        name = signal.Signals(e.signum).name
+        return _fail(f"stopped by {name}; partial outputs removed", 128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,17 @@ if TYPE_CHECKING:
 
 
 def write_outputs(cfg: "RunConfig", result: "Result", outputs: "Outputs") -> dict[str, Any]:
+    """Every file is written atomically; a failed write (disk full...) leaves no partial file."""
+    try:
+        return _write(cfg, result, outputs)
+    except OSError as e:
+        from launcher.errors import RunFailed
+
+        where = e.filename or outputs.video
+        raise RunFailed(f"could not write {where}: {e.strerror or e}; free space or choose another output path") from e
+
+
+def _write(cfg: "RunConfig", result: "Result", outputs: "Outputs") -> dict[str, Any]:
     files: dict[str, Any] = {}
     if outputs.latents is not None:
         write_latents(outputs.latents, result.latents)

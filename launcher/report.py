@@ -41,6 +41,11 @@ def print_plan(the_plan: Plan, *, task: str, out: Console | None = None) -> None
         out.print(f"[yellow]warning:[/] {w}")
 
 
+def log(message: str) -> None:
+    """One status line on stderr (callers print on the output rank only)."""
+    console.print(f"[dim]\\[magcache-launch][/] {message}")
+
+
 def print_summary(manifest: dict[str, Any]) -> None:
     """The short end-of-run summary: where the video is, phase timings, skipped forwards."""
     timings = manifest.get("timings_s", {})

@@ -39,6 +39,7 @@ def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict
     if calibration_out is None and cfg.magcache.calibration:
         calibration_out = Path(f"magcache_ratios_{cfg.task.name}.json")
     rt = start_runtime(cfg, num_heads=info.num_heads)
+    clean = False
     try:
         from launcher.report import print_summary
         from launcher.session import GenerationSession, Outputs
@@ -56,6 +57,8 @@ def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict
             write_json(manifest_path_for(target), manifest)
             manifest["manifest"] = str(manifest_path_for(target))
             print_summary(manifest)
+        clean = True
         return manifest
     finally:
-        rt.shutdown()
+        # after a failure a peer may never reach the teardown barrier: skip it
+        rt.shutdown(clean=clean)

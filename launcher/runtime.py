@@ -45,7 +45,7 @@ class Runtime:
     #: this rank's data-parallel group (batch items are spread over groups) and their count
     dp_rank: int = 0
     dp_size: int = 1
-    _shutdown: Callable[[], None] | None = None
+    _shutdown: Callable[[bool], None] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"size": self.world_size, "launch": self.launch_kind, "mesh": dict(self.mesh),
@@ -70,10 +70,11 @@ class Runtime:
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
 
-    def shutdown(self) -> None:
+    def shutdown(self, clean: bool = True) -> None:
+        """Tear down process groups; `clean=False` after a failure skips the final barrier."""
         if self._shutdown is not None:
             fn, self._shutdown = self._shutdown, None
-            fn()
+            fn(clean)
 
 
 def start_runtime(cfg: RunConfig, *, num_heads: int) -> Runtime:

@@ -36,6 +36,11 @@ class GenerationSession:
         self.cfg = cfg
         self.info = info
         self.rt = rt
+        if rt.is_output_rank:
+            from launcher.report import log
+
+            log(f"{cfg.task.name}: loading the {info.layout}-layout checkpoint {info.root} "
+                f"on {rt.world_size} rank(s), {rt.placement.device}")
         t0 = time.perf_counter()
         self.models = load_models(cfg, info, rt.placement, sharding=rt.sharding, shard_blocks=rt.shard_blocks)
         self.load_seconds = time.perf_counter() - t0
@@ -82,6 +87,10 @@ class GenerationSession:
             for w in warnings:
                 console.print(f"[yellow]warning:[/] {w}")
         request = self.request_for(cfg, seed)
+        if self.rt.is_output_rank:
+            from launcher.report import log
+
+            log(f"denoising {cfg.sample_steps} steps ({cfg.sample_solver}), seed {seed}")
         with progress_bar(cfg.sample_steps, enabled=self.rt.is_output_rank) as on_step:
             self.pipeline.on_step = on_step
             result = self.pipeline.generate(request, runner)

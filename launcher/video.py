@@ -51,24 +51,35 @@ def frames_uint8_rounded(video: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
-    """H.264 mp4 via imageio-ffmpeg's bundled ffmpeg (no system ffmpeg needed)."""
+    """H.264 mp4 through imageio-ffmpeg's bundled ffmpeg binary (no system ffmpeg needed).
+
+    We run the binary ourselves instead of `imageio_ffmpeg.write_frames` because that generator
+    ignores ffmpeg's exit status: a full disk would leave a truncated mp4 that we then renamed
+    into place. Same encoder settings as the official `save_video` (libx264, quality 8 = crf 10).
+    """
+    import subprocess
+
     import imageio_ffmpeg
 
     frames = frames_uint8_truncated(video)
     f, h, w, _ = frames.shape
     with atomic_path(Path(path), suffix=".mp4") as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), (w, h), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-            output_params=["-movflags", "+faststart"],
-        )
-        writer.send(None)
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
+            "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-",
+            "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "10", "-movflags", "+faststart", "-f", "mp4", str(tmp),
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-        finally:
-            writer.close()
-        if tmp.stat().st_size == 0:
-            raise OSError(f"ffmpeg wrote nothing to {path}")
+            _, err = proc.communicate(frames.tobytes())
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            reason = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise OSError(0, f"ffmpeg: {reason}", str(path))
 
 
 def read_mp4_info(path: Path) -> dict[str, Any]:

@@ -1,0 +1,133 @@
+"""Failures during a single-process run: disk full, SIGTERM/SIGINT, repeated runs (soak).
+
+Multi-rank failures (a rank killed, torchrun interrupted) are in test_reliability_multirank.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env
+
+TINY = ["--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--prompt", "a cat", "--base_seed", "1"]
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str = "16k"):
+    """A real full disk: a tiny tmpfs (needs root and mount rights; skip otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or 'mount failed'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_gives_clear_error_and_keeps_earlier_outputs(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("t2v-A14B")
+    with small_disk(tmp_path) as disk:
+        earlier = disk / "earlier.mp4"
+        earlier.write_bytes(b"an earlier video")
+        target = disk / "earlier.mp4"
+        proc = subprocess.run([sys.executable, "-m", "launcher", "generate", *TINY, "--ckpt_dir", str(ckpt),
+                               "--sample_steps", "2", "--save_file", str(target), "--overwrite"],
+                              capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: could not write") and "No space left on device" in last, last
+        assert "Traceback" not in proc.stderr
+        assert earlier.read_bytes() == b"an earlier video"
+        assert sorted(p.name for p in disk.iterdir()) == ["earlier.mp4"]  # no temp file, no manifest
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_denoise_stops_fast_and_leaves_nothing(tiny_ckpt, tmp_path, sig, code):
+    out = tmp_path / "out"
+    proc = start_cli("generate", *TINY, "--ckpt_dir", str(tiny_ckpt("t2v-A14B")), "--sample_steps", "400",
+                     "--save_file", str(out / "v.mp4"), "--save-frames", str(out / "frames"))
+    deadline = time.time() + 120
+    seen = ""
+    while "denoising" not in seen and time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    assert "denoising" in seen, seen
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.perf_counter() - t0 < 10
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert not out.exists() or list(out.rglob("*")) == []
+
+
+def _rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+SOAK = r"""
+import json, os, sys, gc
+from pathlib import Path
+from launcher.config import build_run_config
+from launcher.checkpoints import inspect_checkpoint
+from launcher.runtime import start_runtime
+from launcher.session import GenerationSession, Outputs
+
+def rss_kb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = build_run_config(task="t2v-A14B", ckpt_dir=ckpt, prompt="a cat", size="64*64", frame_num=5, sample_steps=3)
+info = inspect_checkpoint(ckpt, cfg.task)
+rt = start_runtime(cfg, num_heads=info.num_heads)
+session = GenerationSession(cfg, info, rt)
+rss = []
+for i in range(20):
+    session.generate(cfg, i, Outputs(video=out / f"v{i}.mp4"))
+    gc.collect()
+    rss.append(rss_kb())
+rt.shutdown()
+fds = len(os.listdir("/proc/self/fd"))
+children = [p for p in os.listdir("/proc") if p.isdigit() and Path(f"/proc/{p}/stat").exists()
+            and Path(f"/proc/{p}/stat").read_text().split()[3] == str(os.getpid())]
+print(json.dumps({"rss_kb": rss, "fds": fds, "children": children}))
+"""
+
+
+def test_soak_twenty_generations_in_one_process_flat_memory(tiny_ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SOAK, str(tiny_ckpt("t2v-A14B")), str(tmp_path)],
+                          capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rss = report["rss_kb"]
+    print(f"soak RSS: start {rss[0] / 1024:.0f} MiB (after 1), end {rss[-1] / 1024:.0f} MiB (after 20)")
+    assert len(list(tmp_path.glob("v*.mp4"))) == 20
+    assert rss[-1] - rss[4] < 40 * 1024, rss  # flat after warm-up: < 40 MiB over 15 runs
+    assert report["children"] == []  # no ffmpeg or other child left behind
+    assert report["fds"] < 64
