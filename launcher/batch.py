@@ -97,8 +97,7 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     from rich.markup import escape
 
     from launcher.report import console
-    from launcher.session import GenerationSession, Outputs
-    from launcher.video import manifest_path_for, write_json
+    from launcher.session import GenerationSession
 
     mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % rt.dp_size == rt.dp_rank]
     if not mine:
@@ -109,29 +108,60 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     results: list[ItemResult] = []
     for n, (index, seed) in enumerate(mine, start=1):
         item, cfg = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
-        assert cfg.save_file is not None
         t0 = time.perf_counter()
         try:
-            manifest = session.generate(cfg, seed, Outputs(video=cfg.save_file))
+            result = _run_item(session, item, cfg, seed, rt.dp_rank, prompts_file)
         except Exception as exc:
             if rt.world_size > 1:
                 raise  # the group's ranks may now disagree on where they are: end the job, rerun resumes
             result = _row(item, seed, status="failed", error=one_line(exc), dp_group=rt.dp_rank,
                           seconds=round(time.perf_counter() - t0, 3))
-        else:
-            if manifest is None:
-                continue  # not this group's output rank
-            manifest["batch"] = {"prompts_file": str(prompts_file), "index": index, "line": item.line,
-                                 "name": item.stem, "dp_group": rt.dp_rank}
-            write_json(manifest_path_for(cfg.save_file), manifest)
-            result = ItemResult.from_manifest(_row(item, seed, status="ok"), manifest, cfg.save_file,
-                                              time.perf_counter() - t0, "ok", dp_group=rt.dp_rank)
-        if rt.is_output_rank:
+        if result is not None and rt.is_output_rank:
             results.append(result)
-            console.print(f"dp group {rt.dp_rank}: item {n}/{len(mine)} [bold]{item.stem}[/] "
-                          f"{result.status} in {result.seconds:.1f}s" + (f": {escape(result.error)}" if result.error else ""),
-                          highlight=False)
+            error = f": {escape(result.error)}" if result.error else ""
+            console.print(f"dp group {rt.dp_rank}: item {n}/{len(mine)} [bold]{item.stem}[/] {result.status} "
+                          f"in {result.seconds:.1f}s{error}", highlight=False)
     return results
+
+
+def _run_item(session: Any, item: BatchItem, cfg: RunConfig, seed: int, dp_group: int,
+              prompts_file: Path) -> ItemResult | None:
+    """Generate one item; on the group's output rank write its manifest (after the video) and report."""
+    from launcher.session import Outputs
+    from launcher.video import manifest_path_for, write_json
+
+    assert cfg.save_file is not None
+    t0 = time.perf_counter()
+    manifest = session.generate(cfg, seed, Outputs(video=cfg.save_file))
+    if manifest is None:
+        return None  # not the group's output rank
+    manifest["batch"] = {"prompts_file": str(prompts_file), "index": item.index, "line": item.line,
+                         "name": item.stem, "dp_group": dp_group}
+    write_json(manifest_path_for(cfg.save_file), manifest)
+    return ItemResult.from_manifest(_row(item, seed, status="ok"), manifest, cfg.save_file,
+                                    time.perf_counter() - t0, "ok", dp_group=dp_group)
+
+
+def _merge(plan: BatchPlan, parts: list[list[ItemResult]], items: dict[int, BatchItem]) -> list[ItemResult]:
+    """Settled items plus every group's results, in file order; an item no group reported fails."""
+    merged: dict[int, ItemResult] = {r.index: r for r in plan.settled}
+    for part in parts:
+        for r in part:
+            merged.setdefault(r.index, r)
+    for index, seed in plan.todo:
+        if index not in merged:
+            merged[index] = _row(items[index], seed, status="failed", error="no result from its dp group")
+    return sorted(merged.values(), key=lambda r: r.index)
+
+
+def _announce(plan: BatchPlan, n_items: int, n_file: int, shard: str | None, dp_size: int) -> None:
+    from launcher.report import console
+
+    where = f" (shard {shard} of {n_file} in the file)" if shard is not None else ""
+    done = sum(r.status == "skipped" for r in plan.settled)
+    invalid = sum(r.status == "failed" for r in plan.settled)
+    console.print(f"batch: {n_items} item(s){where}: {len(plan.todo)} to generate on {dp_size} dp group(s), "
+                  f"{done} already done, {invalid} invalid", highlight=False)
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -149,6 +179,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
 
     started = time.perf_counter()
     shard_ix = parse_shard(shard)
+    shard_text = None if shard is None else f"{shard_ix[0]}/{shard_ix[1]}"
     all_items = read_items(Path(prompts_file))
     base = _probe_config(flags)
     try:
@@ -165,7 +196,6 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
         except InputError as e:
             configs[item.index] = one_line(e)
 
-    from launcher.report import console
     from launcher.runtime import start_runtime
 
     rt = start_runtime(base, num_heads=info.num_heads)
@@ -173,24 +203,14 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
     try:
         plan = rt.all_gather_object(make_plan(items, configs, flags, force=force) if rt.rank == 0 else None)[0]
         if rt.rank == 0:
-            console.print(f"batch: {len(items)} item(s)" + (f" (shard {shard_ix[0]}/{shard_ix[1]} of {len(all_items)})"
-                          if shard is not None else "") + f", {len(plan.todo)} to generate on {rt.dp_size} dp group(s), "
-                          f"{sum(r.status == 'skipped' for r in plan.settled)} already done, "
-                          f"{sum(r.status == 'failed' for r in plan.settled)} invalid", highlight=False)
+            _announce(plan, len(items), len(all_items), shard_text, rt.dp_size)
         by_index = {item.index: item for item in items}
         local = _generate_share(plan, by_index, configs, rt, info, Path(prompts_file))
-        gathered: dict[int, ItemResult] = {r.index: r for r in plan.settled}
-        for part in rt.all_gather_object(local):
-            for r in part:
-                gathered.setdefault(r.index, r)
-        for index, seed in plan.todo:  # never drop an item silently, whatever a group did
-            if index not in gathered:
-                gathered[index] = _row(by_index[index], seed, status="failed", error="no result from its dp group")
-        results = sorted(gathered.values(), key=lambda r: r.index)
+        results = _merge(plan, rt.all_gather_object(local), by_index)
         if rt.rank == 0:
             write_summary(
                 out_dir / summary_name(shard_ix), results, prompts_file=str(prompts_file), out_dir=str(out_dir),
-                shard=None if shard is None else f"{shard_ix[0]}/{shard_ix[1]}", task=base.task.name,
+                shard=shard_text, task=base.task.name,
                 world=rt.describe(), seconds=round(time.perf_counter() - started, 3),
             )
             print_table(results, title=f"batch {Path(prompts_file).name} -> {out_dir}")
