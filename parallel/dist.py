@@ -418,8 +418,8 @@ def agree_min(group: dist.ProcessGroup | None) -> Callable[[bool], bool]:
         pg = group_ref()
         if pg is None:
             raise RuntimeError("agree_min used after its process group was destroyed; sync inside the DistContext")
-        buf[0] = 1 if flag else 0
+        buf.fill_(1 if flag else 0)
         dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=pg)
-        return bool(buf[0])
+        return bool(buf.item())
 
     return agree

@@ -33,16 +33,26 @@ with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as c
         pred = torch.full((2, 3), float(ctx.rank)) + torch.arange(6.0).reshape(2, 3) / 10
         cond, uncond = exchange_predictions(pred, pm.cfg_group)
         exchanged = [cond[0, 0].item(), uncond[0, 0].item()]
-    per_call_us = None
+    per_call_us = raw_us = None
     if calls:
+        # Helper and bare collective in alternating blocks, so machine load hits both alike.
+        raw = torch.ones(1, dtype=torch.int32)
+        spent = {"agree": 0.0, "raw": 0.0}
         for _ in range(50):
             agree(True)
         dist.barrier()
-        start = time.perf_counter()
-        for i in range(calls):
-            agree(i % 7 != 0)
-        per_call_us = (time.perf_counter() - start) / calls * 1e6
+        for _block in range(20):
+            start = time.perf_counter()
+            for i in range(calls // 20):
+                agree(i % 7 != 0)
+            spent["agree"] += time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(calls // 20):
+                dist.all_reduce(raw, op=dist.ReduceOp.MIN, group=pm.branch_cpu_group)
+            spent["raw"] += time.perf_counter() - start
+        per_call_us, raw_us = (spent[k] / (calls // 20 * 20) * 1e6 for k in ("agree", "raw"))
     emit(dict(rank=ctx.rank, world=ctx.world_size, kind=ctx.env.kind,
+              master=[ctx.env.master_addr, ctx.env.master_port],
               coords=dict(dp=pm.dp_rank, cfg=pm.cfg_rank, sp=pm.sp_rank), ranks=ranks,
               branch=dist.get_process_group_ranks(pm.branch_cpu_group) if pm.branch_cpu_group else [ctx.rank],
-              votes=votes, world_votes=world_votes, exchanged=exchanged, agree_us=per_call_us))
+              votes=votes, world_votes=world_votes, exchanged=exchanged, agree_us=per_call_us, raw_allreduce_us=raw_us))
