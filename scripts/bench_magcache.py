@@ -54,6 +54,8 @@ SECTION = "magcache-cpu"
 TARGET_EFFICIENCY = 0.97
 #: a few hundred tokens: blocks dominate a CPU forward and 50 steps x 3 repeats fit in minutes
 DEFAULT_SIZE = {"ti2v-5B": "256*256", "t2v-A14B": "128*128"}
+#: repeats further apart than this (max - min, % of the median) make a wall-clock figure unreliable
+NOISY_SPREAD_PCT = 10.0
 #: ops that mean a copy or a device->host sync; none may run on the skip path
 SUSPECT_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::item", "aten::_local_scalar_dense",
                "aten::to", "aten::_to_copy", "aten::cat", "aten::empty_like")
@@ -456,6 +458,18 @@ def _profile_text(pr: dict[str, Any]) -> str:
             + markdown_table(["phase", "uncached: total (calls x per call, share)", "cached"], rows, align="lll"))
 
 
+def _noise_note(f: dict[str, Any]) -> str:
+    """A warning when the repeats disagree more than the effect being measured (or beat physics)."""
+    spread = max(f["denoise_s"]["uncached"]["spread_pct"], f["denoise_s"]["cached"]["spread_pct"])
+    if spread <= NOISY_SPREAD_PCT and f["efficiency"] <= 1.0:
+        return ""
+    return (f"**Noisy run:** repeats spread by up to {spread:.0f}% of their median"
+            + (f" and the efficiency exceeds 1 ({f['efficiency']:.3f}), which no skip can do" if f["efficiency"] > 1
+               else "")
+            + "; these wall-clock figures track the machine's load, not MagCache. Rerun on a quiet machine; the "
+              "profile bound (a ratio within one run) and the skip-path microbenchmark below depend far less on it.")
+
+
 def render(records: list[dict[str, Any]]) -> str:
     """The BENCHMARKS.md section: one block per result file, newest first; text only from the JSON."""
     if not records:
@@ -463,8 +477,11 @@ def render(records: list[dict[str, Any]]) -> str:
     parts = []
     for rec in records:
         f = rec["figures"]
-        parts += [_header(rec), _figures_table(f),
-                  f"\nSkips match `magcache-launch plan`: {f['skips_match_plan']}; cached vs uncached latents "
+        parts += [_header(rec), _figures_table(f)]
+        noise = _noise_note(f)
+        if noise:
+            parts.append(f"\n{noise}")
+        parts += [f"\nSkips match `magcache-launch plan`: {f['skips_match_plan']}; cached vs uncached latents "
                   f"differ by {f['latent_rel_diff_cached_vs_uncached']:.2%} (relative L2); repeats bit-identical: "
                   f"{f['deterministic_repeats']}.\n"]
         if rec.get("skip_microbench"):
