@@ -423,3 +423,24 @@ def agree_min(group: dist.ProcessGroup | None) -> Callable[[bool], bool]:
         return bool(buf.item())
 
     return agree
+
+
+def reduce_sum(group: dist.ProcessGroup | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`total(t) -> t summed over the group` (a new tensor), for statistics that must be group-global,
+    such as MagCache calibration norms over a sharded sequence; a group of one returns `t` itself.
+
+    Uses the group's own backend, so device tensors stay on the device (pass `ParallelMesh.branch_group`).
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return lambda t: t
+    group_ref = weakref.ref(group)  # same reason as agree_min
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        pg = group_ref()
+        if pg is None:
+            raise RuntimeError("reduce_sum used after its process group was destroyed; reduce inside the DistContext")
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg)
+        return out
+
+    return total

@@ -119,8 +119,8 @@ class ParallelMesh:
         ctx.adopt(self._all_groups(), release=self.release)
 
     def _all_groups(self) -> list[dist.ProcessGroup]:
-        meshes = [m for m in {id(m): m for m in (self._mesh, self._cpu_mesh) if m is not None}.values()]
-        return [m.get_group(n) for m in meshes for n in self._names]
+        meshes = [self._mesh] if self._cpu_mesh is self._mesh else [self._mesh, self._cpu_mesh]
+        return [m.get_group(n) for m in meshes if m is not None for n in self._names]
 
     def _live(self, mesh: DeviceMesh | None) -> DeviceMesh | None:
         if self._released:

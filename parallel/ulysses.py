@@ -7,6 +7,7 @@ the result equals the unpadded single-rank attention.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -74,7 +75,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, backend: AttentionBackend) -> Tenso
     return out.transpose(1, 2)
 
 
-def _flash_attn():
+def _flash_attn() -> Callable[..., Tensor] | None:
     """flash-attn's kernel, imported on first use and only for CUDA tensors (it has no CPU build)."""
     try:
         from flash_attn import flash_attn_func

@@ -16,6 +16,7 @@ from parallel.dist import (
     expand_hostlist,
     first_host,
     init_distributed,
+    reduce_sum,
     slurm_port,
 )
 from parallel_jobs.spawn import run_job
@@ -112,6 +113,8 @@ def test_single_process_creates_no_process_group():
         assert not ctx.is_distributed and ctx.cpu_group is None
         assert not torch.distributed.is_initialized()
         assert agree_min(ctx.cpu_group)(True) is True and agree_min(None)(False) is False
+        t = torch.ones(3)
+        assert reduce_sum(None)(t) is t
     assert not torch.distributed.is_initialized()
 
 

@@ -87,3 +87,4 @@ def test_mesh_layout_on_four_ranks(sp, cfg):
         # Round r: only rank r cannot skip -> exactly the branch that contains r computes.
         assert res["votes"] == [r not in res["branch"] for r in range(4)]
         assert res["world_votes"] == [False] * 4
+        assert res["branch_sum"] == [float(sum(res["branch"])), float(len(res["branch"]))]

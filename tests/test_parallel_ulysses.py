@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.mesh import ParallelConfigError
 from parallel.ulysses import gather_sequence, split_sequence, ulysses_attention
 from parallel_jobs.spawn import run_job
 

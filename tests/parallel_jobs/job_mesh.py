@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.cfg import exchange_predictions
-from parallel.dist import agree_min, detect_launch, init_distributed
+from parallel.dist import agree_min, detect_launch, init_distributed, reduce_sum
 from parallel.mesh import ParallelDims
 from spawn import emit
 
@@ -28,6 +28,7 @@ with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as c
     votes = [agree(ctx.rank != r) for r in range(ctx.world_size)]
     world_agree = agree_min(ctx.cpu_group)
     world_votes = [world_agree(ctx.rank != r) for r in range(ctx.world_size)]
+    branch_sum = reduce_sum(pm.branch_group)(torch.tensor([float(ctx.rank), 1.0])).tolist()
     exchanged = None
     if cfg == 2:
         pred = torch.full((2, 3), float(ctx.rank)) + torch.arange(6.0).reshape(2, 3) / 10
@@ -55,4 +56,4 @@ with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as c
               master=[ctx.env.master_addr, ctx.env.master_port],
               coords=dict(dp=pm.dp_rank, cfg=pm.cfg_rank, sp=pm.sp_rank), ranks=ranks,
               branch=dist.get_process_group_ranks(pm.branch_cpu_group) if pm.branch_cpu_group else [ctx.rank],
-              votes=votes, world_votes=world_votes, exchanged=exchanged, agree_us=per_call_us, raw_allreduce_us=raw_us))
+              votes=votes, branch_sum=branch_sum, world_votes=world_votes, exchanged=exchanged, agree_us=per_call_us, raw_allreduce_us=raw_us))
