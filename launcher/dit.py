@@ -60,6 +60,18 @@ class LocalSequence:
         return valid_len
 
 
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    """One step's embedded input on this rank: shared by the cond and uncond forwards."""
+
+    x: torch.Tensor  # [1, L_local, dim]
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    temb: torch.Tensor
+    tproj: torch.Tensor
+    seq_len: int  # real (unpadded) tokens of the whole sequence
+    grid: tuple[int, int, int]
+
+
 @dataclass
 class _ForwardState:
     """Per-forward facts the self-attention processors need (diffusers' block passes only tensors)."""
@@ -129,25 +141,16 @@ class WanDiT:
         return self.model.condition_embedder.text_embedder(context)
 
     @torch.no_grad()
-    def forward(
-        self,
-        latent: torch.Tensor,
-        timestep: torch.Tensor,
-        text_states: torch.Tensor,
-        *,
-        runner: BlockRunner,
-        index: int,
-        expert: str = "single",
-    ) -> torch.Tensor:
-        """latent [C_in,F,H,W]; timestep [1] or per-token [1, L]; text_states = embed_text(context).
+    def embed(self, latent: torch.Tensor, timestep: torch.Tensor, dtype: torch.dtype) -> StepInput:
+        """Patch + time embedding of one step's input, already split across the branch's ranks.
 
-        Returns the prediction [C_out,F,H,W] (float of the model's dtype).
+        Cond and uncond see the same latent and timestep, so the pipeline embeds once per step
+        and runs both branches from it (`dtype`: the text states' dtype, as diffusers casts temb).
         """
         m = self.model
         p_t, p_h, p_w = self.patch_size
         x5 = latent.unsqueeze(0).to(m.patch_embedding.weight.dtype)
         _, _, frames, height, width = x5.shape
-        grid = (frames // p_t, height // p_h, width // p_w)
 
         # patch embed -> tokens in (f, h, w) order: [1, L, dim]
         rope_cos, rope_sin = m.rope(x5)  # [1, L, 1, head_dim] each
@@ -155,24 +158,35 @@ class WanDiT:
         seq_len = x.shape[1]
 
         # time embedding: [1, dim] + [1, 6, dim], or per token [1, L, dim] + [1, L, 6, dim]
-        temb, tproj = self._embed_time(timestep, text_states.dtype)
+        temb, tproj = self._embed_time(timestep, dtype)
 
         # shard the sequence (and everything that is per token) across the branch's ranks
         sh = self.sharding
-        self._state.valid_len = seq_len
         x = sh.split(x, 1)
         rotary = (sh.split(rope_cos, 1), sh.split(rope_sin, 1))
         if temb.ndim == 3:
             temb, tproj = sh.split(temb, 1), sh.split(tproj, 1)
+        grid = (frames // p_t, height // p_h, width // p_w)
+        return StepInput(x=x, rotary=rotary, temb=temb, tproj=tproj, seq_len=seq_len, grid=grid)
+
+    @torch.no_grad()
+    def run(self, step: StepInput, text_states: torch.Tensor, *, runner: BlockRunner, index: int,
+            expert: str = "single") -> torch.Tensor:
+        """Blocks (through the runner: may be skipped), head and unpatchify -> [C_out,F,H,W]."""
+        m = self.model
+        sh = self.sharding
+        self._state.valid_len = step.seq_len
+        tproj, rotary = step.tproj, step.rotary
 
         def run_blocks(h: torch.Tensor) -> torch.Tensor:
             for block in m.blocks:
                 h = block(h, text_states, tproj, rotary)
             return h
 
-        x = runner.forward(index, x, run_blocks, expert=expert, valid=sh.local_valid(seq_len))
+        x = runner.forward(index, step.x, run_blocks, expert=expert, valid=sh.local_valid(step.seq_len))
 
         # head: modulated norm + projection, on this rank's tokens
+        temb = step.temb
         if temb.ndim == 3:
             shift, scale = (m.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
             shift, scale = shift.squeeze(2), scale.squeeze(2)
@@ -181,10 +195,17 @@ class WanDiT:
         x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = m.proj_out(x)
 
-        x = sh.gather(x, 1, seq_len)  # [1, L, C_out * p_t * p_h * p_w]
-        f, h, w = grid
+        x = sh.gather(x, 1, step.seq_len)  # [1, L, C_out * p_t * p_h * p_w]
+        f, h, w = step.grid
+        p_t, p_h, p_w = self.patch_size
         x = x.reshape(1, f, h, w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)[0]
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor, *,
+                runner: BlockRunner, index: int, expert: str = "single") -> torch.Tensor:
+        """One forward: latent [C_in,F,H,W], timestep [1] or per-token [1, L] -> [C_out,F,H,W]."""
+        step = self.embed(latent, timestep, text_states.dtype)
+        return self.run(step, text_states, runner=runner, index=index, expert=expert)
 
     def _embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' condition embedder (time part), without re-projecting the text each call."""
@@ -195,7 +216,7 @@ class WanDiT:
         if per_token:
             t_freq = t_freq.unflatten(0, (timestep.shape[0], timestep.shape[1]))
         emb_dtype = next(iter(ce.time_embedder.parameters())).dtype
-        temb = ce.time_embedder(t_freq.to(emb_dtype)).type_as(torch.empty((), dtype=dtype))
+        temb = ce.time_embedder(t_freq.to(emb_dtype)).to(dtype)
         tproj = ce.time_proj(ce.act_fn(temb))
         tproj = tproj.unflatten(2, (6, -1)) if per_token else tproj.unflatten(1, (6, -1))
         return temb, tproj

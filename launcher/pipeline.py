@@ -168,10 +168,11 @@ class WanPipeline:
     def _activate(self, name: str) -> WanDiT:
         """Official `_prepare_model_for_timestep`: with offload, only the active expert is on GPU."""
         dit = self.m.experts[name]
-        if self.m.offload_idle_expert:
+        if self.m.offload_idle_expert and dit.model.patch_embedding.weight.device != self.m.device:
             for other, d in self.m.experts.items():
                 if other != name:
                     d.model.to("cpu")
+            torch.cuda.empty_cache()
             dit.model.to(self.m.device)
         return dit
 
@@ -202,13 +203,15 @@ class WanPipeline:
                     ts = t.reshape(1).to(self.m.device)
                 preds: dict[int, torch.Tensor] = {}
                 for b in self.exchange.branches:
-                    key = (expert, b)
-                    if key not in text_states:
-                        text_states[key] = dit.embed_text(ctx[b].to(dit.model.dtype))
-                    with amp:
-                        out = dit.forward(model_in, ts, text_states[key], runner=runner, index=2 * i + b,
-                                          expert=expert)
-                    preds[b] = out.float()
+                    if (expert, b) not in text_states:
+                        with amp:
+                            text_states[(expert, b)] = dit.embed_text(ctx[b].to(dit.model.dtype))
+                with amp:
+                    step_in = dit.embed(model_in, ts, text_states[(expert, self.exchange.branches[0])].dtype)
+                    for b in self.exchange.branches:
+                        out = dit.run(step_in, text_states[(expert, b)], runner=runner, index=2 * i + b,
+                                      expert=expert)
+                        preds[b] = out.float()
                 pred_cond, pred_uncond = self.exchange.combine(preds)
                 noise_pred = pred_uncond + g * (pred_cond - pred_uncond)
                 latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0][0]
