@@ -25,7 +25,7 @@ from launcher.tasks import TASKS, TaskSpec
 from launcher.tensor_sources import TensorSource, WeightFiles, open_source
 
 __all__ = [
-    "DIFFUSERS_EXPERT_FOLDERS", "CheckpointError", "CheckpointInfo", "Layout", "TensorSource", "WeightFiles",
+    "DIFFUSERS_EXPERT_FOLDERS", "CheckpointError", "build_transformer_on_meta", "transformer_dtype_for", "CheckpointInfo", "Layout", "TensorSource", "WeightFiles",
     "detect_layout", "inspect_checkpoint", "load_text_encoder", "load_tokenizer", "load_transformer", "load_vae",
     "t5_source", "transformer_source", "vae_source",
 ]
@@ -166,16 +166,27 @@ def _state_dict(source: TensorSource, device: torch.device | str,
     return {k: source.get(k).to(device=device, dtype=dtype_for(k), copy=True) for k in source.keys()}
 
 
-def load_transformer(info: CheckpointInfo, expert: str, *, dtype: torch.dtype,
-                     device: torch.device | str) -> WanTransformer3DModel:
-    """One DiT expert in `dtype`, except diffusers' `_keep_in_fp32_modules` (as `from_pretrained` does)."""
-    with init_empty_weights():  # parameters on meta; the RoPE tables (non-persistent buffers) stay real
-        model = WanTransformer3DModel.from_config(info.transformer_configs[expert])
+def build_transformer_on_meta(info: CheckpointInfo, expert: str) -> WanTransformer3DModel:
+    """Parameters on meta; the RoPE tables (non-persistent buffers) stay real."""
+    with init_empty_weights():
+        return WanTransformer3DModel.from_config(info.transformer_configs[expert])
+
+
+def transformer_dtype_for(model: WanTransformer3DModel, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
+    """`dtype` for every weight except diffusers' `_keep_in_fp32_modules` (as `from_pretrained` does)."""
     keep = model._keep_in_fp32_modules or []
 
     def dtype_for(key: str) -> torch.dtype:
         return torch.float32 if any(m in key.split(".") for m in keep) else dtype
 
+    return dtype_for
+
+
+def load_transformer(info: CheckpointInfo, expert: str, *, dtype: torch.dtype,
+                     device: torch.device | str) -> WanTransformer3DModel:
+    """One DiT expert in `dtype`, except diffusers' `_keep_in_fp32_modules` (as `from_pretrained` does)."""
+    model = build_transformer_on_meta(info, expert)
+    dtype_for = transformer_dtype_for(model, dtype)
     with transformer_source(info, expert) as source:
         model.load_state_dict(_state_dict(source, device, dtype_for), strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)

@@ -7,15 +7,19 @@ dtype on GPU, T5 in the compute dtype, VAE always float32).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from launcher.checkpoints import CheckpointInfo, load_text_encoder, load_tokenizer, load_transformer, load_vae
+from launcher.sharded_loading import load_sharded_text_encoder, load_sharded_transformer
 from launcher.config import RunConfig
 from launcher.dit import SequenceSharding, WanDiT
 from launcher.pipeline import Models
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -44,8 +48,11 @@ def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def placement_for(cfg: RunConfig, *, local_rank: int = 0, world_size: int = 1) -> Placement:
-    device = resolve_device(cfg.device, local_rank)
+def placement_for(cfg: RunConfig, *, local_rank: int = 0, world_size: int = 1,
+                  device: torch.device | None = None) -> Placement:
+    """`device`: the one the process group already bound this rank to, if any."""
+    if device is None or (cfg.device and torch.device(cfg.device).index is not None):
+        device = resolve_device(cfg.device, local_rank)
     on_gpu = device.type == "cuda"
     compute = DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     param = compute if cfg.convert_model_dtype else torch.float32
@@ -67,16 +74,28 @@ def load_models(
     placement: Placement,
     *,
     sharding: SequenceSharding | None = None,
-    shard_blocks: Callable[[torch.nn.Module], None] | None = None,
+    fsdp_mesh: "DeviceMesh | None" = None,
 ) -> Models:
-    """Every module of the task, on this rank, ready for `WanPipeline`."""
+    """Every module of the task, on this rank, ready for `WanPipeline`.
+
+    With `fsdp_mesh` (--dit_fsdp / --t5_fsdp over the sp group) the blocks are built on meta,
+    sharded, and each rank reads only its rows of each block weight from disk.
+    """
     experts: dict[str, WanDiT] = {}
     for i, name in enumerate(cfg.task.experts):
-        # with offload only the first-used expert starts on the GPU (high noise runs first)
-        dev = placement.device if (i == 0 or not placement.offload_idle_expert) else torch.device("cpu")
-        model = load_transformer(info, name, dtype=placement.dit_param_dtype, device=dev)
+        if cfg.dit_fsdp and fsdp_mesh is not None:
+            model = load_sharded_transformer(info, name, dtype=placement.dit_param_dtype,
+                                             device=placement.device, mesh=fsdp_mesh)
+        else:
+            # with offload only the first-used expert starts on the GPU (high noise runs first)
+            dev = placement.device if (i == 0 or not placement.offload_idle_expert) else torch.device("cpu")
+            model = load_transformer(info, name, dtype=placement.dit_param_dtype, device=dev)
         experts[name] = WanDiT(model, sharding)
-    text_encoder = load_text_encoder(info, dtype=placement.compute_dtype, device=placement.text_device)
+    if cfg.t5_fsdp and fsdp_mesh is not None:
+        text_encoder = load_sharded_text_encoder(info, dtype=placement.compute_dtype, device=placement.device,
+                                                 mesh=fsdp_mesh)
+    else:
+        text_encoder = load_text_encoder(info, dtype=placement.compute_dtype, device=placement.text_device)
     vae, _ = load_vae(info, device=placement.device)
     return Models(
         task=cfg.task,
@@ -88,5 +107,5 @@ def load_models(
         text_device=placement.text_device,
         dit_dtype=placement.compute_dtype,
         autocast=placement.autocast,
-        offload_idle_expert=placement.offload_idle_expert,
+        offload_idle_expert=placement.offload_idle_expert and fsdp_mesh is None,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,24 +42,35 @@ def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict
     rt = start_runtime(cfg, num_heads=info.num_heads)
     clean = False
     try:
-        from launcher.report import print_summary
-        from launcher.session import GenerationSession, Outputs
-        from launcher.video import manifest_path_for, write_json
-
-        seed = rt.broadcast_seed(draw_seed(cfg.base_seed))
-        video = cfg.save_file
-        if video is None and calibration_out is None:
-            video = default_save_file(cfg)
-        outputs = Outputs(video=video, frames=cfg.save_frames, latents=cfg.save_latents, calibration=calibration_out)
-        session = GenerationSession(cfg, info, rt)
-        manifest = session.generate(cfg, seed, outputs)
-        if manifest is not None:
-            target = video if video is not None else Path(calibration_out).with_suffix(".run.json")
-            write_json(manifest_path_for(target), manifest)
-            manifest["manifest"] = str(manifest_path_for(target))
-            print_summary(manifest)
+        manifest = _generate_on(rt, cfg, info, calibration_out)
         clean = True
         return manifest
+    except BaseException as e:
+        # the traceback's frames hold the models, whose FSDP/Ulysses state references process
+        # groups: release them so shutdown really frees the groups (see parallel.dist)
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         # after a failure a peer may never reach the teardown barrier: skip it
         rt.shutdown(clean=clean)
+
+
+def _generate_on(rt: Any, cfg: RunConfig, info: Any, calibration_out: Path | None) -> dict[str, Any] | None:
+    """Load, generate, write. The session (and its models) dies when this returns, before teardown."""
+    from launcher.report import print_summary
+    from launcher.session import GenerationSession, Outputs
+    from launcher.video import manifest_path_for, write_json
+
+    seed = rt.broadcast_seed(draw_seed(cfg.base_seed))
+    video = cfg.save_file
+    if video is None and calibration_out is None:
+        video = default_save_file(cfg)
+    outputs = Outputs(video=video, frames=cfg.save_frames, latents=cfg.save_latents, calibration=calibration_out)
+    session = GenerationSession(cfg, info, rt)
+    manifest = session.generate(cfg, seed, outputs)
+    if manifest is not None:
+        target = video if video is not None else Path(calibration_out).with_suffix(".run.json")
+        write_json(manifest_path_for(target), manifest)
+        manifest["manifest"] = str(manifest_path_for(target))
+        print_summary(manifest)
+    return manifest

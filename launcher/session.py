@@ -42,7 +42,7 @@ class GenerationSession:
             log(f"{cfg.task.name}: loading the {info.layout}-layout checkpoint {info.root} "
                 f"on {rt.world_size} rank(s), {rt.placement.device}")
         t0 = time.perf_counter()
-        self.models = load_models(cfg, info, rt.placement, sharding=rt.sharding, shard_blocks=rt.shard_blocks)
+        self.models = load_models(cfg, info, rt.placement, sharding=rt.sharding, fsdp_mesh=rt.fsdp_mesh)
         self.load_seconds = time.perf_counter() - t0
         self.pipeline = WanPipeline(self.models, exchange=rt.exchange, decode=rt.decodes)
 
