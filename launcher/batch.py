@@ -9,13 +9,14 @@ output rank writes) -> rank 0 gathers every group's results, writes the summary,
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from launcher.batch_items import BatchItem, parse_shard, read_items, summary_name, take_shard
 from launcher.batch_results import ItemResult, one_line, print_table, verified_manifest, write_summary
-from launcher.config import RunConfig, UsageError
+from launcher.config import RunConfig, UsageError, run_config_from_flags
 from launcher.errors import InputError
 from launcher.tasks import TASKS
 
@@ -30,18 +31,11 @@ class BatchPlan:
     todo: list[tuple[int, int]]  # (item index, seed), in file order
 
 
-def _run_config(kw: dict[str, Any]) -> RunConfig:
-    # The same flag -> RunConfig mapping as `generate`, so an item equals `generate` with its flags.
-    from launcher.cli import _run_config as from_flags
-
-    return from_flags(kw)
-
-
 def _probe_config(flags: dict[str, Any]) -> RunConfig:
     """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
     spec = TASKS.get(flags.get("task", ""))
     stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
-    return _run_config(dict(flags, prompt="(batch)", image=stand_in, check_paths=False))
+    return run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in, check_paths=False))
 
 
 def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
@@ -54,7 +48,7 @@ def _item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunCo
     seed = _fixed_seed(item, flags)
     kw = dict(flags, **item.overrides(), base_seed=-1 if seed is None else seed,
               save_file=out_dir / f"{item.stem}.mp4", save_frames=None, save_latents=None, overwrite=True)
-    return _run_config(kw)
+    return run_config_from_flags(kw)
 
 
 def _row(item: BatchItem, seed: int | None, **kw: Any) -> ItemResult:
@@ -198,7 +192,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
 
     from launcher.runtime import start_runtime
 
-    rt = start_runtime(base, num_heads=info.num_heads)
+    rt = start_runtime(base, num_heads=info.num_heads, allow_data_parallel=True)
     clean = False
     try:
         plan = rt.all_gather_object(make_plan(items, configs, flags, force=force) if rt.rank == 0 else None)[0]
@@ -206,7 +200,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
             _announce(plan, len(items), len(all_items), shard_text, rt.dp_size)
         by_index = {item.index: item for item in items}
         local = _generate_share(plan, by_index, configs, rt, info, Path(prompts_file))
-        results = _merge(plan, rt.all_gather_object(local), by_index)
+        results = _merge(plan, rt.all_gather_object(local, patient=True), by_index)
         if rt.rank == 0:
             write_summary(
                 out_dir / summary_name(shard_ix), results, prompts_file=str(prompts_file), out_dir=str(out_dir),
@@ -216,5 +210,8 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
             print_table(results, title=f"batch {Path(prompts_file).name} -> {out_dir}")
         clean = True
         return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else 0
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # drop the models' group references before teardown
+        raise
     finally:
         rt.shutdown(clean=clean)  # after a failure a peer may never reach the teardown barrier

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from launcher.config import MagCacheOptions, RunConfig, UsageError, build_run_config
+from launcher.config import MagCacheOptions, UsageError, run_config_from_flags
 from launcher.options import compose_params, magcache_params, model_params, output_params, sampling_params
 
 app = typer.Typer(
@@ -25,27 +25,6 @@ def _is_rank0() -> bool:
     return True
 
 
-def _magcache_options(kw: dict[str, Any], *, calibration: bool = False) -> MagCacheOptions:
-    return MagCacheOptions(
-        enabled=kw.pop("use_magcache") and not calibration,
-        thresh=kw.pop("magcache_thresh"),
-        K=kw.pop("magcache_K"),
-        retention_ratio=kw.pop("retention_ratio"),
-        split=kw.pop("magcache_split"),  # type: ignore[arg-type]
-        reset_at_switch=kw.pop("magcache_reset_at_switch"),
-        ratios_file=kw.pop("magcache_ratios"),
-        calibration=calibration,
-    )
-
-
-def _run_config(kw: dict[str, Any], *, calibration: bool = False) -> RunConfig:
-    kw = dict(kw)
-    calibration = calibration or kw.pop("magcache_calibration", False)
-    mc = _magcache_options(kw, calibration=calibration)
-    kw["dist_timeout_s"] = kw.pop("dist_timeout")
-    return build_run_config(magcache=mc, **kw)
-
-
 @app.command()
 @compose_params(model_params, sampling_params, magcache_params, output_params)
 def generate(
@@ -56,7 +35,7 @@ def generate(
     **kw: Any,
 ) -> None:
     """Generate one video (single process, torchrun or srun)."""
-    cfg = _run_config(dict(kw, prompt=prompt, image=image, magcache_calibration=magcache_calibration))
+    cfg = run_config_from_flags(dict(kw, prompt=prompt, image=image, magcache_calibration=magcache_calibration))
     from launcher.runner import run_generate
 
     manifest = run_generate(cfg)
@@ -74,7 +53,7 @@ def calibrate(
     **kw: Any,
 ) -> None:
     """Record MagCache ratios for your checkpoint with an uncached run; writes OUT and OUT.png."""
-    cfg = _run_config(
+    cfg = run_config_from_flags(
         dict(kw, prompt=prompt, image=image, save_file=save_file, save_frames=None, save_latents=None, overwrite=True),
         calibration=True,
     )

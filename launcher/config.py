@@ -288,3 +288,25 @@ def build_run_config(
         dist_timeout_s=dist_timeout_s,
         magcache=magcache or MagCacheOptions(),
     )
+
+
+def run_config_from_flags(kw: dict, *, calibration: bool = False) -> RunConfig:
+    """The CLI's flag dict (option names as Typer passes them) -> a validated RunConfig.
+
+    `generate`, `calibrate` and every `batch` item go through here, so a batch item is exactly
+    `generate` with the same flags.
+    """
+    kw = dict(kw)
+    calibration = calibration or kw.pop("magcache_calibration", False)
+    mc = MagCacheOptions(
+        enabled=kw.pop("use_magcache") and not calibration,
+        thresh=kw.pop("magcache_thresh"),
+        K=kw.pop("magcache_K"),
+        retention_ratio=kw.pop("retention_ratio"),
+        split=kw.pop("magcache_split"),
+        reset_at_switch=kw.pop("magcache_reset_at_switch"),
+        ratios_file=kw.pop("magcache_ratios"),
+        calibration=calibration,
+    )
+    kw["dist_timeout_s"] = kw.pop("dist_timeout")
+    return build_run_config(magcache=mc, **kw)

@@ -1,7 +1,6 @@
 """Write one request's files (video, frames, latents) on the output rank; return what was written."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.video import sha256_of, write_frames, write_latents, write_mp4

@@ -6,7 +6,6 @@ is pinned with real subprocesses in test_cli_errors.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

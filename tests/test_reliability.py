@@ -5,7 +5,6 @@ Multi-rank failures (a rank killed, torchrun interrupted) are in test_reliabilit
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
