@@ -124,3 +124,24 @@ def test_layout_errors_exit_2_on_every_rank(tiny_ckpt, tmp_path):
         assert all(not text.strip() for r, text in rank_err.items() if r != "0"), rank_err
         assert "exitcode  : 2" in proc.stderr
     assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("layout", ["u2", "cfg-u2"])
+def test_sharded_calibration_equals_single_process(tiny_ckpt, tmp_path, layout):
+    """Token statistics are summed over the sequence group: N ranks record the 1-rank ratios."""
+    ckpt = tiny_ckpt("t2v-A14B")
+    common = ["calibrate", "--task", "t2v-A14B", "--size", "80*48", "--frame_num", "5", "--ckpt_dir", str(ckpt),
+              "--prompt", "a cat", "--base_seed", "3", "--sample_steps", str(STEPS)]
+    single = tmp_path / "single.json"
+    from launcher.cli import main
+
+    assert main([*common, "--out", str(single)]) == 0
+    nproc, flags = LAYOUTS[layout]
+    sharded = tmp_path / "sharded.json"
+    proc = torchrun(nproc, [*common, "--out", str(sharded), *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(sharded.read_text())
+    assert len(a["ratios"]) == len(b["ratios"]) == 2 * (STEPS - 1)
+    for key in ("ratios", "stds", "cos_dists"):
+        assert b[key] == pytest.approx(a[key], abs=2e-5), key
+    assert sharded.with_suffix(".png").exists()
