@@ -33,7 +33,8 @@ class Placement:
     dit_param_dtype: torch.dtype
     text_device: torch.device
     autocast: bool
-    offload_idle_expert: bool
+    #: official --offload_model: park idle experts (and T5) on the CPU; only meaningful on a GPU
+    offload_model: bool
 
 
 def resolve_device(requested: str | None, local_rank: int) -> torch.device:
@@ -64,7 +65,7 @@ def placement_for(cfg: RunConfig, *, local_rank: int = 0, world_size: int = 1,
         dit_param_dtype=param,
         text_device=torch.device("cpu") if cfg.t5_cpu else device,
         autocast=on_gpu and compute != param,
-        offload_idle_expert=offload and len(cfg.task.experts) > 1,
+        offload_model=offload,
     )
 
 
@@ -81,6 +82,8 @@ def load_models(
     With `fsdp_mesh` (--dit_fsdp / --t5_fsdp over the sp group) the blocks are built on meta,
     sharded, and each rank reads only its rows of each block weight from disk.
     """
+    offload_experts = placement.offload_model and len(cfg.task.experts) > 1 and not (cfg.dit_fsdp and fsdp_mesh)
+    offload_t5 = placement.offload_model and placement.text_device.type == "cuda" and not (cfg.t5_fsdp and fsdp_mesh)
     experts: dict[str, WanDiT] = {}
     for i, name in enumerate(cfg.task.experts):
         if cfg.dit_fsdp and fsdp_mesh is not None:
@@ -88,14 +91,15 @@ def load_models(
                                              device=placement.device, mesh=fsdp_mesh)
         else:
             # with offload only the first-used expert starts on the GPU (high noise runs first)
-            dev = placement.device if (i == 0 or not placement.offload_idle_expert) else torch.device("cpu")
+            dev = placement.device if (i == 0 or not offload_experts) else torch.device("cpu")
             model = load_transformer(info, name, dtype=placement.dit_param_dtype, device=dev)
         experts[name] = WanDiT(model, sharding)
     if cfg.t5_fsdp and fsdp_mesh is not None:
         text_encoder = load_sharded_text_encoder(info, dtype=placement.compute_dtype, device=placement.device,
                                                  mesh=fsdp_mesh)
     else:
-        text_encoder = load_text_encoder(info, dtype=placement.compute_dtype, device=placement.text_device)
+        text_encoder = load_text_encoder(info, dtype=placement.compute_dtype,
+                                         device="cpu" if offload_t5 else placement.text_device)
     vae, _ = load_vae(info, device=placement.device)
     return Models(
         task=cfg.task,
@@ -107,5 +111,6 @@ def load_models(
         text_device=placement.text_device,
         dit_dtype=placement.compute_dtype,
         autocast=placement.autocast,
-        offload_idle_expert=placement.offload_idle_expert and fsdp_mesh is None,
+        offload_idle_expert=offload_experts,
+        offload_text_encoder=offload_t5,
     )

@@ -80,6 +80,8 @@ class Models:
     dit_dtype: torch.dtype
     autocast: bool = False
     offload_idle_expert: bool = False
+    #: official --offload_model also parks T5 on the CPU between prompts (when not --t5_cpu)
+    offload_text_encoder: bool = False
 
 
 class _Timer:
@@ -119,8 +121,13 @@ class WanPipeline:
     def encode_text(self, prompts: list[str]) -> list[torch.Tensor]:
         from launcher.text_encoder import encode_prompts
 
+        if self.m.offload_text_encoder:
+            self.m.text_encoder.to(self.m.text_device)
         ctx = encode_prompts(self.m.tokenizer, self.m.text_encoder, prompts, text_len=self.m.task.text_len,
                              device=self.m.text_device)
+        if self.m.offload_text_encoder:
+            self.m.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
         return [c.to(self.m.device) for c in ctx]
 
     # -- conditioning -----------------------------------------------------------------------
