@@ -111,6 +111,14 @@ def batch(
     raise typer.Exit(code)
 
 
+def _rank_label() -> str:
+    """`rank N: ` in a multi-rank job, where several ranks' lines interleave; empty otherwise."""
+    for var, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(var) and os.environ.get(world, "1") != "1":
+            return f"rank {os.environ[var]}: "
+    return ""
+
+
 def _fail(message: str, code: int) -> int:
     if _is_rank0():
         print(f"error: {message}", file=sys.stderr)
@@ -141,7 +149,7 @@ def _install_signal_handlers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input exits 2 with one line, never a traceback."""
-    from launcher.errors import InputError, RunFailed, Terminated
+    from launcher.errors import InputError, PeerLost, RunFailed, Terminated, peer_lost
 
     _install_signal_handlers()
     try:
@@ -156,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(" ".join(message.split()), 2)
     except (UsageError, InputError) as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
+    except PeerLost as e:
+        # printed by every rank that notices (rank 0 may be the dead one), marked with its rank
+        print(f"error: {_rank_label()}{e}", file=sys.stderr)
+        return e.exit_code
     except RunFailed as e:
         return _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
@@ -165,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
 
         name = signal.Signals(e.signum).name
         return _fail(f"stopped by {name}; partial outputs removed", 128 + e.signum)
+    except Exception as e:
+        lost = peer_lost(e)  # a collective outside run_generate (batch) failed on a dead peer
+        if lost is None:
+            raise
+        print(f"error: {_rank_label()}{lost}", file=sys.stderr)
+        return lost.exit_code
 
 
 if __name__ == "__main__":

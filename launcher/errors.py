@@ -22,3 +22,42 @@ class Terminated(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(f"terminated by signal {signum}")
         self.signum = signum
+
+
+class PeerLost(RunFailed):
+    """This rank's collectives failed because another rank died or stopped answering.
+
+    Unlike other RunFailed errors it is printed by every rank that notices, not only rank 0:
+    rank 0 may be the one that died. Exit 1; the launcher (torchrun, srun) names the dead rank.
+    """
+
+
+#: Where torch's c10d backends name themselves in the RuntimeErrors they raise. gloo raises plain
+#: RuntimeError ("[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ..."), not DistError.
+_BACKEND_MARKERS = ("gloo", "NCCL", "c10d", "ProcessGroup")
+
+
+def peer_lost(exc: BaseException, during: str = "") -> PeerLost | None:
+    """The one-line PeerLost for a collective that failed on a dead or silent peer, else None.
+
+    `during`: what this rank was doing ("denoise", "loading the model"...), so a user reading
+    several ranks' interleaved output sees where the job broke without a C++ traceback.
+    """
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return None  # nothing distributed ran, so nothing distributed failed
+    import torch.distributed as dist
+
+    text = str(exc)
+    is_comm = isinstance(exc, dist.DistError) or (
+        type(exc) is RuntimeError and any(m in text for m in _BACKEND_MARKERS)
+    )
+    if not is_comm:
+        return None
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        what = "another rank stopped answering (no reply within --dist-timeout; it may be stuck or dead)"
+    else:
+        what = "lost contact with another rank (it failed or was killed)"
+    where = f" {during}" if during else ""
+    return PeerLost(f"{what}{where}; see the failing rank's output above")

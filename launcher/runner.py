@@ -28,9 +28,17 @@ def draw_seed(base_seed: int) -> int:
     return base_seed if base_seed >= 0 else random.randint(0, sys.maxsize)
 
 
+class _Stage:
+    """What this rank is doing, for the one-line message when a peer dies under it."""
+
+    def __init__(self, now: str) -> None:
+        self.now = now
+
+
 def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict[str, Any] | None:
     """Run one generation; returns the manifest on the output rank (None elsewhere)."""
     from launcher.checkpoints import CheckpointError, inspect_checkpoint
+    from launcher.errors import peer_lost
     from launcher.runtime import start_runtime
 
     try:
@@ -39,23 +47,34 @@ def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict
         raise UsageError(str(e)) from None
     if calibration_out is None and cfg.magcache.calibration:
         calibration_out = Path(f"magcache_ratios_{cfg.task.name}.json")
-    rt = start_runtime(cfg, num_heads=info.num_heads)
-    clean = False
+    stage = _Stage("while joining the other ranks")
     try:
-        manifest = _generate_on(rt, cfg, info, calibration_out)
-        clean = True
-        return manifest
-    except BaseException as e:
-        # the traceback's frames hold the models, whose FSDP/Ulysses state references process
-        # groups: release them so shutdown really frees the groups (see parallel.dist)
-        traceback.clear_frames(e.__traceback__)
-        raise
-    finally:
-        # after a failure a peer may never reach the teardown barrier: skip it
-        rt.shutdown(clean=clean)
+        rt = start_runtime(cfg, num_heads=info.num_heads)
+        clean = False
+        try:
+            manifest = _generate_on(rt, cfg, info, calibration_out, stage)
+            clean = True
+            stage.now = "at the end of the run (outputs already written)"
+            return manifest
+        except BaseException as e:
+            # the traceback's frames hold the models, whose FSDP/Ulysses state references process
+            # groups: release them so shutdown really frees the groups (see parallel.dist)
+            traceback.clear_frames(e.__traceback__)
+            raise
+        finally:
+            # after a failure a peer may never reach the teardown barrier: skip it
+            rt.shutdown(clean=clean)
+    except Exception as e:
+        # a dead or silent peer surfaces as a gloo/NCCL error in whatever collective this rank was
+        # in: say so in one line (exit 1) instead of a C++ traceback; the launcher names the rank
+        lost = peer_lost(e, stage.now)
+        if lost is None:
+            raise
+        raise lost from None
 
 
-def _generate_on(rt: Any, cfg: RunConfig, info: Any, calibration_out: Path | None) -> dict[str, Any] | None:
+def _generate_on(rt: Any, cfg: RunConfig, info: Any, calibration_out: Path | None,
+                 stage: _Stage) -> dict[str, Any] | None:
     """Load, generate, write. The session (and its models) dies when this returns, before teardown."""
     from launcher.report import print_summary
     from launcher.session import GenerationSession, Outputs
@@ -66,7 +85,9 @@ def _generate_on(rt: Any, cfg: RunConfig, info: Any, calibration_out: Path | Non
     if video is None and calibration_out is None:
         video = default_save_file(cfg)
     outputs = Outputs(video=video, frames=cfg.save_frames, latents=cfg.save_latents, calibration=calibration_out)
+    stage.now = "while loading the model"
     session = GenerationSession(cfg, info, rt)
+    stage.now = "while generating"
     manifest = session.generate(cfg, seed, outputs)
     if manifest is not None:
         target = video if video is not None else Path(calibration_out).with_suffix(".run.json")

@@ -6,7 +6,9 @@ and pipeline never compute ranks or call collectives themselves. Ranks and group
 """
 from __future__ import annotations
 
+import contextlib
 import resource
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -171,7 +173,40 @@ class Runtime:
         self.sync = self.reduce_sum = None
         self.sharding, self.exchange, self.fsdp_mesh = LocalSequence(), SerialBranches(), None
         if ctx is not None:
-            ctx.shutdown(clean=clean)
+            with _signals_deferred(deliver=clean):
+                ctx.shutdown(clean=clean)
+
+
+@contextlib.contextmanager
+def _signals_deferred(*, deliver: bool) -> Iterator[None]:
+    """Hold SIGTERM/SIGINT until the process groups are gone; then deliver them, or drop them.
+
+    After a peer dies, torchrun/srun SIGTERM the survivors while they are already tearing down;
+    our handler raising `Terminated` in the middle of DistContext.shutdown would skip releasing the
+    groups and bring back the gloo abort at exit. `deliver=False` (teardown after a failure): the
+    process is already ending with the real reason (a dead peer, a full disk), which a late
+    "stopped by SIGTERM" would hide; `deliver=True` (clean end): re-raise, so the exit is 143/130.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if callable(handler):  # a Python handler (ours, or KeyboardInterrupt's); leave SIG_IGN/SIG_DFL be
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending) if deliver else ():
+            signal.raise_signal(sig)
 
 
 def _device_preference(requested: str | None) -> str:
