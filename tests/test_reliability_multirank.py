@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli_env
+from slurm_helpers import slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +85,8 @@ def is_launcher(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"launcher" in argv and b"torch.distributed.run" not in argv and any(b"python" in a for a in argv[:1])
+    runs_cli = b"launcher" in argv or any(a.endswith(b"/magcache-launch") for a in argv[1:2])
+    return runs_cli and b"torch.distributed.run" not in argv and b"python" in argv[0]
 
 
 def wait_for(predicate, limit: float, what: str, poll: float = 0.05):
@@ -329,8 +331,68 @@ def test_twenty_two_rank_generates_never_abort_at_exit(tiny_ckpt, tmp_path):
         out = tmp_path / f"run{i}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "launcher", *generate_args(ckpt, out, 2, 2)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300, check=False)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"run {i}:\n{text[-3000:]}"
         assert ABORT not in text and LEAK not in text and "Traceback" not in text, f"run {i}:\n{text[-3000:]}"
         assert (out / "v.mp4").stat().st_size > 0 and (out / "v.json").exists()
+
+
+# --------------------------------------------------------------------------- srun
+
+
+def _scontrol_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def slurm_task_pids(job_id: str) -> dict[int, int]:
+    """{SLURM_PROCID: pid} of the job's CLI processes (srun itself also carries SLURM_PROCID=0)."""
+    found = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and is_launcher(int(d)):
+            env = environ(int(d))
+            if env.get("SLURM_JOB_ID") == job_id and "SLURM_STEP_ID" in env:
+                found[int(env["SLURM_PROCID"])] = int(d)
+    return found
+
+
+@pytest.mark.slurm
+def test_srun_task_killed_mid_denoise_ends_the_step(slurm_cluster, tiny_ckpt, tmp_path, monkeypatch):
+    """generate.sbatch: `srun --kill-on-bad-exit=1` ends the step when one task dies."""
+    for var in ("MAGCACHE_LAUNCH_CMD", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # the real CLI, ranks from Slurm
+    out, log = tmp_path / "out", tmp_path / "job.out"
+    env = {**os.environ, "MAGCACHE_VENV": sys.prefix, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sub = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--ntasks-per-node=2",
+                          str(ROOT / "scripts" / "slurm" / "generate.sbatch"),
+                          *generate_args(tiny_ckpt("t2v-A14B"), out, 2, 3000)[1:]],
+                         capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: log.exists() and "denoising" in log.read_text(errors="replace"), 240,
+                 "rank 0 to start denoising", poll=0.2)
+        tasks = slurm_task_pids(job_id)
+        assert sorted(tasks) == [0, 1], tasks
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.kill(tasks[1], signal.SIGKILL)
+        wait_for(lambda: gone(tasks[0]), HANG, "rank 0 to exit")
+        rank0_s = time.monotonic() - t0
+        state = wait_for(lambda: (j := _scontrol_job(job_id)).get("JobState") not in ("RUNNING", "COMPLETING") and j,
+                         HANG, "the job to end", poll=0.2)
+        job_s = time.monotonic() - t0
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30, check=False)
+    text = log.read_text(errors="replace")
+    print(f"srun task 1 SIGKILLed: rank 0 gone after {rank0_s:.2f} s, job {state['JobState']} "
+          f"ExitCode={state['ExitCode']} after {job_s:.2f} s")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] != "0:0", state
+    assert "task 1: Killed" in text, text  # srun names the task that died
+    assert ABORT not in text and LEAK not in text and "Traceback" not in text, text
+    lines = error_lines(text)
+    # rank 0 noticed the dead peer (exit 1) or srun's kill of the step came first (no line)
+    assert len(lines) <= 1 and all(LOST.match(ln) and LOST.match(ln).group(1) == "0" for ln in lines), text
+    assert_nothing_written(out)
