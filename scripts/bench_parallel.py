@@ -298,7 +298,9 @@ def _calls(kinds: dict[str, Any], kind: str) -> tuple[int, int]:
 def render(records: list[dict[str, Any]]) -> str:
     if not records:
         return "_Not measured yet: `scripts/bench_parallel.py` fills this section._"
-    parts = []
+    parts = ["```bash\n. .venv/bin/activate\npython scripts/bench_parallel.py          # 1, 2, 4 ranks (+ --dit_fsdp); "
+             "about 5 min on 2 busy cores\npython scripts/bench_parallel.py --render-only   # this section from "
+             "benchmarks/results/parallel-*.json\n```\n"]
     for rec in records:
         f, m = rec["figures"], rec["model"]
         mach, v = rec["machine"], rec["versions"]
