@@ -324,6 +324,7 @@ class DistContext:
                 release()
             self._releasers.clear()
             self.cpu_group = None
+            _clear_dtensor_caches()
             gc.collect()
             _watch_for_survivors(self._groups)
             self._groups = []
@@ -335,6 +336,16 @@ class DistContext:
         # After an error a peer may never reach the barrier; skip it and let the peer's pending
         # collective fail (connection closed) instead of waiting for the timeout.
         self.shutdown(clean=exc_type is None)
+
+
+def _clear_dtensor_caches() -> None:
+    """DTensor's sharding-propagation caches keep DTensorSpec -> DeviceMesh -> process groups alive
+    after an FSDP2 model is gone (every --dit_fsdp run); drop them with the groups."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # older/newer torch without the helper: nothing cached we know of
+        return
+    _clear_sharding_prop_cache()
 
 
 _survivors: list[weakref.ref] = []

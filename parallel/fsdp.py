@@ -6,7 +6,9 @@ does) works without the root forward. Root pieces are left out and stay replicat
 
 `load_sharded` never materialises a full tensor on a rank: for a dim-0 sharded parameter it
 reads only rows [start, stop) of this rank's FSDP2 shard and wraps them with
-`DTensor.from_local`; FSDP2 pads its own uneven last shard internally.
+`DTensor.from_local`; FSDP2 pads its own uneven last shard internally. Rows are copied out of
+the memory map (`copy=True`): a module must not keep the checkpoint file mapped (pages faulted
+in mid-denoise, SIGBUS if the file is replaced).
 """
 from __future__ import annotations
 
@@ -113,14 +115,14 @@ def load_sharded(model: nn.Module, source: RowSource, *, device: torch.device | 
         if isinstance(target, DTensor):
             rows = _read_shard(name, target, source)
             bytes_read += rows.numel() * rows.element_size()
-            local = rows.to(device=_local_device(target.device_mesh), dtype=target.dtype)
+            local = rows.to(device=_local_device(target.device_mesh), dtype=target.dtype, copy=True)
             value: Tensor = DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
                                                shape=target.shape, stride=target.stride())
             sharded += 1
         else:
             whole = source.get(name)
             bytes_read += whole.numel() * whole.element_size()
-            value = whole.to(device=device, dtype=target.dtype)
+            value = whole.to(device=device, dtype=target.dtype, copy=True)
             replicated += 1
         values[name] = nn.Parameter(value, requires_grad=target.requires_grad) \
             if isinstance(target, nn.Parameter) else value
