@@ -34,11 +34,12 @@ LEAK = "still referenced at interpreter exit"
 RECORD_EXIT = ROOT / "tests" / "failure_jobs" / "record_exit.sh"
 
 
-def generate_args(ckpt: Path, out: Path, nproc: int, steps: int, *extra: str) -> list[str]:
+def generate_args(ckpt: Path, out: Path, nproc: int, steps: int, *extra: str,
+                  dist_timeout: float = DIST_TIMEOUT) -> list[str]:
     return ["generate", "--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--ckpt_dir", str(ckpt),
             "--prompt", "a cat", "--base_seed", "3", "--sample_steps", str(steps), "--ulysses_size", str(nproc),
             "--save_file", str(out / "v.mp4"), "--save-latents", str(out / "v.safetensors"),
-            "--dist-timeout", str(DIST_TIMEOUT), *extra]
+            "--dist-timeout", str(dist_timeout), *extra]
 
 
 # --------------------------------------------------------------------------- processes
@@ -245,6 +246,32 @@ def test_sigkill_one_rank_mid_denoise_ends_the_job(tiny_ckpt, tmp_path, nproc, v
         else:  # noticed first (1, one line), or torchrun's SIGTERM came first (143; -15 once exiting)
             assert codes[r] in (1, 143, -15), codes
             assert all(LOST.match(ln) or ln == "error: stopped by SIGTERM; partial outputs removed" for ln in lines)
+
+
+def test_stuck_rank_fails_the_others_at_the_dist_timeout(tiny_ckpt, tmp_path):
+    """A rank that stops answering (SIGSTOP: alive, sockets open) is found by the timeout, not never."""
+    out, timeout = tmp_path / "out", 15
+    job = TorchrunJob(tmp_path, 2, generate_args(tiny_ckpt("t2v-A14B"), out, 2, 3000, dist_timeout=timeout))
+    try:
+        ranks = job.wait_denoising()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.kill(ranks[1], signal.SIGSTOP)
+        wait_for(lambda: gone(ranks[0]), timeout + HANG, "rank 0 to give up on the stopped rank")
+        waited = time.monotonic() - t0
+        code = job.finish(limit=120)  # torchrun: SIGTERM, then SIGKILL after its 30 s grace
+    finally:
+        job.kill()
+    print(f"rank 1 SIGSTOPped: rank 0 gone after {waited:.2f} s (--dist-timeout {timeout}); torchrun exit {code}")
+    assert waited >= timeout - 1  # it did wait for the timeout: a stuck peer is not a dead one
+    assert code == 1
+    codes, root = summary_exit_codes(job.output())
+    assert root == 0 and codes[0] == 1 and codes[1] == -9, job.output()[-3000:]
+    assert error_lines(job.rank_log(0)) == [
+        "error: rank 0: another rank stopped answering (no reply within --dist-timeout; it may be stuck or dead) "
+        "while generating; see the failing rank's output above"], job.rank_log(0)
+    assert_clean_logs(job)
+    assert_nothing_written(out)
 
 
 def test_failed_job_keeps_existing_outputs(tiny_ckpt, tmp_path):
