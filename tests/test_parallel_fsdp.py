@@ -82,9 +82,10 @@ def test_sharded_load_and_blockwise_forward_on_two_ranks(tmp_path):
         assert res["sharded_blocks"] == 4
         assert res["bytes_read"] == expected[rank]
         assert res["bytes_read"] < 0.52 * total
-        # malloc'd bytes during the load: CPU shards stay views of safetensors' private mmap, and
-        # only FSDP2's padded copies of uneven shards are allocated, never a full tensor.
-        assert res["heap_growth"] < 0.3 * total
+        # malloc'd bytes during the load: this rank's rows (copied out of the mmap) plus FSDP2's
+        # padding of uneven shards, about 1/N of the model; never a full tensor.
+        assert res["heap_growth"] < 0.55 * total
+        assert res["heap_growth"] >= res["local_sharded_bytes"]
         assert res["local_rows"]["up.weight"] == (1000 if rank == 0 else 999)
         assert res["local_rows"]["gain"] == (1 if rank == 0 else 0)
         print(f"rank {rank}: read {res['bytes_read']} of {total} bytes, resident shards "
