@@ -454,12 +454,6 @@ def main() -> int:
         ok = True
     finally:
         clock.enter("teardown")
-        # torch 2.13's C++ DTensor sharding-propagation cache keeps the FSDP DTensorSpecs -> DeviceMesh ->
-        # gloo groups alive past shutdown (the product warns "process group(s) still referenced at exit",
-        # the exit-abort race parallel/dist.py documents); clear it so benchmark jobs exit cleanly.
-        clear = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-        if clear is not None:
-            clear()
         rt.shutdown(clean=ok)
     import resource
 
