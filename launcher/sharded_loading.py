@@ -43,6 +43,7 @@ class _AliasedSource:
 
     def __init__(self, source, aliases: dict[str, str]) -> None:
         self._source = source
+        self.fresh_tensors = getattr(source, "fresh_tensors", False)
         self._aliases = aliases
         self._keys = {k: None for k in (*source.keys(), *aliases)}
 

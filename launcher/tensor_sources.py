@@ -13,7 +13,6 @@ from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import torch
-from safetensors import safe_open
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,30 +65,72 @@ class _SourceBase:
             raise IndexError(f"rows [{start}, {stop}) out of range for {key!r} with {rows} rows")
 
 
+#: safetensors dtype names -> torch dtypes (the format's own table)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class SafetensorsSource(_SourceBase):
-    """Reads from one or many safetensors shards; each shard is opened once, on first use."""
+    """Reads rows of safetensors shards with plain positioned reads into fresh CPU memory.
+
+    Not `safe_open`: its tensors are views of a shared memory map, so every byte a rank touches
+    stays in its RSS as file-backed pages until the file is unmapped (a sharded load showed
+    its rows twice, once mapped and once copied), and a module keeping a view keeps the file
+    mapped. A positioned read of exactly the rows asked for holds only those rows.
+    """
+
+    #: every tensor handed out owns fresh memory (no view of a mapping): loaders need not copy
+    fresh_tensors = True
 
     def __init__(self, weights: WeightFiles) -> None:
         super().__init__(weights)
-        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
 
-    def _handle(self, key: str) -> tuple[Any, str]:
+    def _entry(self, key: str) -> tuple[Any, int, dict[str, Any]]:
+        import json
+        import struct
+
         path, stored = self._weights.locations[key]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path], stored
+        if path not in self._files:
+            f = open(path, "rb")  # noqa: SIM115 - kept open until close()
+            (length,) = struct.unpack("<Q", f.read(8))
+            self._files[path] = f
+            self._headers[path] = (8 + length, json.loads(f.read(length)))
+        base, header = self._headers[path]
+        return self._files[path], base, header[stored]
+
+    def _read_rows(self, key: str, start: int | None, stop: int | None) -> torch.Tensor:
+        f, base, entry = self._entry(key)
+        dtype, shape = _ST_DTYPES[entry["dtype"]], list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if start is not None and shape:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + start * row_bytes, begin + stop * row_bytes
+            shape[0] = stop - start
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        f.seek(base + begin)
+        got = f.readinto(view)
+        if got != end - begin:
+            raise OSError(f"{f.name}: truncated while reading {key!r} ({got} of {end - begin} bytes)")
+        return buf.view(dtype).reshape(shape)
 
     def get(self, key: str) -> torch.Tensor:
-        handle, stored = self._handle(key)
-        return handle.get_tensor(stored)
+        return self._read_rows(key, None, None)
 
     def get_slice(self, key: str, start: int, stop: int) -> torch.Tensor:
         self._check_rows(key, start, stop)
-        handle, stored = self._handle(key)
-        return handle.get_slice(stored)[start:stop]
+        return self._read_rows(key, start, stop)
 
     def close(self) -> None:
-        self._handles.clear()  # safe_open handles unmap when dropped
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._headers.clear()
 
 
 def load_pth_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 
@@ -92,11 +92,25 @@ def _read_shard(name: str, target: DTensor, source: RowSource) -> Tensor:
     return source.get_slice(name, start, stop)
 
 
+def _owned_groups(model: nn.Module, keys: Iterable[str]) -> tuple[list[tuple[str, nn.Module, list[str]]], list[str]]:
+    """Keys grouped by the `fully_shard`-ed module that owns them, and the root's own keys."""
+    owners = sorted(((name, m) for name, m in model.named_modules() if name and isinstance(m, FSDPModule)),
+                    key=lambda nm: -len(nm[0]))
+    groups: dict[str, list[str]] = {name: [] for name, _ in owners}
+    root: list[str] = []
+    for key in keys:
+        owner = next((name for name, _ in owners if key.startswith(name + ".")), None)
+        (groups[owner] if owner is not None else root).append(key)
+    return [(name, m, groups[name]) for name, m in owners if groups[name]], root
+
+
 def load_sharded(model: nn.Module, source: RowSource, *, device: torch.device | str = "cpu") -> LoadStats:
     """Fill a meta-built (optionally `shard_modules`-ed) model from `source`; returns what was read.
 
     Sharded parameters get this rank's rows only; replicated parameters and persistent buffers
-    are read whole onto `device`. Values are cast to the dtype the model was built with.
+    are read whole onto `device`. Values are cast to the dtype the model was built with. One
+    sharded module is loaded at a time, so the transient copies FSDP2 makes while it takes the
+    rows over never exceed one block.
     """
     device = torch.device(device)
     targets = model.state_dict(keep_vars=True)
@@ -105,30 +119,38 @@ def load_sharded(model: nn.Module, source: RowSource, *, device: torch.device | 
     if missing:
         raise ShardedLoadError(f"checkpoint lacks {len(missing)} model tensor(s), e.g. {missing[:3]}; "
                                "check the key map or the checkpoint")
-    values: dict[str, Tensor] = {}
-    bytes_read = sharded = replicated = 0
-    for name, target in targets.items():
+    # mmap-backed sources hand out views of the file: copy so no module keeps the file mapped
+    copy = not getattr(source, "fresh_tensors", False)
+    stats = {"bytes": 0, "sharded": 0, "replicated": 0}
+
+    def value_of(name: str) -> Tensor:
+        target = targets[name]
         stored = tuple(source.shape(name))
         if stored != tuple(target.shape):
             raise ShardedLoadError(f"{name}: checkpoint shape {stored} != model shape {tuple(target.shape)}; "
                                    "the model config does not match this checkpoint")
         if isinstance(target, DTensor):
             rows = _read_shard(name, target, source)
-            bytes_read += rows.numel() * rows.element_size()
-            local = rows.to(device=_local_device(target.device_mesh), dtype=target.dtype, copy=True)
+            stats["bytes"] += rows.numel() * rows.element_size()
+            local = rows.to(device=_local_device(target.device_mesh), dtype=target.dtype, copy=copy)
             value: Tensor = DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
                                                shape=target.shape, stride=target.stride())
-            sharded += 1
+            stats["sharded"] += 1
         else:
             whole = source.get(name)
-            bytes_read += whole.numel() * whole.element_size()
-            value = whole.to(device=device, dtype=target.dtype, copy=True)
-            replicated += 1
-        values[name] = nn.Parameter(value, requires_grad=target.requires_grad) \
-            if isinstance(target, nn.Parameter) else value
-    model.load_state_dict(values, strict=True, assign=True)
+            stats["bytes"] += whole.numel() * whole.element_size()
+            value = whole.to(device=device, dtype=target.dtype, copy=copy)
+            stats["replicated"] += 1
+        return nn.Parameter(value, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else value
+
+    groups, root = _owned_groups(model, targets)
+    for prefix, module, keys in groups:
+        module.load_state_dict({k[len(prefix) + 1:]: value_of(k) for k in keys}, strict=True, assign=True)
+    result = model.load_state_dict({k: value_of(k) for k in root}, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ShardedLoadError(f"unexpected tensors {result.unexpected_keys[:3]} while loading the root")
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ShardedLoadError(f"{len(left)} tensor(s) are still on the meta device after loading, e.g. {left[:3]} "
                                "(non-persistent buffers?); create them on a real device before load_sharded")
-    return LoadStats(bytes_read=bytes_read, sharded=sharded, replicated=replicated)
+    return LoadStats(bytes_read=stats["bytes"], sharded=stats["sharded"], replicated=stats["replicated"])

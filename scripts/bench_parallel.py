@@ -441,8 +441,8 @@ def memory_note(rows: list[dict[str, Any]]) -> str:
         verdict = "met" if load_over <= held + LOAD_ALLOWANCE_MB else "missed"
         bits.append(f"{n} ranks `--dit_fsdp`: holds {held:.1f} MiB of DiT per rank; load peak +{load_over:.0f} MiB "
                     f"({verdict}); generating, PSS peaks +{pss_over:.0f} MiB over its pre-load value, anonymous "
-                    f"memory +{anon_over:.0f} MiB at the RSS peak (activations, the gathered block, gloo buffers; "
-                    "the rest is the mmap-backed shards).")
+                    f"memory +{anon_over:.0f} MiB at the RSS peak (the rank's rows, activations, the gathered "
+                    "block, gloo buffers).")
     default = next((r for r in rows if r["layout"]["malloc"] == "default"), None)
     if default is not None:
         worst = max(default["memory"], key=lambda x: x["generate_peak_mb"] or 0)
@@ -456,11 +456,9 @@ def memory_note(rows: list[dict[str, Any]]) -> str:
             f"{worst['after_generate']['RssAnon']:.0f} MiB after generating, "
             f"{worst['after_generate_trimmed_anon_mb'] or 0:.0f} MiB after malloc_trim).")
     bits.append(
-        "CPU caveat: safetensors 0.8 returns zero-copy mmap views and `parallel.fsdp.load_sharded` keeps them, "
-        "so a `--dit_fsdp` load reads almost nothing; each rank's rows are paged in during the first forward and "
-        "count as file-backed RSS (shared page cache; this kernel's large page-cache folios also map neighbouring "
-        "ranks' rows, so RSS over-counts and PSS is the fair per-rank share). Without `--dit_fsdp` every rank "
-        "copies both experts (held = 2 experts at any N).")
+        "Loading reads each rank's rows with positioned reads into fresh memory (no memory map, so no "
+        "file-backed pages count against the rank) and hands one sharded block at a time to FSDP2. Without "
+        "`--dit_fsdp` every rank holds both experts (held = 2 experts at any N).")
     return " ".join(bits)
 
 
