@@ -377,7 +377,7 @@ def render(records: list[dict[str, Any]]) -> str:
             ["layout", "fixed overhead (RSS before load)", "load peak RSS (+fixed)", "DiT held / expected",
              "generate peak RSS (+fixed)", "generate peak PSS (+PSS before load)", "after generate: anon / file"],
             mem_rows))
-        parts.append("\n" + rec["memory_note"] + "\n")
+        parts.append("\n" + memory_note(rec["figures"]["layouts"]) + "\n")  # current wording, stored figures
     return "\n".join(parts)
 
 
