@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -214,3 +214,15 @@ def replace_section(path: Path, section: str, body: str) -> None:
 
 def fmt_seconds(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def save_or_skip(record: dict[str, Any], *, no_save: bool, results_dir: Path, markdown: Path,
+                 update_markdown: Callable[[Path, Path], None], log: Callable[[str], None]) -> int:
+    """End of a benchmark run: write its JSON and re-render its BENCHMARKS.md section (or not)."""
+    if no_save:
+        log(f"done in {record['total_runtime_s']:.0f} s (--no-save: nothing written)")
+        return 0
+    path = write_result(record, results_dir)
+    update_markdown(markdown, results_dir)
+    log(f"wrote {path} and {markdown} in {record['total_runtime_s']:.0f} s")
+    return 0

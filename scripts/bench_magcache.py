@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     BENCHMARKS_MD, RESULTS_DIR, fmt_seconds, load_results, markdown_table, replace_section, result_record,
-    summarize, write_result,
+    save_or_skip, summarize,
 )
 
 BENCHMARK = "magcache-cpu"
@@ -601,13 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"blocks {sections['profile']['block_share_uncached']:.1%} of the uncached loop -> efficiency bound "
             f"{sections['profile']['efficiency_bound']:.3f}; skip path {mb['skip_path_us']:.1f} us vs bare add "
             f"{mb['bare_add_us']:.1f} us vs compute {mb['compute_path_ms']:.1f} ms")
-    if args.no_save:
-        log(f"done in {record['total_runtime_s']:.0f} s (--no-save: nothing written)")
-        return 0
-    path = write_result(record, args.results_dir)
-    update_markdown(args.markdown, args.results_dir)
-    log(f"wrote {path} and {args.markdown} in {record['total_runtime_s']:.0f} s")
-    return 0
+    return save_or_skip(record, no_save=args.no_save, results_dir=args.results_dir, markdown=args.markdown,
+                        update_markdown=update_markdown, log=log)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    BENCHMARKS_MD, RESULTS_DIR, load_results, markdown_table, replace_section, result_record, write_result,
+    BENCHMARKS_MD, RESULTS_DIR, load_results, markdown_table, replace_section, result_record, save_or_skip,
 )
 
 BENCHMARK = "parallel-cpu"
@@ -554,13 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                            total_runtime_s=time.perf_counter() - t_start)
     record["machine"]["load_avg_at_start"] = load_at_start
     log(record["memory_note"])
-    if args.no_save:
-        log(f"done in {record['total_runtime_s']:.0f} s (--no-save: nothing written)")
-        return 0
-    path = write_result(record, args.results_dir)
-    update_markdown(args.markdown, args.results_dir)
-    log(f"wrote {path} and {args.markdown} in {record['total_runtime_s']:.0f} s")
-    return 0
+    return save_or_skip(record, no_save=args.no_save, results_dir=args.results_dir, markdown=args.markdown,
+                        update_markdown=update_markdown, log=log)
 
 
 if __name__ == "__main__":
