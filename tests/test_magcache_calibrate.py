@@ -1,10 +1,9 @@
 """Calibration statistics: upstream's expressions, and a 2-rank split that sums to the same."""
 from __future__ import annotations
 
-import datetime
-import threading
 
 import pytest
+from gloo_threads import run_ranks
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -78,31 +77,21 @@ def test_two_rank_sequence_split_equals_one_rank():
     res = residuals()
     reference = CalibrationRecorder()
     run(reference, res)
-    store, records, errors = dist.HashStore(), {}, []
     shards = [dict(token_slice=slice(0, 7)), dict(token_slice=slice(7, TOKENS), valid=5, pad=3)]
 
-    def rank_main(rank: int) -> None:
-        try:
-            group = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=30))
-            calls = []
+    def rank_main(rank: int, group: dist.ProcessGroup):
+        calls = []
 
-            def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-                calls.append(t.numel())
-                group.allreduce([t]).wait()
-                return t
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            calls.append(t.numel())
+            group.allreduce([t]).wait()
+            return t
 
-            recorder = CalibrationRecorder(reduce_sum)
-            run(recorder, res, **shards[rank])
-            records[rank] = (recorder.records, calls)
-        except Exception as exc:  # surfaced below; a thread swallows it otherwise
-            errors.append(exc)
+        recorder = CalibrationRecorder(reduce_sum)
+        run(recorder, res, **shards[rank])
+        return recorder.records, calls
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(records) == 2
+    records = run_ranks(2, rank_main)
     for rank in (0, 1):
         got, calls = records[rank]
         assert calls == [4] * (2 * STEPS - 2)  # one small all-reduce per recorded forward

@@ -1,11 +1,10 @@
 """The controller with dummy blocks whose output says which forward computed the residual."""
 from __future__ import annotations
 
-import datetime
-import threading
 
 import numpy as np
 import pytest
+from gloo_threads import run_ranks
 import torch
 import torch.distributed as dist
 
@@ -159,31 +158,20 @@ def test_ranks_with_different_tables_agree_over_gloo():
     ts = official_unipc_timesteps(steps, spec.sample_shift)
     labels = expert_labels(spec.experts, spec.boundary, ts, steps)
     tables = [bundled_table("i2v-A14B").mag(steps), bundled_table("t2v-A14B").mag(steps)]
-    store, results, errors = dist.HashStore(), {}, []
+    def rank_main(rank: int, group: dist.ProcessGroup):
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
 
-    def rank_main(rank: int) -> None:
-        try:
-            group = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=30))
-            opts = dist.AllreduceOptions()
-            opts.reduceOp = dist.ReduceOp.MIN
+        def sync(may_skip: bool) -> bool:
+            flag = torch.tensor([int(may_skip)], dtype=torch.int32)
+            group.allreduce([flag], opts).wait()
+            return bool(flag.item())
 
-            def sync(may_skip: bool) -> bool:
-                flag = torch.tensor([int(may_skip)], dtype=torch.int32)
-                group.allreduce([flag], opts).wait()
-                return bool(flag.item())
+        schedule = build_schedule(spec.mode, steps, spec.sample_shift, spec.boundary, params, tables[rank], ts)
+        controller = MagCacheController(schedule, sync)
+        return run_video(controller, steps, labels)[0], [d.skip for d in controller.decisions]
 
-            schedule = build_schedule(spec.mode, steps, spec.sample_shift, spec.boundary, params, tables[rank], ts)
-            controller = MagCacheController(schedule, sync)
-            results[rank] = (run_video(controller, steps, labels)[0], [d.skip for d in controller.decisions])
-        except Exception as exc:  # surfaced below; a thread swallows it otherwise
-            errors.append(exc)
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(results) == 2
+    results = run_ranks(2, rank_main)
     assert results[0] == results[1]
     # the reference: both schedules stepped together, skipping only where both may
     pair = [build_schedule(spec.mode, steps, spec.sample_shift, spec.boundary, params, m, ts) for m in tables]
