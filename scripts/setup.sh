@@ -27,7 +27,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q "torch>=2.6"
   else
     echo "[setup] no GPU: installing CPU torch==$TORCH_CPU_VERSION" >&2
-    "$VPY" -m pip install -q "torch==$TORCH_CPU_VERSION" 2>&1 | grep -v "is ignored" >&2 || true
+    "$VPY" -m pip install -q "torch==$TORCH_CPU_VERSION" numpy 2>&1 | grep -v "is ignored" >&2 || true
     "$VPY" -c "import torch" || { echo "[setup] torch install failed" >&2; exit 1; }
   fi
 fi

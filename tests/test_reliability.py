@@ -130,3 +130,26 @@ def test_soak_twenty_generations_in_one_process_flat_memory(tiny_ckpt, tmp_path)
     assert rss[-1] - rss[4] < 40 * 1024, rss  # flat after warm-up: < 40 MiB over 15 runs
     assert report["children"] == []  # no ffmpeg or other child left behind
     assert report["fds"] < 64
+
+
+def test_batch_soak_twenty_items_flat_memory_no_leftovers(tiny_ckpt, tmp_path):
+    """20 prompts in one batch process: peak RSS flat after warm-up, no child process left."""
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a lighthouse in a storm, take {i}" for i in range(20)) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "launcher", "batch", str(prompts), "--out-dir", str(out),
+                           "--task", "t2v-A14B", "--ckpt_dir", str(tiny_ckpt("t2v-A14B")), "--size", "64*64",
+                           "--frame_num", "5", "--sample_steps", "3", "--base_seed", "5"],
+                          capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [i["status"] for i in summary["items"]] == ["ok"] * 20
+    peaks = [json.loads((out / f"{i:05d}.json").read_text())["peak_memory_mb"][0]["host_rss_mb"] for i in range(20)]
+    print("batch soak peak RSS (MiB) per item:", [round(p) for p in peaks])
+    # ru_maxrss is a running peak: a leak raises it with every item; an allocator transient once
+    steps = [b - a for a, b in zip(peaks[1:], peaks[2:])]
+    assert sum(1 for d in steps if d > 1) <= len(steps) // 4, peaks
+    assert peaks[-1] - peaks[1] < 48, peaks
+    assert not list(out.glob(".*tmp*"))  # no temp files
