@@ -56,7 +56,8 @@ def test_disk_full_gives_clear_error_and_keeps_earlier_outputs(tiny_ckpt, tmp_pa
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_denoise_stops_fast_and_leaves_nothing(tiny_ckpt, tmp_path, sig, code):
     out = tmp_path / "out"
-    proc = start_cli("generate", *TINY, "--ckpt_dir", str(tiny_ckpt("t2v-A14B")), "--sample_steps", "400",
+    # 3000 steps: tens of seconds even on a fast machine, so the signal lands mid-denoise
+    proc = start_cli("generate", *TINY, "--ckpt_dir", str(tiny_ckpt("t2v-A14B")), "--sample_steps", "3000",
                      "--save_file", str(out / "v.mp4"), "--save-frames", str(out / "frames"))
     deadline = time.time() + 120
     seen = ""

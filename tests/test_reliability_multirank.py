@@ -314,8 +314,13 @@ def test_signal_to_rank0_stops_every_rank(tiny_ckpt, tmp_path, sig, code):
           f"torchrun exit {torchrun_code}")
     assert torchrun_code == 1
     codes, root = summary_exit_codes(job.output())
-    assert root == 0 and codes[0] == code, job.output()[-3000:]
-    assert codes[1] in (1, 143, -15), codes  # lost contact, or torchrun's SIGTERM came first
+    # Either rank 0 exits first with 128+signal, or rank 1 notices the lost peer first (exit 1) and
+    # torchrun then SIGTERMs rank 0 while it tears down: both are the same clean stop, only ordered
+    # differently by the scheduler.
+    if root == 0:
+        assert codes[0] == code and codes[1] in (1, 143, -15), job.output()[-3000:]
+    else:
+        assert root == 1 and codes[1] == 1 and codes[0] in (code, 143, -15), job.output()[-3000:]
     assert error_lines(job.rank_log(0)) == [f"error: stopped by {sig.name}; partial outputs removed"]
     assert all(LOST.match(ln) for ln in error_lines(job.rank_log(1))), job.rank_log(1)
     assert_clean_logs(job)
@@ -340,10 +345,11 @@ def test_sigterm_to_torchrun_stops_every_rank(tiny_ckpt, tmp_path):
           f"rank exit codes {rank_codes}, torchrun exit {torchrun_code}")
     assert torchrun_code == 1
     assert "SignalException" in job.output()  # torchrun's own report of the signal
-    assert rank_codes[0] == 143, job.output()[-3000:]
-    assert rank_codes[1] in (143, 1), rank_codes  # SIGTERM, or lost contact with rank 0 first
-    assert error_lines(job.rank_log(0)) == ["error: stopped by SIGTERM; partial outputs removed"]
-    assert all(LOST.match(ln) for ln in error_lines(job.rank_log(1))), job.rank_log(1)
+    # each rank stops on its SIGTERM (143), or first notices the other one leaving (1)
+    assert set(rank_codes.values()) <= {143, 1} and 143 in rank_codes.values(), job.output()[-3000:]
+    for r in (0, 1):
+        expected = "error: stopped by SIGTERM; partial outputs removed"
+        assert all(ln == expected or LOST.match(ln) for ln in error_lines(job.rank_log(r))), job.rank_log(r)
     assert_clean_logs(job)
     assert_nothing_written(out)
 
