@@ -78,7 +78,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Print the forward-by-forward MagCache schedule for these flags, without loading weights."""
-    from launcher.planning import make_plan
+    from launcher.planning import make_plan, plan_to_json
     from launcher.report import print_plan
 
     mc = MagCacheOptions(
@@ -90,7 +90,7 @@ def plan(
         task=task, steps=sample_steps, shift=sample_shift, solver=sample_solver, with_image=image, options=mc
     )
     if as_json:
-        print(json.dumps(the_plan.to_json()))
+        print(json.dumps(plan_to_json(the_plan, task=task, solver=sample_solver, options=mc, with_image=image)))
     else:
         print_plan(the_plan, task=task)
 

@@ -68,3 +68,17 @@ def make_plan(
         spec.mode, steps, shift, spec.boundary, magcache_params(options), table.mag(steps),
         scheduler_timesteps(solver, steps, shift), spec.experts, calibrated_steps=table.sample_steps,
     )
+
+
+def plan_to_json(the_plan: Plan, *, task: str, solver: str, options: MagCacheOptions, with_image: bool) -> dict:
+    """`plan --json`: the task and run settings by their CLI names, then the schedule itself."""
+    spec = TASKS[task]
+    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
+    return {
+        "task": task,
+        "sample_steps": the_plan.steps,
+        "sample_shift": the_plan.shift,
+        "sample_solver": solver,
+        "ratio_table": {"key": table.key, "source": table.source, "sample_steps": table.sample_steps},
+        **the_plan.to_json(),
+    }

@@ -134,3 +134,19 @@ def test_generate_with_calibration_flag_writes_ratio_file(tiny_ckpt, tmp_path, m
     generate(tiny_ckpt("ti2v-5B"), tmp_path / "run", "ti2v-5B", "--magcache_calibration", steps=4)
     data = json.loads((tmp_path / "magcache_ratios_ti2v-5B.json").read_text())
     assert data["task"] == "ti2v-5B/t2v" and len(data["ratios"]) == 6
+
+
+@pytest.mark.parametrize("task,flags,speedup", [
+    ("ti2v-5B", ["--magcache_thresh", "0.06", "--magcache_K", "2", "--retention_ratio", "0.2"], 2.00),
+    ("t2v-A14B", ["--magcache_thresh", "0.06", "--magcache_K", "2", "--retention_ratio", "0.4"], 1.54),
+    ("i2v-A14B", ["--magcache_thresh", "0.06", "--magcache_K", "2", "--retention_ratio", "0.1"], 1.36),
+])
+def test_plan_json_reproduces_the_seed_speedups(capsys, task, flags, speedup):
+    p = plan_json(capsys, "--task", task, *flags)
+    for key in ("task", "sample_steps", "split_forwards", "forwards", "skipped_forwards", "forward_speedup"):
+        assert key in p, key
+    assert p["task"] == task and p["sample_steps"] == {"ti2v-5B": 50}.get(task, 40)
+    assert round(p["forward_speedup"], 2) == speedup
+    assert len(p["forwards"]) == 2 * p["sample_steps"]
+    assert set(p["forwards"][0]) >= {"index", "step", "branch", "expert", "retained", "skip"}
+    assert p["skipped_forwards"] == [f["index"] for f in p["forwards"] if f["skip"]]
