@@ -221,7 +221,7 @@ def start_runtime(cfg: RunConfig, *, num_heads: int, allow_data_parallel: bool =
     Every rank runs the same checks before any collective, so a bad layout makes every rank exit
     2 with the same message (printed once, by rank 0) instead of hanging in a rendezvous.
     """
-    from parallel.dist import LaunchError, detect_launch
+    from parallel.launch import LaunchError, detect_launch
     from parallel.mesh import ParallelConfigError, ParallelDims, check_heads
 
     try:
@@ -250,7 +250,7 @@ def start_runtime(cfg: RunConfig, *, num_heads: int, allow_data_parallel: bool =
 
 
 def _start_distributed(cfg: RunConfig, env: Any, dims: Any, *, patient: bool) -> Runtime:
-    from parallel.dist import agree_min, init_distributed
+    from parallel.dist import agree_min, init_distributed, reduce_sum
 
     ctx = init_distributed(env, device_preference=_device_preference(cfg.device), timeout=cfg.dist_timeout_s)
     try:
@@ -266,7 +266,7 @@ def _start_distributed(cfg: RunConfig, env: Any, dims: Any, *, patient: bool) ->
         if dims.sp > 1:
             rt.sharding = UlyssesSequence(pmesh.sp_group, pmesh.sp_rank, dims.sp)
             rt.sync = agree_min(pmesh.branch_cpu_group)
-            rt.reduce_sum = _sum_over(pmesh.cpu_group("sp"))
+            rt.reduce_sum = reduce_sum(pmesh.branch_group)
             if cfg.dit_fsdp or cfg.t5_fsdp:
                 rt.fsdp_mesh = pmesh.submesh("sp")
         if dims.cfg > 1:
@@ -282,15 +282,3 @@ def _start_distributed(cfg: RunConfig, env: Any, dims: Any, *, patient: bool) ->
     except BaseException:
         ctx.shutdown(clean=False)
         raise
-
-
-def _sum_over(group: "dist.ProcessGroup") -> Callable[[torch.Tensor], torch.Tensor]:
-    """All-reduce SUM of a small statistics tensor on the CPU (gloo) twin of a group."""
-    import torch.distributed as dist
-
-    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        cpu = t.detach().to("cpu", copy=True)
-        dist.all_reduce(cpu, op=dist.ReduceOp.SUM, group=group)
-        return cpu
-
-    return reduce_sum

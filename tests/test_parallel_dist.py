@@ -6,17 +6,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parallel.dist import (
+from parallel.dist import agree_min, init_distributed, reduce_sum
+from parallel.launch import (
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
     LaunchEnv,
     LaunchError,
-    agree_min,
     detect_launch,
     expand_hostlist,
     first_host,
-    init_distributed,
-    reduce_sum,
     slurm_port,
 )
 from parallel_jobs.spawn import run_job

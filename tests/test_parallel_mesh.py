@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.dist import LaunchEnv, init_distributed
+from parallel.dist import init_distributed
+from parallel.launch import LaunchEnv
 from parallel.mesh import ParallelConfigError, ParallelDims, check_heads
 from parallel_jobs.spawn import run_job
 

@@ -10,7 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from parallel.dist import detect_launch, init_distributed
+from parallel.dist import init_distributed
+from parallel.launch import detect_launch
 from parallel.mesh import ParallelDims
 from spawn import emit
 

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
-from parallel.dist import detect_launch, init_distributed
+from parallel.dist import init_distributed
+from parallel.launch import detect_launch
 from parallel.fsdp import load_sharded, shard_modules
 from parallel.mesh import ParallelDims
 from spawn import emit

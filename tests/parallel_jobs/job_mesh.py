@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from parallel.cfg import exchange_predictions
-from parallel.dist import agree_min, detect_launch, init_distributed, reduce_sum
+from parallel.dist import agree_min, init_distributed, reduce_sum
+from parallel.launch import detect_launch
 from parallel.mesh import ParallelDims
 from spawn import emit
 

@@ -7,7 +7,8 @@ Prints, per sp size and sequence length, the max abs error and whether split+gat
 import torch
 import torch.nn.functional as F
 
-from parallel.dist import detect_launch, init_distributed
+from parallel.dist import init_distributed
+from parallel.launch import detect_launch
 from parallel.mesh import ParallelDims
 from parallel.ulysses import gather_sequence, split_sequence, ulysses_attention
 from spawn import emit
