@@ -153,6 +153,15 @@ class RunConfig:
         return self.negative_prompt if self.negative_prompt != "" else self.task.sample_neg_prompt
 
     @property
+    def warnings(self) -> list[str]:
+        """Accepted but unusual settings the user should know about (printed, and in the manifest)."""
+        out = []
+        if self.size not in self.task.supported_sizes and self.size.replace("x", "*") not in self.task.supported_sizes:
+            out.append(f"--size {self.size} is not one of {self.task.name}'s trained sizes "
+                       f"({', '.join(self.task.supported_sizes)}); expect lower quality")
+        return out
+
+    @property
     def ratio_table_key(self) -> str:
         """Which bundled table applies: ti2v has one for text mode and one for image mode."""
         if self.task.name == "ti2v-5B":

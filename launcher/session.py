@@ -80,7 +80,8 @@ class GenerationSession:
         """Run one request; the output rank writes files and returns the manifest."""
         from launcher.report import progress_bar
 
-        runner, table, warnings = self.block_runner(cfg)
+        runner, table, cache_warnings = self.block_runner(cfg)
+        warnings = cfg.warnings + cache_warnings
         if self.rt.is_output_rank:
             from launcher.report import console
 

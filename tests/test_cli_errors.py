@@ -118,3 +118,51 @@ def test_checkpoint_of_another_task(tiny_ckpt, tmp_path):
 def test_ulysses_size_must_divide_heads(tiny_ckpt, tmp_path):
     proc = run_cli(*base(tiny_ckpt("t2v-A14B"), tmp_path / "out", **{"--ulysses_size": "3"}))
     assert_one_line_error(proc, "--ulysses_size 3", "4 attention heads")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def _corrupt(kind: str, ckpt: Path) -> str:
+    """Damage a copy of a tiny official checkpoint; return the file name the error must name."""
+    import torch
+
+    shard = sorted((ckpt / "low_noise_model").glob("diffusion_pytorch_model-0000*.safetensors"))[0]
+    if kind == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:-1000])
+        return shard.name
+    if kind == "shard missing from index":
+        shard.unlink()
+        return shard.name
+    if kind == "wrong tensor shape":
+        config = ckpt / "high_noise_model" / "config.json"
+        data = json.loads(config.read_text())
+        config.write_text(json.dumps({**data, "ffn_dim": data["ffn_dim"] * 2}))
+        return "high_noise_model"
+    if kind == "pickle that runs code":
+        torch.save({"encoder.conv1.weight": torch.zeros(1), "evil": _RunsCode()}, ckpt / "Wan2.1_VAE.pth")
+        return "Wan2.1_VAE.pth"
+    if kind == "empty tokenizer folder":
+        import shutil
+
+        shutil.rmtree(ckpt / "google" / "umt5-xxl")
+        (ckpt / "google" / "umt5-xxl").mkdir()
+        return "umt5-xxl"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated shard", "shard missing from index", "wrong tensor shape",
+                                  "pickle that runs code", "empty tokenizer folder"])
+def test_corrupt_checkpoint_files(tiny_ckpt, tmp_path, kind):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt("t2v-A14B"), ckpt)
+    name = _corrupt(kind, ckpt)
+    out = tmp_path / "out"
+    line = assert_one_line_error(run_cli(*base(ckpt, out)), name)
+    assert not out.exists(), line
+    if kind == "pickle that runs code":
+        assert "weights_only" in line
