@@ -358,6 +358,39 @@ def skip_microbench(captured: tuple[torch.Tensor, Callable, torch.Tensor], n_ski
             "bytes_allocated_per_skip": alloc / 10, "output_bytes": x.numel() * x.element_size()}
 
 
+def forward_vs_diffusers(bench: Bench, repeats: int = 5) -> dict[str, Any]:
+    """Our DiT forward (sub-modules called by `launcher.dit`) against diffusers' own root forward,
+    same weights and inputs, interleaved: ours must not be slower, and must give the same output."""
+    from magcache.controller import ComputeAll
+
+    from launcher.dit import pad_context
+
+    dit = next(iter(bench.pipeline.m.experts.values()))
+    model = dit.model
+    cfg = model.config
+    from launcher.conditioning import latent_shape
+
+    g = torch.Generator().manual_seed(0)
+    _, f, h, w = latent_shape(bench.cfg.task, bench.request.frame_num, bench.request.height, bench.request.width)
+    latent = torch.randn(cfg.in_channels, f, h, w, generator=g)
+    t = torch.tensor([700])
+    ctx = pad_context(torch.randn(7, cfg.text_dim, generator=g), 512)
+    with torch.no_grad():
+        ours = dit.forward(latent, t, dit.embed_text(ctx), runner=ComputeAll(), index=0)
+        theirs = model(latent[None], t, ctx, return_dict=False)[0][0]
+        times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+        for _ in range(repeats):
+            for name, fn in (("ours", lambda: dit.forward(latent, t, dit.embed_text(ctx), runner=ComputeAll(), index=0)),
+                             ("diffusers", lambda: model(latent[None], t, ctx, return_dict=False))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    o, d = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+    return {"tokens": int(latent.shape[1] * latent.shape[2] * latent.shape[3] // 4), "ours_ms": o * 1e3,
+            "diffusers_ms": d * 1e3, "ours_over_diffusers": o / d,
+            "max_abs_diff": float((ours - theirs).abs().max()), "repeats": repeats}
+
+
 # -- figures ------------------------------------------------------------------------------------
 def figures(bench: Bench, uncached: list[Run], cached: list[Run]) -> dict[str, Any]:
     plan = bench.plan()
@@ -490,6 +523,12 @@ def render(records: list[dict[str, Any]]) -> str:
                   f"{f['deterministic_repeats']}.\n"]
         if rec.get("skip_microbench"):
             parts.append(_microbench_text(rec["skip_microbench"]))
+        if rec.get("forward_vs_diffusers"):
+            fv = rec["forward_vs_diffusers"]
+            parts.append(f"\n**Our forward vs diffusers'** (same weights, {fv['tokens']} tokens, median of "
+                         f"{fv['repeats']} interleaved): ours {fv['ours_ms']:.1f} ms, `WanTransformer3DModel.forward` "
+                         f"{fv['diffusers_ms']:.1f} ms (ratio {fv['ours_over_diffusers']:.3f}); outputs differ by "
+                         f"{fv['max_abs_diff']:.1e} at most.\n")
         if rec.get("profile"):
             parts.append(_profile_text(rec["profile"]))
         if not f["meets_target"]:
@@ -588,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             assert timed.captured is not None
             log("skip-path microbenchmark")
             sections["skip_microbench"] = skip_microbench(timed.captured)
+            log("our DiT forward vs diffusers' WanTransformer3DModel.forward")
+            sections["forward_vs_diffusers"] = forward_vs_diffusers(bench)
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
              if k not in ("results_dir", "markdown", "render_only", "no_save")}
     record = result_record(benchmark=BENCHMARK, name=args.name, flags=flags, figures=figs,
