@@ -17,9 +17,16 @@ from conftest import ROOT, cli_env
 TINY = ["--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--prompt", "a cat", "--base_seed", "1"]
 
 
+def _interactive_sigint() -> None:
+    # A test run started in the background (nohup, `&` in a script) ignores SIGINT, and children
+    # inherit that; the CLI rightly keeps an inherited ignore. Give the child a terminal's default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launcher", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT,
+                            preexec_fn=_interactive_sigint)
 
 
 @contextlib.contextmanager

@@ -117,7 +117,10 @@ class TorchrunJob:
         else:
             cmd += ["-m", "launcher", *args]
         with open(self.out_file, "w") as out, open(self.err_file, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cli_env(), cwd=ROOT)
+            # a terminal's SIGINT disposition even when the suite runs in the background (which
+            # ignores SIGINT for children): the signal tests send it on purpose
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=cli_env(), cwd=ROOT,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.ranks: dict[int, int] = {}
 
     def rank_log(self, rank: int) -> str:
