@@ -9,7 +9,6 @@ output rank writes) -> rank 0 gathers every group's results, writes the summary,
 from __future__ import annotations
 
 import time
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -169,17 +168,14 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | None, flags: dict[str, Any]) -> int:
     """Run the batch; 0 when every item is done (now or before), 3 when any failed."""
-    from launcher.checkpoints import CheckpointError, inspect_checkpoint
+    from launcher.checkpoints import inspect_checkpoint
 
     started = time.perf_counter()
     shard_ix = parse_shard(shard)
     shard_text = None if shard is None else f"{shard_ix[0]}/{shard_ix[1]}"
     all_items = read_items(Path(prompts_file))
     base = _probe_config(flags)
-    try:
-        info = inspect_checkpoint(base.ckpt_dir, base.task)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    info = inspect_checkpoint(base.ckpt_dir, base.task)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     items = take_shard(all_items, shard_ix)
@@ -190,11 +186,9 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
         except InputError as e:
             configs[item.index] = one_line(e)
 
-    from launcher.runtime import start_runtime
+    from launcher.runtime import running
 
-    rt = start_runtime(base, num_heads=info.num_heads, allow_data_parallel=True)
-    clean = False
-    try:
+    with running(base, num_heads=info.num_heads, allow_data_parallel=True) as rt:
         plan = rt.all_gather_object(make_plan(items, configs, flags, force=force) if rt.rank == 0 else None)[0]
         if rt.rank == 0:
             _announce(plan, len(items), len(all_items), shard_text, rt.dp_size)
@@ -208,10 +202,4 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
                 world=rt.describe(), seconds=round(time.perf_counter() - started, 3),
             )
             print_table(results, title=f"batch {Path(prompts_file).name} -> {out_dir}")
-        clean = True
-        return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else 0
-    except BaseException as e:
-        traceback.clear_frames(e.__traceback__)  # drop the models' group references before teardown
-        raise
-    finally:
-        rt.shutdown(clean=clean)  # after a failure a peer may never reach the teardown barrier
+    return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else 0

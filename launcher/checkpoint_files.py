@@ -12,6 +12,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from launcher.errors import InputError
 from launcher.keymaps import KeyMapError
 from launcher.tensor_sources import WeightFiles, load_pth_state_dict
 
@@ -19,8 +20,11 @@ from launcher.tensor_sources import WeightFiles, load_pth_state_dict
 StoredTensors = dict[str, tuple[Path, tuple[int, ...]]]
 
 
-class CheckpointError(ValueError):
-    """The checkpoint is missing, corrupt, unsafe or of another task; the message says what to do."""
+class CheckpointError(InputError):
+    """The checkpoint is missing, corrupt, unsafe or of another task; the message says what to do.
+
+    An InputError, so the CLI prints its one line and exits 2 wherever it is raised.
+    """
 
 
 def require_dir(path: Path, what: str, todo: str) -> Path:

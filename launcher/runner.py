@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import random
 import sys
-import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from launcher.config import RunConfig, UsageError
+from launcher.config import RunConfig
 
 
 def default_save_file(cfg: RunConfig) -> Path:
@@ -37,33 +36,19 @@ class _Stage:
 
 def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict[str, Any] | None:
     """Run one generation; returns the manifest on the output rank (None elsewhere)."""
-    from launcher.checkpoints import CheckpointError, inspect_checkpoint
+    from launcher.checkpoints import inspect_checkpoint
     from launcher.errors import peer_lost
-    from launcher.runtime import start_runtime
+    from launcher.runtime import running
 
-    try:
-        info = inspect_checkpoint(cfg.ckpt_dir, cfg.task)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    info = inspect_checkpoint(cfg.ckpt_dir, cfg.task)
     if calibration_out is None and cfg.magcache.calibration:
         calibration_out = Path(f"magcache_ratios_{cfg.task.name}.json")
     stage = _Stage("while joining the other ranks")
     try:
-        rt = start_runtime(cfg, num_heads=info.num_heads)
-        clean = False
-        try:
+        with running(cfg, num_heads=info.num_heads) as rt:
             manifest = _generate_on(rt, cfg, info, calibration_out, stage)
-            clean = True
             stage.now = "at the end of the run (outputs already written)"
-            return manifest
-        except BaseException as e:
-            # the traceback's frames hold the models, whose FSDP/Ulysses state references process
-            # groups: release them so shutdown really frees the groups (see parallel.dist)
-            traceback.clear_frames(e.__traceback__)
-            raise
-        finally:
-            # after a failure a peer may never reach the teardown barrier: skip it
-            rt.shutdown(clean=clean)
+        return manifest
     except Exception as e:
         # a dead or silent peer surfaces as a gloo/NCCL error in whatever collective this rank was
         # in: say so in one line (exit 1) instead of a C++ traceback; the launcher names the rank

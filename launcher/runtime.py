@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -207,6 +208,26 @@ def _signals_deferred(*, deliver: bool) -> Iterator[None]:
             signal.signal(sig, handler)
         for sig in dict.fromkeys(pending) if deliver else ():
             signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def running(cfg: RunConfig, *, num_heads: int, allow_data_parallel: bool = False) -> Iterator[Runtime]:
+    """`start_runtime`, and a teardown that always runs and never leaves a group alive.
+
+    After a failure the teardown skips its barrier (a peer may never reach it) and first clears
+    the traceback's frames: they hold the models, whose FSDP/Ulysses state references process
+    groups, and a group that outlives shutdown is the gloo exit abort (see parallel.dist).
+    """
+    rt = start_runtime(cfg, num_heads=num_heads, allow_data_parallel=allow_data_parallel)
+    clean = False
+    try:
+        yield rt
+        clean = True
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        rt.shutdown(clean=clean)
 
 
 def _device_preference(requested: str | None) -> str:
