@@ -1,0 +1,97 @@
+"""Generations on the tiny checkpoints give the exact latents recorded before the package layout
+changed (issue 11: "no behaviour may change").
+
+The references in tests/reference/latents/ were written once by this file's `write` mode from
+the flat-layout code (commit 9b4979d) and are compared bit for bit: any change to numerics, seed
+handling, scheduling, MagCache decisions or loading shows up here. One thread per process, so
+float reductions run in one fixed order. Regenerate only for an intended numeric change:
+`python tests/test_latents_pinned.py write` (and say why in the commit).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = ROOT / "tests" / "reference" / "latents"
+
+#: name -> (task, extra flags); together they cover both MoE experts, i2v and ti2v image modes,
+#: both solvers and MagCache skipping
+CASES: dict[str, tuple[str, list[str]]] = {
+    "t2v_magcache": ("t2v-A14B", ["--sample_steps", "8", "--use_magcache", "--magcache_thresh", "0.5",
+                                  "--retention_ratio", "0.2"]),
+    "t2v_dpm": ("t2v-A14B", ["--sample_steps", "5", "--sample_solver", "dpm++", "--sample_guide_scale", "3,4"]),
+    "i2v": ("i2v-A14B", ["--sample_steps", "4", "--image", "{image}"]),
+    "ti2v_image_magcache": ("ti2v-5B", ["--sample_steps", "8", "--image", "{image}", "--use_magcache",
+                                        "--magcache_thresh", "0.5", "--magcache_K", "3"]),
+}
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
+                                                            "SLURM_NTASKS", "SLURM_JOB_ID")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _make_image(path: Path) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    pixels = (torch.rand(56, 80, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def run_case(name: str, ckpt: Path, work: Path) -> tuple[torch.Tensor, dict]:
+    import json
+
+    task, extra = CASES[name]
+    image = _make_image(work / "first.png")
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "launcher", "generate", "--task", task, "--size", "64*64", "--frame_num", "5",
+            "--ckpt_dir", str(ckpt), "--prompt", "a red car drives through a snowy city at night",
+            "--base_seed", "11", "--save_file", str(out / "v.mp4"), "--save-latents", str(out / "lat.safetensors"),
+            *[a.replace("{image}", str(image)) for a in extra]]
+    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "v.json").read_text())
+    return load_file(out / "lat.safetensors")["latents"], manifest
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_latents_equal_the_pinned_reference(tiny_ckpt, tmp_path, name):
+    latents, manifest = run_case(name, tiny_ckpt(CASES[name][0]), tmp_path)
+    ref = load_file(REF / f"{name}.safetensors")
+    assert manifest["magcache"]["skipped_forwards"] == ref["skipped"].tolist()
+    diff = (latents - ref["latents"]).abs().max().item()
+    assert torch.equal(latents, ref["latents"]), f"{name}: latents differ from the pinned reference by {diff}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["write"]:
+    import importlib.util
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("maker", ROOT / "scripts" / "make_tiny_checkpoint.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)  # type: ignore[union-attr]
+    REF.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (task, _) in sorted(CASES.items()):
+            ckpt = Path(tmp) / task
+            if not ckpt.exists():
+                maker.make_tiny_checkpoint(task, "official", ckpt, seed=0)
+            latents, manifest = run_case(name, ckpt, Path(tmp))
+            skipped = torch.tensor(manifest["magcache"]["skipped_forwards"], dtype=torch.int64)
+            save_file({"latents": latents.contiguous(), "skipped": skipped}, REF / f"{name}.safetensors")
+            print(name, tuple(latents.shape), "skipped", skipped.tolist())
