@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc-per-node N benchmarks/parallel_job.py --ckpt DIR --out DIR [--dit-fsdp]
 
-Runs the product's own path (`build_run_config` -> `inspect_checkpoint` -> `start_runtime` ->
+Runs the product's own path (`run_config_from_flags` -> `inspect_checkpoint` -> `start_world` ->
 `GenerationSession`) with `--ulysses_size N`, MagCache on, and writes `<out>/rank-<r>.json`:
 
 - every torch.distributed collective this rank issued (the public `torch.distributed.<name>` functions
@@ -11,7 +11,7 @@ Runs the product's own path (`build_run_config` -> `inspect_checkpoint` -> `star
   payload this rank handed over and the seconds spent in the call;
 - a cross-check of the wrapper: the c10d ops the dispatcher saw during the first generation's denoise
   loop (a TorchDispatchMode), which would reveal collectives issued around the public API;
-- the MagCache decision sync (`Runtime.sync`, the agree_min all-reduce): calls and seconds;
+- the MagCache decision sync (`World.magcache_sync`, the agree_min all-reduce): calls and seconds;
 - host memory from /proc/self/status: RSS before loading, peak while loading, peak while generating
   (the peak is reset with /proc/self/clear_refs between phases), and the DiT bytes this rank holds.
 
@@ -299,12 +299,12 @@ def instrument(session: Any, clock: PhaseClock, sync_stats: dict[str, list]) -> 
 
     Returns (runners made so far, a slot: put a C10dOps in slot["mode"] to count the next denoise loop).
     """
-    import launcher.dit as dit_module
-    import launcher.vae as vae_module
+    import launcher.wan.dit as dit_module
+    import launcher.wan.vae as vae_module
 
-    rt, pipe = session.rt, session.pipeline
+    world, pipe = session.world, session.pipeline
     slot: dict[str, Any] = {"mode": None}
-    base_sync = rt.sync
+    base_sync = world.magcache_sync()
     if base_sync is not None:
         def timed_sync(flag: bool) -> bool:
             COUNTER.tag = "sync"
@@ -315,7 +315,8 @@ def instrument(session: Any, clock: PhaseClock, sync_stats: dict[str, list]) -> 
                 sync_stats["seconds"][-1] += time.perf_counter() - t0
                 sync_stats["calls"][-1] += 1
                 COUNTER.tag = None
-        rt.sync = timed_sync  # the session hands rt.sync to each new MagCacheController
+        # the session asks the world for a sync callable for each new MagCacheController
+        object.__setattr__(world, "magcache_sync", lambda: timed_sync)
 
     encode_text, prepare, generate = pipe.encode_text, pipe._prepare, pipe.generate
 
@@ -374,7 +375,8 @@ def instrument(session: Any, clock: PhaseClock, sync_stats: dict[str, list]) -> 
 def measure(rt: Any, cfg: Any, warmup_cfg: Any, info: Any, args: argparse.Namespace,
             clock: PhaseClock) -> dict[str, Any]:
     """Load and generate on this rank; everything that references the models dies when this returns."""
-    from launcher.session import GenerationSession, Outputs
+    from launcher.engine.session import GenerationSession
+    from launcher.outputs.files import Outputs
 
     world = rt.world_size
     mem: dict[str, Any] = {"before_runtime": MEM_AT_START}
@@ -387,11 +389,11 @@ def measure(rt: Any, cfg: Any, warmup_cfg: Any, info: Any, args: argparse.Namesp
     mem["after_load"] = {**proc_status(), **rollup()}
     mem["load_peak_sample"] = sampler.peak
     mem["load_peak_pss"] = sampler.peak_pss
-    held = dit_bytes(session.models.experts, rt.rank, world, sharded=rt.fsdp_mesh is not None)
+    held = dit_bytes(session.models.experts, rt.rank, world, sharded=session.parallel.dit_sharded)
     clock.enter("idle")
 
     sync_stats: dict[str, list] = {"calls": [], "seconds": []}
-    bare_sync = rt.sync
+    bare_sync = rt.magcache_sync()
     runners, slot = instrument(session, clock, sync_stats)
     c10d_ops: dict[str, int] = {}
     gen_mem = []
@@ -418,8 +420,8 @@ def measure(rt: Any, cfg: Any, warmup_cfg: Any, info: Any, args: argparse.Namesp
     trimmed = malloc_trim()
     mem["after_generate_trimmed"] = {**proc_status(), **rollup()} if trimmed else None
     return {
-        "rank": rt.rank, "world": world, "mesh": rt.mesh, "dit_fsdp": args.dit_fsdp,
-        "fsdp_active": rt.fsdp_mesh is not None, "peak_reset": peak_reset, "load_s": session.load_seconds,
+        "rank": rt.rank, "world": world, "mesh": rt.mesh_shape, "dit_fsdp": args.dit_fsdp,
+        "fsdp_active": session.parallel.dit_sharded, "peak_reset": peak_reset, "load_s": session.load_seconds,
         "decisions": [[[d.index, d.retained, d.skip] for d in r.decisions] for r in runners],
         "sync": sync_stats, "sync_back_to_back_us": sync_alone, "c10d_ops_denoise_gen0": c10d_ops, "mem": mem, "dit_bytes": held,
         "fsdp_unsharded_groups_after_generate": unsharded, "threads": torch.get_num_threads(),
@@ -433,21 +435,21 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    from launcher.checkpoints import inspect_checkpoint
-    from launcher.config import MagCacheOptions, build_run_config
-    from launcher.runtime import start_runtime
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.config import run_config_from_flags
+    from launcher.engine.world import start_world
 
     def config(steps: int) -> Any:
-        return build_run_config(
-            task=args.task, ckpt_dir=args.ckpt, prompt="a red fox runs through fresh snow at dawn", size=args.size,
-            frame_num=args.frames, sample_steps=steps, base_seed=42, device="cpu",
-            ulysses_size=int(os.environ.get("WORLD_SIZE", "1")), dit_fsdp=args.dit_fsdp,
-            magcache=MagCacheOptions(enabled=True, thresh=args.thresh, K=args.K, retention_ratio=args.retention))
+        return run_config_from_flags({
+            "task": args.task, "ckpt_dir": args.ckpt, "prompt": "a red fox runs through fresh snow at dawn",
+            "size": args.size, "frame_num": args.frames, "sample_steps": steps, "base_seed": 42, "device": "cpu",
+            "ulysses_size": int(os.environ.get("WORLD_SIZE", "1")), "dit_fsdp": args.dit_fsdp, "use_magcache": True,
+            "magcache_thresh": args.thresh, "magcache_K": args.K, "retention_ratio": args.retention})
     cfg, warmup_cfg = config(args.steps), config(args.warmup_steps)
     info = inspect_checkpoint(cfg.ckpt_dir, cfg.task)
     clock = PhaseClock()
     clock.enter("runtime")
-    rt = start_runtime(cfg, num_heads=info.num_heads)
+    rt = start_world(cfg, num_heads=info.num_heads)
     ok = False
     try:
         payload = measure(rt, cfg, warmup_cfg, info, args, clock)

@@ -1,0 +1,17 @@
+"""magcache-launch: Wan2.2 video generation on one GPU or many, with rank-synchronized MagCache.
+
+The folder tree is the architecture; each layer imports only those below it (pyproject.toml's
+import-linter contracts, checked by scripts/test.sh):
+
+    cli.py          the Typer commands; bad input -> one line, exit 2 (one place)
+    batch/          many prompts, one model load: items, resume, dp replicas, summary
+    engine/         a run: the World of ranks, placement, model assembly, the session, planning
+    outputs/        files that appear whole (atomic), media, manifest, console report
+    config.py       flags -> a validated RunConfig      checkpoint/  find, validate, load weights
+    wan/            the Wan2.2 model: tasks, text encoder, VAE, DiT forward, solvers, pipeline,
+                    and `parallelize_wan`, the one step that makes it parallel
+    options.py      every flag declared once             errors.py    exit-code exceptions
+
+`magcache/` (the cache rule) and `parallel/` (meshes and collectives) never import this package.
+Facts about the official pipeline that the code reproduces: docs/pipeline_facts.md.
+"""

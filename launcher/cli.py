@@ -7,8 +7,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from launcher.config import MagCacheOptions, UsageError, run_config_from_flags
-from launcher.options import compose_params, magcache_params, model_params, output_params, sampling_params
+from launcher.config import MagCacheOptions, check_output_location, resolve_sampling, run_config_from_flags
+from launcher.errors import input_error_types
+from launcher.options import (
+    compose_params,
+    magcache_params,
+    model_params,
+    output_params,
+    request_params,
+    sampling_params,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -26,73 +34,73 @@ def _is_rank0() -> bool:
 
 
 @app.command()
-@compose_params(model_params, sampling_params, magcache_params, output_params)
+@compose_params(request_params, model_params, sampling_params, magcache_params, output_params)
 def generate(
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="what to generate")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="first frame (i2v-A14B; optional for ti2v-5B)")] = None,
     magcache_calibration: Annotated[bool, typer.Option("--magcache-calibration", "--magcache_calibration", help="run uncached and record a ratio table")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="print the manifest as JSON on stdout at the end")] = False,
-    **kw: Any,
+    **flags: Any,
 ) -> None:
     """Generate one video (single process, torchrun or srun)."""
-    cfg = run_config_from_flags(dict(kw, prompt=prompt, image=image, magcache_calibration=magcache_calibration))
-    from launcher.runner import run_generate
+    config = run_config_from_flags(flags, calibration=magcache_calibration)
+    from launcher.engine.generate import run_generate
 
-    manifest = run_generate(cfg)
+    manifest = run_generate(config)
     if manifest is not None and json_summary:
         print(json.dumps(manifest, ensure_ascii=False))
 
 
 @app.command()
-@compose_params(model_params, sampling_params, magcache_params)
+@compose_params(request_params, model_params, sampling_params, magcache_params, output_params)
 def calibrate(
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="a prompt typical of your use")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="first frame for image tasks")] = None,
     out: Annotated[Path, typer.Option("--out", help="ratio file to write (a PNG plot is written beside it)")] = Path("magcache_ratios.json"),
-    save_file: Annotated[Optional[Path], typer.Option("--save-file", "--save_file", help="also keep the uncached video")] = None,
-    **kw: Any,
+    **flags: Any,
 ) -> None:
     """Record MagCache ratios for your checkpoint with an uncached run; writes OUT and OUT.png."""
-    cfg = run_config_from_flags(
-        dict(kw, prompt=prompt, image=image, save_file=save_file, save_frames=None, save_latents=None, overwrite=True),
-        calibration=True,
-    )
-    from launcher.runner import run_generate
+    config = run_config_from_flags(flags, calibration=True)
+    check_output_location(out, "--out")
+    from launcher.engine.generate import run_generate
 
-    run_generate(cfg, calibration_out=out)
+    run_generate(config, calibration_out=out)
+
+
+#: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
+SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "use_magcache",
+                            "magcache_thresh", "magcache_K", "retention_ratio", "magcache_split",
+                            "magcache_reset_at_switch", "magcache_ratios"})
 
 
 @app.command()
+@compose_params(request_params, model_params, sampling_params, magcache_params, output_params)
 def plan(
-    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
-    sample_steps: Annotated[Optional[int], typer.Option("--sample-steps", "--sample_steps")] = None,
-    sample_shift: Annotated[Optional[float], typer.Option("--sample-shift", "--sample_shift")] = None,
-    sample_solver: Annotated[str, typer.Option("--sample-solver", "--sample_solver")] = "unipc",
-    image: Annotated[bool, typer.Option("--image/--no-image", help="ti2v-5B: use the image-mode ratio table")] = False,
-    magcache_thresh: Annotated[float, typer.Option("--magcache-thresh", "--magcache_thresh")] = 0.04,
-    magcache_K: Annotated[int, typer.Option("--magcache-k", "--magcache-K", "--magcache_K")] = 2,
-    retention_ratio: Annotated[float, typer.Option("--retention-ratio", "--retention_ratio")] = 0.2,
-    magcache_split: Annotated[str, typer.Option("--magcache-split", "--magcache_split")] = "upstream",
-    magcache_reset_at_switch: Annotated[bool, typer.Option("--magcache-reset-at-switch", "--magcache_reset_at_switch")] = False,
-    magcache_ratios: Annotated[Optional[Path], typer.Option("--magcache-ratios", "--magcache_ratios")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="also name the given flags that do not change the schedule")] = False,
+    magcache_calibration: Annotated[bool, typer.Option("--magcache-calibration", "--magcache_calibration", hidden=True)] = False,
+    **flags: Any,
 ) -> None:
-    """Print the forward-by-forward MagCache schedule for these flags, without loading weights."""
-    from launcher.planning import make_plan, plan_to_json
-    from launcher.report import print_plan
+    """Print the forward-by-forward MagCache schedule for these flags, without loading weights.
 
-    mc = MagCacheOptions(
-        enabled=True, thresh=magcache_thresh, K=magcache_K, retention_ratio=retention_ratio,
-        split=magcache_split, reset_at_switch=magcache_reset_at_switch,  # type: ignore[arg-type]
-        ratios_file=magcache_ratios,
-    )
-    the_plan = make_plan(
-        task=task, steps=sample_steps, shift=sample_shift, solver=sample_solver, with_image=image, options=mc
-    )
+    Takes the same flags as `generate` (swap the verb): the schedule is the one MagCache would
+    follow, whether or not --use_magcache is given; flags that do not change it are ignored.
+    """
+    from launcher.engine.planning import make_plan, plan_to_json
+    from launcher.options import cli_name, flag_defaults
+    from launcher.outputs.report import console, print_plan
+
+    spec, steps, shift, solver = resolve_sampling(flags)
+    mc = MagCacheOptions.from_flags(flags, enabled=True)
+    with_image = flags.get("image") is not None
+    the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
     if as_json:
-        print(json.dumps(plan_to_json(the_plan, task=task, solver=sample_solver, options=mc, with_image=image)))
+        print(json.dumps(plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image)))
     else:
-        print_plan(the_plan, task=task)
+        print_plan(the_plan, task=spec.name)
+    if verbose:
+        defaults = flag_defaults()
+        ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]
+        if magcache_calibration:
+            ignored.append("--magcache-calibration")
+        console.print(f"ignored (no effect on the schedule): {', '.join(ignored)}" if ignored
+                      else "every given flag is part of the schedule")
 
 
 @app.command()
@@ -102,12 +110,12 @@ def batch(
     out_dir: Annotated[Path, typer.Option("--out-dir", "--out_dir", help="where videos, manifests and summary.json go")],
     force: Annotated[bool, typer.Option("--force", help="regenerate items that already verify")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n: take every n-th item starting at i (Slurm arrays)")] = None,
-    **kw: Any,
+    **flags: Any,
 ) -> None:
     """Generate many prompts with one model load; resumable; data-parallel over spare ranks."""
     from launcher.batch import run_batch
 
-    code = run_batch(prompts_file=prompts, out_dir=out_dir, force=force, shard=shard, flags=kw)
+    code = run_batch(prompts_file=prompts, out_dir=out_dir, force=force, shard=shard, flags=flags)
     raise typer.Exit(code)
 
 
@@ -149,7 +157,7 @@ def _install_signal_handlers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input exits 2 with one line, never a traceback."""
-    from launcher.errors import InputError, PeerLost, RunFailed, Terminated, peer_lost
+    from launcher.errors import PeerLost, RunFailed, Terminated, peer_lost
 
     _install_signal_handlers()
     try:
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as e:  # Typer's own parse errors (unknown flag, bad int...)
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         return _fail(" ".join(message.split()), 2)
-    except (UsageError, InputError) as e:
+    except input_error_types() as e:
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
     except PeerLost as e:
         # printed by every rank that notices (rank 0 may be the dead one), marked with its rank

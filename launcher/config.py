@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from launcher.errors import InputError
-from launcher.tasks import TASKS, TaskSpec, max_area_for
+from launcher.options import cli_name, flag_defaults
+from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
 
 
 class UsageError(InputError):
@@ -71,23 +74,29 @@ def parse_bool(value: str | bool | None, flag: str) -> bool | None:
     raise UsageError(f"{flag} {value!r}: expected True or False")
 
 
+#: MagCacheOptions field <- the flag it comes from (the defaults live with the flags, in options.py)
+_MAGCACHE_FLAGS = {"thresh": "magcache_thresh", "K": "magcache_K", "retention_ratio": "retention_ratio",
+                   "split": "magcache_split", "reset_at_switch": "magcache_reset_at_switch",
+                   "ratios_file": "magcache_ratios"}
+
+
 @dataclass(kw_only=True, slots=True)
 class MagCacheOptions:
-    """MagCache flags. Defaults are upstream MagCache4Wan2.2's."""
+    """MagCache flags, resolved. Defaults are upstream MagCache4Wan2.2's, declared in options.py."""
 
-    enabled: bool = False
+    enabled: bool
     #: upper bound of the accumulated error (upstream default 0.04; the seed README uses 0.06)
-    thresh: float = 0.04
+    thresh: float
     #: maximum consecutive skipped forwards per branch
-    K: int = 2
+    K: int
     #: fraction of forwards always computed (task-specific windows)
-    retention_ratio: float = 0.2
+    retention_ratio: float
     #: split = 2 x high-noise steps, counted the upstream way or from the real scheduler
-    split: SplitMode = "upstream"
+    split: SplitMode
     #: fresh accumulators and residual cache when the low-noise expert takes over (not upstream)
-    reset_at_switch: bool = False
+    reset_at_switch: bool
     #: calibrated ratio table (from `magcache-launch calibrate`); None = bundled table
-    ratios_file: Path | None = None
+    ratios_file: Path | None
     #: run uncached and record ratios instead of skipping
     calibration: bool = False
 
@@ -103,10 +112,26 @@ class MagCacheOptions:
         if self.ratios_file is not None and not Path(self.ratios_file).is_file():
             raise UsageError(f"--magcache_ratios {self.ratios_file}: file not found")
 
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any] | None = None, *, calibration: bool = False,
+                   enabled: bool | None = None) -> MagCacheOptions:
+        """From the flag dict; flags not given take their declared defaults.
+
+        `enabled`: override --use_magcache (`plan` always shows the cached schedule).
+        """
+        f = with_defaults(flags or {})
+        on = f["use_magcache"] if enabled is None else enabled
+        return cls(enabled=bool(on) and not calibration, calibration=calibration,
+                   **{field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()})
+
 
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
-    """Everything one `generate` needs, resolved from flags and the official task defaults."""
+    """Everything one `generate` needs, resolved from flags and the official task defaults.
+
+    No defaults here: every value comes through `run_config_from_flags`, which takes the
+    declared flag defaults (options.py) and the task's official ones (tasks.py).
+    """
 
     task: TaskSpec
     ckpt_dir: Path
@@ -115,29 +140,29 @@ class RunConfig:
     width: int
     height: int
     frame_num: int
-    image: Path | None = None
-    negative_prompt: str = ""
-    base_seed: int = -1
-    sample_solver: Solver = "unipc"
-    sample_steps: int = 0
-    sample_shift: float = 0.0
+    image: Path | None
+    negative_prompt: str
+    base_seed: int
+    sample_solver: Solver
+    sample_steps: int
+    sample_shift: float
     #: (low_noise, high_noise) as in the official tuple
-    guide_scale: tuple[float, float] = (5.0, 5.0)
-    offload_model: bool | None = None
-    convert_model_dtype: bool = False
-    t5_cpu: bool = False
-    t5_fsdp: bool = False
-    dit_fsdp: bool = False
-    ulysses_size: int = 1
-    cfg_parallel: bool = False
-    dtype: DTypeName | None = None
-    device: str | None = None
-    save_file: Path | None = None
-    save_frames: Path | None = None
-    save_latents: Path | None = None
-    overwrite: bool = False
-    dist_timeout_s: float = 600.0
-    magcache: MagCacheOptions = field(default_factory=MagCacheOptions)
+    guide_scale: tuple[float, float]
+    offload_model: bool | None
+    convert_model_dtype: bool
+    t5_cpu: bool
+    t5_fsdp: bool
+    dit_fsdp: bool
+    ulysses_size: int
+    cfg_parallel: bool
+    dtype: DTypeName | None
+    device: str | None
+    save_file: Path | None
+    save_frames: Path | None
+    save_latents: Path | None
+    overwrite: bool
+    dist_timeout_s: float
+    magcache: MagCacheOptions
 
     @property
     def max_area(self) -> int:
@@ -169,13 +194,30 @@ class RunConfig:
         return self.task.name
 
 
-def _check_writable_parent(path: Path, flag: str) -> None:
-    parent = path.resolve().parent
-    probe = parent
+def check_output_location(path: Path, flag: str, *, directory: bool = False) -> None:
+    """Exit 2 now, not after a 20-minute denoise, when an output could not be written there.
+
+    Permission bits say little (root ignores them; procfs and read-only mounts refuse anyway), so
+    a probe file is created and removed in the nearest existing directory: missing directories
+    below it are created at write time. Nothing is left behind.
+    """
+    path = Path(path).absolute()
+    if not directory and path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file, not a directory; choose another path")
+    probe = path if directory else path.parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UsageError(f"{flag} {path}: directory {parent} is not writable; choose another path")
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory; choose another path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".magcache-launch-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: directory {probe} is not writable ({e.strerror or e}); "
+                         "choose another path") from None
 
 
 def _check_image(image: Path, task: TaskSpec) -> None:
@@ -192,130 +234,87 @@ def _check_image(image: Path, task: TaskSpec) -> None:
         raise UsageError(f"--image {image}: not a readable image ({type(exc).__name__}); give a PNG or JPEG") from None
 
 
-def build_run_config(
-    *,
-    task: str,
-    ckpt_dir: str | Path | None,
-    prompt: str | None,
-    size: str | None = None,
-    frame_num: int | None = None,
-    image: str | Path | None = None,
-    negative_prompt: str = "",
-    base_seed: int = -1,
-    sample_solver: str = "unipc",
-    sample_steps: int | None = None,
-    sample_shift: float | None = None,
-    sample_guide_scale: str | float | None = None,
-    offload_model: str | bool | None = None,
-    convert_model_dtype: bool = False,
-    t5_cpu: bool = False,
-    t5_fsdp: bool = False,
-    dit_fsdp: bool = False,
-    ulysses_size: int = 1,
-    cfg_parallel: bool = False,
-    dtype: str | None = None,
-    device: str | None = None,
-    save_file: str | Path | None = None,
-    save_frames: str | Path | None = None,
-    save_latents: str | Path | None = None,
-    overwrite: bool = False,
-    dist_timeout_s: float = 600.0,
-    magcache: MagCacheOptions | None = None,
-    check_paths: bool = True,
-) -> RunConfig:
-    """Merge flags with the task's official defaults; raise UsageError on the first bad value."""
-    if task not in TASKS:
-        raise UsageError(f"--task {task!r} is unknown; choose one of {', '.join(TASKS)}")
-    spec = TASKS[task]
-    size = size or spec.supported_sizes[0]
-    width, height = parse_size(size, spec)
-    frame_num = spec.frame_num if frame_num is None else frame_num
-    if frame_num < 1 or (frame_num - 1) % 4:
-        raise UsageError(f"--frame_num {frame_num}: must be 4n+1 (1, 5, 9, ..., 81)")
-    steps = spec.sample_steps if sample_steps is None else sample_steps
+def with_defaults(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The flag dict completed with every flag's declared default; unknown names are a bug."""
+    defaults = flag_defaults()
+    unknown = sorted(set(flags) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown run flags {unknown}; declare them in launcher/options.py")
+    return {**defaults, **flags}
+
+
+def resolve_sampling(flags: Mapping[str, Any]) -> tuple[TaskSpec, int, float, Solver]:
+    """(task, steps, shift, solver): what fixes the denoising schedule, with the task's defaults."""
+    f = with_defaults(flags)
+    if f["task"] not in TASKS:
+        raise UsageError(f"--task {f['task']!r} is unknown; choose one of {', '.join(TASKS)}")
+    spec = TASKS[f["task"]]
+    steps = spec.sample_steps if f["sample_steps"] is None else f["sample_steps"]
     if steps < 1:
         raise UsageError(f"--sample_steps {steps}: must be >= 1")
-    shift = spec.sample_shift if sample_shift is None else sample_shift
+    shift = spec.sample_shift if f["sample_shift"] is None else f["sample_shift"]
     if shift <= 0:
         raise UsageError(f"--sample_shift {shift}: must be > 0")
-    if sample_solver not in ("unipc", "dpm++"):
-        raise UsageError(f"--sample_solver {sample_solver!r}: choose unipc or dpm++")
-    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
-        raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
-    if ulysses_size < 1:
-        raise UsageError(f"--ulysses_size {ulysses_size}: must be >= 1")
+    if f["sample_solver"] not in ("unipc", "dpm++"):
+        raise UsageError(f"--sample_solver {f['sample_solver']!r}: choose unipc or dpm++")
+    return spec, steps, shift, f["sample_solver"]
+
+
+def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False,
+                          check_paths: bool = True) -> RunConfig:
+    """The CLI's flag dict (names as Typer passes them; missing ones take their declared default)
+    -> a validated RunConfig; raises UsageError on the first bad value.
+
+    `generate`, `calibrate`, `plan` and every `batch` item go through here, so a batch item is
+    exactly `generate` with the same flags. `check_paths=False` skips the file-system checks
+    (batch checks its command line before the items' images are known).
+    """
+    f = with_defaults(flags)
+    spec, steps, shift, solver = resolve_sampling(f)
+    size = f["size"] or spec.supported_sizes[0]
+    width, height = parse_size(size, spec)
+    frame_num = spec.frame_num if f["frame_num"] is None else f["frame_num"]
+    if frame_num < 1 or (frame_num - 1) % 4:
+        raise UsageError(f"--frame_num {frame_num}: must be 4n+1 (1, 5, 9, ..., 81)")
+    if f["dtype"] is not None and f["dtype"] not in ("bfloat16", "float16", "float32"):
+        raise UsageError(f"--dtype {f['dtype']!r}: choose bfloat16, float16 or float32")
+    if f["ulysses_size"] < 1:
+        raise UsageError(f"--ulysses_size {f['ulysses_size']}: must be >= 1")
+    magcache = MagCacheOptions.from_flags(f, calibration=calibration)
+    prompt = f["prompt"]
     if prompt is None or not prompt.strip():
         raise UsageError("--prompt is empty; give the text to generate from")
-    if ckpt_dir is None:
+    if f["ckpt_dir"] is None:
         raise UsageError("--ckpt_dir is required: the folder with the Wan2.2 checkpoint")
-    ckpt = Path(ckpt_dir)
+    ckpt = Path(f["ckpt_dir"])
     if check_paths and not ckpt.is_dir():
         raise UsageError(f"--ckpt_dir {ckpt}: directory not found")
-    img = Path(image) if image else None
+    img = Path(f["image"]) if f["image"] else None
     if img is None and spec.image == "required":
         raise UsageError(f"{spec.name} needs --image (the first frame)")
     if img is not None and check_paths:
         _check_image(img, spec)
     elif img is not None and spec.image == "none":
         raise UsageError(f"--image is not used by {spec.name} (text-only); drop it or use i2v-A14B / ti2v-5B")
-    outputs = {"--save_file": save_file, "--save-frames": save_frames, "--save-latents": save_latents}
-    for flag, p in outputs.items():
-        if p is not None and check_paths:
-            _check_writable_parent(Path(p) if flag != "--save-frames" else Path(p) / "x", flag)
-    if save_latents is not None and not str(save_latents).endswith(".safetensors"):
-        raise UsageError(f"--save-latents {save_latents}: use a .safetensors file name")
-    if save_file is not None and check_paths and Path(save_file).exists() and not overwrite:
-        raise UsageError(f"--save_file {save_file} exists; pass --overwrite or choose another name")
+    outputs = {name: Path(f[name]) if f[name] else None for name in ("save_file", "save_frames", "save_latents")}
+    if outputs["save_latents"] is not None and not str(outputs["save_latents"]).endswith(".safetensors"):
+        raise UsageError(f"--save-latents {outputs['save_latents']}: use a .safetensors file name")
+    if check_paths:
+        for name, path in outputs.items():
+            if path is not None:
+                # official spelling for the official flag, ours for our own
+                flag = "--save_file" if name == "save_file" else cli_name(name)
+                check_output_location(path, flag, directory=name == "save_frames")
+        if outputs["save_file"] is None and not calibration:
+            check_output_location(Path.cwd() / "video.mp4", "the default output folder (the working directory)")
+        if outputs["save_file"] is not None and outputs["save_file"].exists() and not f["overwrite"]:
+            raise UsageError(f"--save_file {outputs['save_file']} exists; pass --overwrite or choose another name")
+    passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
+                                     "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite")}
     return RunConfig(
-        task=spec,
-        ckpt_dir=ckpt,
-        prompt=prompt,
-        size=size,
-        width=width,
-        height=height,
-        frame_num=frame_num,
-        image=img,
-        negative_prompt=negative_prompt,
-        base_seed=base_seed,
-        sample_solver=sample_solver,  # type: ignore[arg-type]
-        sample_steps=steps,
-        sample_shift=shift,
-        guide_scale=parse_guide_scale(sample_guide_scale, spec),
-        offload_model=parse_bool(offload_model, "--offload_model"),
-        convert_model_dtype=convert_model_dtype,
-        t5_cpu=t5_cpu,
-        t5_fsdp=t5_fsdp,
-        dit_fsdp=dit_fsdp,
-        ulysses_size=ulysses_size,
-        cfg_parallel=cfg_parallel,
-        dtype=dtype,  # type: ignore[arg-type]
-        device=device,
-        save_file=Path(save_file) if save_file else None,
-        save_frames=Path(save_frames) if save_frames else None,
-        save_latents=Path(save_latents) if save_latents else None,
-        overwrite=overwrite,
-        dist_timeout_s=dist_timeout_s,
-        magcache=magcache or MagCacheOptions(),
+        task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
+        image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,
+        guide_scale=parse_guide_scale(f["sample_guide_scale"], spec),
+        offload_model=parse_bool(f["offload_model"], "--offload_model"),
+        dist_timeout_s=f["dist_timeout"], magcache=magcache, **outputs, **passthrough,
     )
-
-
-def run_config_from_flags(kw: dict, *, calibration: bool = False) -> RunConfig:
-    """The CLI's flag dict (option names as Typer passes them) -> a validated RunConfig.
-
-    `generate`, `calibrate` and every `batch` item go through here, so a batch item is exactly
-    `generate` with the same flags.
-    """
-    kw = dict(kw)
-    calibration = calibration or kw.pop("magcache_calibration", False)
-    mc = MagCacheOptions(
-        enabled=kw.pop("use_magcache") and not calibration,
-        thresh=kw.pop("magcache_thresh"),
-        K=kw.pop("magcache_K"),
-        retention_ratio=kw.pop("retention_ratio"),
-        split=kw.pop("magcache_split"),
-        reset_at_switch=kw.pop("magcache_reset_at_switch"),
-        ratios_file=kw.pop("magcache_ratios"),
-        calibration=calibration,
-    )
-    kw["dist_timeout_s"] = kw.pop("dist_timeout")
-    return build_run_config(magcache=mc, **kw)

@@ -5,6 +5,19 @@ class InputError(ValueError):
     """Bad user input found before any weight is loaded: the CLI prints one line and exits 2."""
 
 
+def input_error_types() -> tuple[type[Exception], ...]:
+    """Every error that means "bad input": the CLI prints its one line and exits 2, in one place.
+
+    `magcache/` and `parallel/` never import `launcher/`, so their input errors cannot subclass
+    InputError; they are named here instead, the only place that converts them.
+    """
+    from magcache.ratios import RatioTableError
+    from parallel.launch import LaunchError
+    from parallel.mesh import ParallelConfigError
+
+    return (InputError, RatioTableError, LaunchError, ParallelConfigError)
+
+
 class RunFailed(RuntimeError):
     """A run that started but could not finish (a rank died, disk full...); carries its exit code."""
 

@@ -1,8 +1,9 @@
-"""Typer option declarations shared by `generate`, `calibrate` and `batch`.
+"""Every flag of the run, declared once: name, aliases, type, default and help.
 
-Every flag has its canonical kebab-case name plus the snake_case spelling of the official
+Each flag has its canonical kebab-case name plus the snake_case spelling of the official
 `generate.py` / MagCache4Wan2.2 scripts as an alias, so their command lines run unchanged.
-Commands compose these parameter sets with `compose_params` instead of repeating 30 arguments.
+Commands compose these parameter sets with `compose_params`; `launcher.config` takes the
+defaults from here (`flag_defaults`), so a default lives in exactly one place.
 """
 import inspect
 from pathlib import Path
@@ -10,9 +11,21 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from magcache.schedule import MagCacheParams
+
+#: upstream MagCache4Wan2.2's defaults, owned by the algorithm (magcache/); the flags point at them
+_UPSTREAM = MagCacheParams()
+
 
 def _opt(*names: str, help: str, **kw: Any) -> Any:
     return typer.Option(*names, help=help, **kw)
+
+
+def request_params(
+    prompt: Annotated[Optional[str], _opt("--prompt", help="what to generate")] = None,
+    image: Annotated[Optional[Path], _opt("--image", help="first frame (i2v-A14B; optional for ti2v-5B)")] = None,
+) -> None:
+    """What one video shows (a batch line brings its own)."""
 
 
 def model_params(
@@ -47,11 +60,11 @@ def sampling_params(
 
 def magcache_params(
     use_magcache: Annotated[bool, _opt("--use-magcache", "--use_magcache", help="skip DiT forwards with MagCache")] = False,
-    magcache_thresh: Annotated[float, _opt("--magcache-thresh", "--magcache_thresh", help="accumulated-error bound")] = 0.04,
-    magcache_K: Annotated[int, _opt("--magcache-k", "--magcache-K", "--magcache_K", help="max consecutive skips per branch")] = 2,
-    retention_ratio: Annotated[float, _opt("--retention-ratio", "--retention_ratio", help="fraction of forwards always computed")] = 0.2,
-    magcache_split: Annotated[str, _opt("--magcache-split", "--magcache_split", help="upstream (default) or scheduler expert split")] = "upstream",
-    magcache_reset_at_switch: Annotated[bool, _opt("--magcache-reset-at-switch", "--magcache_reset_at_switch", help="fresh cache for the low-noise expert")] = False,
+    magcache_thresh: Annotated[float, _opt("--magcache-thresh", "--magcache_thresh", help="accumulated-error bound")] = _UPSTREAM.thresh,
+    magcache_K: Annotated[int, _opt("--magcache-k", "--magcache-K", "--magcache_K", help="max consecutive skips per branch")] = _UPSTREAM.K,
+    retention_ratio: Annotated[float, _opt("--retention-ratio", "--retention_ratio", help="fraction of forwards always computed")] = _UPSTREAM.retention_ratio,
+    magcache_split: Annotated[str, _opt("--magcache-split", "--magcache_split", help="upstream (default) or scheduler expert split")] = _UPSTREAM.split_mode,
+    magcache_reset_at_switch: Annotated[bool, _opt("--magcache-reset-at-switch", "--magcache_reset_at_switch", help="fresh cache for the low-noise expert")] = _UPSTREAM.reset_at_switch,
     magcache_ratios: Annotated[Optional[Path], _opt("--magcache-ratios", "--magcache_ratios", help="calibrated ratio file")] = None,
 ) -> None:
     """MagCache flags (upstream defaults)."""
@@ -84,3 +97,18 @@ def compose_params(*sources: Callable[..., Any]) -> Callable[[Callable[..., Any]
         return fn
 
     return deco
+
+
+#: every parameter set a run is configured from, in help order
+RUN_PARAM_SETS: tuple[Callable[..., None], ...] = (request_params, model_params, sampling_params, magcache_params,
+                                                   output_params)
+
+
+def flag_defaults() -> dict[str, Any]:
+    """Flag name (as Typer passes it) -> its declared default, for every flag of a run."""
+    return {name: p.default for fn in RUN_PARAM_SETS for name, p in inspect.signature(fn).parameters.items()}
+
+
+def cli_name(flag: str) -> str:
+    """`sample_steps` -> `--sample-steps`, the canonical spelling, for messages."""
+    return "--" + flag.replace("_", "-")

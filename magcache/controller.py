@@ -1,6 +1,6 @@
 """The MagCache strategy around a DiT block stack: skip with a cached residual, or compute.
 
-The DiT forward calls `cache.forward(index, x, run_blocks, expert)` for every forward and
+The DiT forward calls `runner.forward(index, x, run_blocks, expert)` for every forward and
 never asks whether MagCache is on: `ComputeAll` is the same interface without skipping.
 Only `may_skip` needs agreement between ranks (retention and expert are deterministic), so
 a run costs one tiny collective per non-retained forward, through the `sync` callable the
@@ -36,8 +36,9 @@ class Decision:
         return asdict(self)
 
 
-class BlockCache(Protocol):
-    """What the DiT forward calls around its block stack."""
+class BlockRunner(Protocol):
+    """What the DiT forward calls around its block stack: this controller, `ComputeAll`, or the
+    calibration recorder (`magcache.calibrate`). The one name for it in the code base."""
 
     decisions: list[Decision]
 

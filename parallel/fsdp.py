@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Shard
 class RowSource(Protocol):
     """Checkpoint tensors by model parameter name, readable a row range at a time.
 
-    `launcher.tensor_sources.TensorSource` has this shape; so does any mmap-backed reader.
+    `launcher.checkpoint.sources.TensorSource` has this shape; so does any mmap-backed reader.
     """
 
     def keys(self) -> KeysView[str]: ...

@@ -9,7 +9,7 @@
 The DiT is a random `--preset bench` checkpoint (bigger DiT, tiny T5/VAE) built in a temporary
 folder unless `--ckpt-dir` is given, so blocks dominate a forward as they do at full size.
 Generations alternate uncached (ComputeAll) / cached (MagCacheController, schedule from
-`launcher.planning.make_schedule`) in ABBA order after a warm-up pair, and report:
+`launcher.engine.planning.make_schedule`) in ABBA order after a warm-up pair, and report:
 
 - forward-count speedup: forwards / computed forwards (checked against `make_plan`);
 - wall-clock speedup of the denoising loop (median uncached / median cached) and the
@@ -68,8 +68,8 @@ class Bench:
 
     args: argparse.Namespace
     cfg: Any  # launcher.config.RunConfig
-    pipeline: Any  # launcher.pipeline.WanPipeline
-    request: Any  # launcher.pipeline.Request
+    pipeline: Any  # launcher.wan.pipeline.WanPipeline
+    request: Any  # launcher.wan.pipeline.Request
     checkpoint: dict[str, Any]
 
     def uncached(self):
@@ -78,7 +78,7 @@ class Bench:
         return ComputeAll()
 
     def cached(self):
-        from launcher.planning import make_schedule
+        from launcher.engine.planning import make_schedule
         from magcache.controller import MagCacheController
 
         c = self.cfg
@@ -87,7 +87,7 @@ class Bench:
         return MagCacheController(schedule)
 
     def plan(self):
-        from launcher.planning import make_plan
+        from launcher.engine.planning import make_plan
 
         c = self.cfg
         return make_plan(task=c.task.name, steps=c.sample_steps, shift=c.sample_shift, solver=c.sample_solver,
@@ -103,18 +103,19 @@ def _make_checkpoint(task: str, out: Path, seed: int) -> None:
 
 
 def load_bench(args: argparse.Namespace, ckpt_dir: Path) -> Bench:
-    from launcher.checkpoints import inspect_checkpoint
-    from launcher.config import MagCacheOptions, build_run_config
-    from launcher.models import load_models, placement_for
-    from launcher.pipeline import Request, WanPipeline
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.config import run_config_from_flags
+    from launcher.engine.models import load_models
+    from launcher.engine.placement import placement_for
+    from launcher.wan.pipeline import Request, WanPipeline
 
-    options = MagCacheOptions(enabled=True, thresh=args.thresh, K=args.K, retention_ratio=args.retention)
-    cfg = build_run_config(task=args.task, ckpt_dir=ckpt_dir, prompt=args.prompt, size=args.size,
-                           frame_num=args.frames, sample_steps=args.steps, base_seed=args.seed, device="cpu",
-                           magcache=options)
+    cfg = run_config_from_flags({
+        "task": args.task, "ckpt_dir": ckpt_dir, "prompt": args.prompt, "size": args.size, "frame_num": args.frames,
+        "sample_steps": args.steps, "base_seed": args.seed, "device": "cpu", "use_magcache": True,
+        "magcache_thresh": args.thresh, "magcache_K": args.K, "retention_ratio": args.retention})
     info = inspect_checkpoint(cfg.ckpt_dir, cfg.task)
     t0 = time.perf_counter()
-    models = load_models(cfg, info, placement_for(cfg))
+    models, _ = load_models(cfg, info, placement_for(cfg))
     load_s = time.perf_counter() - t0
     request = Request(prompt=cfg.prompt, negative_prompt=cfg.negative_or_default, seed=args.seed, width=cfg.width,
                       height=cfg.height, max_area=cfg.max_area, frame_num=cfg.frame_num, steps=cfg.sample_steps,
@@ -237,7 +238,7 @@ class TimedRunner:
 @contextlib.contextmanager
 def instrumented(bench: Bench, clock: PhaseClock) -> Iterator[None]:
     """Hooks on the DiT's non-block modules, its whole forward, and the scheduler's step."""
-    import launcher.pipeline as pipeline_module
+    import launcher.wan.pipeline as pipeline_module
 
     for dit in bench.pipeline.m.experts.values():
         m, ce = dit.model, dit.model.condition_embedder
@@ -359,16 +360,16 @@ def skip_microbench(captured: tuple[torch.Tensor, Callable, torch.Tensor], n_ski
 
 
 def forward_vs_diffusers(bench: Bench, repeats: int = 5) -> dict[str, Any]:
-    """Our DiT forward (sub-modules called by `launcher.dit`) against diffusers' own root forward,
+    """Our DiT forward (sub-modules called by `launcher.wan.dit`) against diffusers' own root forward,
     same weights and inputs, interleaved: ours must not be slower, and must give the same output."""
     from magcache.controller import ComputeAll
 
-    from launcher.dit import pad_context
+    from launcher.wan.dit import pad_context
 
     dit = next(iter(bench.pipeline.m.experts.values()))
     model = dit.model
     cfg = model.config
-    from launcher.conditioning import latent_shape
+    from launcher.wan.conditioning import latent_shape
 
     g = torch.Generator().manual_seed(0)
     _, f, h, w = latent_shape(bench.cfg.task, bench.request.frame_num, bench.request.height, bench.request.width)

@@ -9,7 +9,7 @@ Builds a random `--preset bench` t2v-A14B checkpoint (two 512-dim, 12-layer DiT 
 params; tiny T5/VAE) and runs `benchmarks/parallel_job.py` under real `torchrun --standalone` jobs
 (gloo, `--ulysses_size` = world, one thread per rank) for each layout: 1 rank; N ranks; N ranks with
 `--dit_fsdp`. Each job generates twice (a warm-up, then the measured one) through the product's own
-`start_runtime` + `GenerationSession`, with MagCache on, and reports per rank:
+`start_world` + `GenerationSession`, with MagCache on, and reports per rank:
 
 - every torch.distributed call by kind, phase and DiT forward (payload bytes = what this rank hands
   to the collective), checked against a dispatcher-level count of c10d ops and against the formulas
@@ -112,10 +112,10 @@ def run_layout(layout: dict[str, Any], ckpt: Path, work: Path, args: argparse.Na
 # -- formulas -----------------------------------------------------------------------------------
 def model_facts(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Shapes the formulas need, from the checkpoint config and the request (no weights)."""
-    from launcher import conditioning as cond
-    from launcher.checkpoints import inspect_checkpoint
+    from launcher.wan import conditioning as cond
+    from launcher.checkpoint import inspect_checkpoint
     from launcher.config import parse_size
-    from launcher.tasks import TASKS
+    from launcher.wan.tasks import TASKS
 
     task = TASKS[TASK]
     info = inspect_checkpoint(ckpt, task)

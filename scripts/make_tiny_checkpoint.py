@@ -5,7 +5,7 @@
     python scripts/make_tiny_checkpoint.py --task ti2v-5B --layout official --out /tmp/bench --preset bench
 
 The weights are made once as diffusers/transformers modules and written in either layout, so the same
-seed gives the same weights in both (official names come from inverting `launcher.keymaps`). Official
+seed gives the same weights in both (official names come from inverting `launcher.checkpoint.keymaps`). Official
 key *names* at tiny dims are the real ones (tests/reference manifests) with fewer blocks: the Wan VAE
 key names do not depend on its widths, and DiT/T5 names only on the block count. Every parameter gets
 its own random values (norm weights included) so a swapped key changes the output.
@@ -42,9 +42,9 @@ from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: E402
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
 
-from launcher.keymaps import invert, t5_key_map, wan_transformer_key_map, wan_vae_key_map  # noqa: E402
-from launcher.tasks import TASKS, TaskSpec  # noqa: E402
-from launcher.vae import LATENT_STATS  # noqa: E402
+from launcher.checkpoint.keymaps import invert, t5_key_map, wan_transformer_key_map, wan_vae_key_map  # noqa: E402
+from launcher.wan.tasks import TASKS, TaskSpec  # noqa: E402
+from launcher.wan.vae import LATENT_STATS  # noqa: E402
 
 REFERENCE = ROOT / "tests" / "reference"
 DIT_LAYERS, T5_LAYERS = 2, 2

@@ -6,4 +6,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 . "${MAGCACHE_VENV:-$ROOT/.venv}/bin/activate"
 cd "$ROOT"
+# the layer and no-cycle contracts in pyproject.toml ([tool.importlinter]); fails fast, before the suite
+lint-imports --no-cache
 exec python -m pytest -q "$@"

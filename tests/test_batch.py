@@ -20,7 +20,7 @@ from conftest import ROOT, cli_env, run_cli
 from e2e_helpers import make_image
 
 from launcher.cli import main
-from launcher.video import sha256_of
+from launcher.outputs.atomic import sha256_of
 
 TASK = "ti2v-5B"
 FLAGS = ["--task", TASK, "--size", "64*64", "--frame_num", "5", "--sample_steps", "4",
@@ -293,7 +293,7 @@ def test_four_ranks_two_dp_groups_of_ulysses_two_match_one_process(first_run, tm
          "--ulysses_size", "2", "--dist-timeout", "120"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=cli_env())
     if r.returncode != 0 and _multi_rank_refused(r.stderr):  # torchrun exits 1 when ranks exit 2
-        pytest.skip("launcher.runtime.start_runtime does not start multi-rank runs yet (lead enables it)")
+        pytest.skip("launcher.engine.world.start_world does not start multi-rank runs yet (lead enables it)")
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"]["size"] == 4 and summary["world"]["mesh"] == {"dp": 2, "cfg": 1, "sp": 2}

@@ -10,10 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from launcher.checkpoints import (
-    CheckpointError,
-    detect_layout,
-    inspect_checkpoint,
+from launcher.checkpoint import CheckpointError, detect_layout, inspect_checkpoint
+from launcher.checkpoint.load import (
     load_text_encoder,
     load_tokenizer,
     load_transformer,
@@ -22,9 +20,9 @@ from launcher.checkpoints import (
     transformer_source,
     vae_source,
 )
-from launcher.tasks import TASKS
-from launcher.text_encoder import encode_prompts
-from launcher.vae import decode
+from launcher.wan.tasks import TASKS
+from launcher.wan.text_encoder import encode_prompts
+from launcher.wan.vae import decode
 
 ALL_TASKS = list(TASKS)
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from launcher.conditioning import (
+from launcher.wan.conditioning import (
     best_output_size,
     draw_noise,
     i2v_condition_video,
@@ -28,7 +28,7 @@ from launcher.conditioning import (
     ti2v_prepare_image,
     ti2v_timesteps,
 )
-from launcher.tasks import TASKS
+from launcher.wan.tasks import TASKS
 
 
 def _gradient_image(w: int, h: int, mode: str = "RGB") -> Image.Image:

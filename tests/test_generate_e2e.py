@@ -13,7 +13,7 @@ import torch
 from e2e_helpers import generate, make_image
 from PIL import Image
 
-from launcher.video import read_mp4_info
+from launcher.outputs.media import read_mp4_info
 
 @pytest.mark.parametrize("task", ["t2v-A14B", "ti2v-5B"])
 def test_text_tasks_write_video_manifest_and_latents(tiny_ckpt, tmp_path, task):
@@ -54,7 +54,7 @@ def test_layouts_give_identical_latents(tiny_ckpt, tmp_path):
 def test_both_solvers_use_official_timesteps(tiny_ckpt, tmp_path, solver):
     m = generate(tiny_ckpt("t2v-A14B"), tmp_path, "t2v-A14B", "--sample_solver", solver)
     assert m["scheduler"]["solver"] == solver
-    from launcher.solvers import official_timesteps
+    from launcher.wan.solvers import official_timesteps
 
     assert m["scheduler"]["timesteps"] == official_timesteps(solver, 4, 12.0)
 
@@ -63,7 +63,7 @@ def test_i2v_uses_image_size_and_first_frame(tiny_ckpt, tmp_path):
     img = make_image(tmp_path / "in.png", size=(96, 48))
     m = generate(tiny_ckpt("i2v-A14B"), tmp_path, "i2v-A14B", "--image", str(img))
     # area 64*64 with aspect 48/96: official size rule -> 96x48... in latents of 8 px, even
-    from launcher.conditioning import i2v_target_size
+    from launcher.wan.conditioning import i2v_target_size
 
     h, w, lat_h, lat_w = i2v_target_size(48, 96, 64 * 64)
     assert m["latent_shape"] == [16, 2, lat_h, lat_w]
@@ -75,10 +75,11 @@ def test_ti2v_image_mode_keeps_first_latent_frame(tiny_ckpt, tmp_path):
     ckpt = tiny_ckpt("ti2v-5B")
     m = generate(ckpt, tmp_path, "ti2v-5B", "--image", str(img))
     # the first latent frame is the image latent exactly (re-imposed after every step)
-    from launcher.checkpoints import inspect_checkpoint, load_vae
-    from launcher.conditioning import ti2v_prepare_image
-    from launcher.tasks import TASKS
-    from launcher.vae import encode
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.checkpoint.load import load_vae
+    from launcher.wan.conditioning import ti2v_prepare_image
+    from launcher.wan.tasks import TASKS
+    from launcher.wan.vae import encode
 
     vae, _ = load_vae(inspect_checkpoint(ckpt, TASKS["ti2v-5B"]), device="cpu")
     with Image.open(img) as im:

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from launcher.keymaps import (
+from launcher.checkpoint.keymaps import (
     T5_TIED_ALIASES,
     KeyMapError,
     invert,

@@ -8,7 +8,7 @@ from gloo_threads import run_ranks
 import torch
 import torch.distributed as dist
 
-from launcher.tasks import TASKS
+from launcher.wan.tasks import TASKS
 from magcache.controller import ComputeAll, MagCacheController
 from magcache.plan import expert_labels, plan
 from magcache.ratios import bundled_table

@@ -44,7 +44,7 @@ def test_generate_skips_exactly_where_plan_says(tiny_ckpt, tmp_path, capsys, tas
         extra += ["--image", str(make_image(tmp_path / "in.png"))]
     m = generate(tiny_ckpt(task), tmp_path / "run", task, "--use_magcache", *extra, steps=steps)
     p = plan_json(capsys, "--task", task, "--sample_steps", str(steps), *flags,
-                  *(["--image"] if task == "i2v-A14B" else []))
+                  *(["--image", str(tmp_path / "in.png")] if task == "i2v-A14B" else []))
     mc = m["magcache"]
     assert p["skipped_forwards"], "the flags must make the plan skip something"
     assert mc["skipped_forwards"] == p["skipped_forwards"]
@@ -65,9 +65,10 @@ def test_skipping_changes_the_result_but_stays_close(tiny_ckpt, tmp_path):
 
 def test_residual_reuse_matches_a_hand_computed_forward(tiny_ckpt):
     """A skipped forward = head(embed(x_t) + residual of the branch's last computed forward)."""
-    from launcher.checkpoints import inspect_checkpoint, load_transformer
-    from launcher.dit import WanDiT, pad_context
-    from launcher.tasks import TASKS
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.checkpoint.load import load_transformer
+    from launcher.wan.dit import WanDiT, pad_context
+    from launcher.wan.tasks import TASKS
     from magcache.controller import MagCacheController
     from magcache.schedule import MagCacheParams, MagCacheSchedule
 
@@ -121,11 +122,12 @@ def test_calibration_round_trips_into_generate(tiny_ckpt, tmp_path):
                  "--magcache_thresh", "0.5", "--retention_ratio", "0.1", steps=8)
     assert m["magcache"]["ratio_table"]["source"] == str(ratios)
     from magcache.ratios import load_ratio_file
-    from launcher.planning import make_plan
+    from launcher.engine.planning import make_plan
     from launcher.config import MagCacheOptions
 
-    p = make_plan(task="t2v-A14B", steps=8, shift=None, solver="unipc", with_image=False,
-                  options=MagCacheOptions(enabled=True, thresh=0.5, retention_ratio=0.1, ratios_file=ratios))
+    p = make_plan(task="t2v-A14B", steps=8, shift=12.0, solver="unipc", with_image=False,
+                  options=MagCacheOptions.from_flags({"use_magcache": True, "magcache_thresh": 0.5,
+                                                      "retention_ratio": 0.1, "magcache_ratios": ratios}))
     assert m["magcache"]["skipped_forwards"] == list(p.skipped_forwards)
     assert load_ratio_file(ratios).sample_steps == 8
 
@@ -151,3 +153,40 @@ def test_plan_json_reproduces_the_seed_speedups(capsys, task, flags, speedup):
     assert len(p["forwards"]) == 2 * p["sample_steps"]
     assert set(p["forwards"][0]) >= {"index", "step", "branch", "expert", "retained", "skip"}
     assert p["skipped_forwards"] == [f["index"] for f in p["forwards"] if f["skip"]]
+
+
+GENERATE_FLAGS = ["--ckpt_dir", "/nowhere", "--prompt", "a cat", "--size", "832*480", "--frame_num", "81",
+                  "--offload_model", "True", "--convert_model_dtype", "--t5_cpu", "--base_seed", "42",
+                  "--ulysses_size", "8", "--dit_fsdp", "--save_file", "/proc/nope/x.mp4", "--negative-prompt", "blur",
+                  "--sample_guide_scale", "3,4", "--dist-timeout", "60"]
+
+
+def test_plan_takes_a_generate_command_line_unchanged(capsys):
+    """Swap the verb: `plan` accepts every flag of `generate`; only the schedule flags matter."""
+    schedule = ["--task", "t2v-A14B", "--sample_steps", "30", "--use_magcache", "--magcache_thresh", "0.06",
+                "--retention_ratio", "0.4"]
+    alone = plan_json(capsys, *schedule)
+    with_rest = plan_json(capsys, *schedule, *GENERATE_FLAGS)
+    assert with_rest == alone
+    # the cached schedule is shown whether or not --use_magcache is given
+    assert plan_json(capsys, *[f for f in schedule if f != "--use_magcache"]) == alone
+
+
+def test_plan_verbose_names_the_ignored_flags(capsys):
+    assert main(["plan", "--task", "t2v-A14B", *GENERATE_FLAGS, "--verbose"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "ignored (no effect on the schedule):" in err
+    for flag in ("--ckpt-dir", "--prompt", "--size", "--ulysses-size", "--dit-fsdp", "--save-file", "--t5-cpu"):
+        assert flag in err, flag
+    assert "--task" not in err.split("ignored", 1)[1]
+
+
+def test_plan_image_picks_the_image_mode_table(capsys, tmp_path):
+    text = plan_json(capsys, "--task", "ti2v-5B")
+    image = plan_json(capsys, "--task", "ti2v-5B", "--image", str(tmp_path / "first.png"))
+    assert text["ratio_table"]["key"] == "ti2v-5B/t2v" and image["ratio_table"]["key"] == "ti2v-5B/i2v"
+
+
+def test_plan_rejects_bad_schedule_flags_like_generate(capsys):
+    assert main(["plan", "--task", "t2v-A14B", "--sample_steps", "0"]) == 2
+    assert "--sample_steps 0" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from launcher.tasks import TASKS
+from launcher.wan.tasks import TASKS
 from magcache.plan import plan
 from magcache.ratios import bundled_table
 from magcache.schedule import MagCacheParams

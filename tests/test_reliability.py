@@ -97,10 +97,11 @@ def _rss_kb() -> int:
 SOAK = r"""
 import json, os, sys, gc
 from pathlib import Path
-from launcher.config import build_run_config
-from launcher.checkpoints import inspect_checkpoint
-from launcher.runtime import start_runtime
-from launcher.session import GenerationSession, Outputs
+from launcher.config import run_config_from_flags
+from launcher.checkpoint import inspect_checkpoint
+from launcher.engine.world import start_world
+from launcher.engine.session import GenerationSession
+from launcher.outputs.files import Outputs
 
 def rss_kb():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -108,16 +109,17 @@ def rss_kb():
             return int(line.split()[1])
 
 ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = build_run_config(task="t2v-A14B", ckpt_dir=ckpt, prompt="a cat", size="64*64", frame_num=5, sample_steps=3)
+cfg = run_config_from_flags({"task": "t2v-A14B", "ckpt_dir": ckpt, "prompt": "a cat", "size": "64*64", "frame_num": 5,
+                             "sample_steps": 3})
 info = inspect_checkpoint(ckpt, cfg.task)
-rt = start_runtime(cfg, num_heads=info.num_heads)
-session = GenerationSession(cfg, info, rt)
+world = start_world(cfg, num_heads=info.num_heads)
+session = GenerationSession(cfg, info, world)
 rss = []
 for i in range(20):
     session.generate(cfg, i, Outputs(video=out / f"v{i}.mp4"))
     gc.collect()
     rss.append(rss_kb())
-rt.shutdown()
+world.shutdown()
 fds = len(os.listdir("/proc/self/fd"))
 children = [p for p in os.listdir("/proc") if p.isdigit() and Path(f"/proc/{p}/stat").exists()
             and Path(f"/proc/{p}/stat").read_text().split()[3] == str(os.getpid())]

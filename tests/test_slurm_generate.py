@@ -19,7 +19,7 @@ from conftest import run_cli
 from safetensors.torch import load_file
 from slurm_helpers import REPO, slurm_cluster, submit_and_wait  # noqa: F401 (fixture)
 
-from launcher.video import read_mp4_info
+from launcher.outputs.media import read_mp4_info
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

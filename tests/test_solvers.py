@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.solvers import (
+from launcher.wan.solvers import (
     SOLVERS,
     UNIPC_SIGMA_MAX,
     make_scheduler,
@@ -49,7 +49,7 @@ def reference_schedule(solver: str, steps: int, shift: float) -> tuple[np.ndarra
 
 def test_unipc_sigma_max_is_the_float32_training_value():
     assert UNIPC_SIGMA_MAX == official_training_sigma_max() == 0.9990000128746033
-    # plain 0.999 would give different ints here (665/332 are official):
+    # plain 0.999 would give different ints here (999, 665, 332; the official ones are 999, 666, 333):
     assert official_timesteps("unipc", 3, 1.0) == [999, 666, 333]
     assert reference_schedule("unipc", 3, 1.0)[1] == [999, 666, 333]
 
@@ -88,7 +88,7 @@ def test_pinned_timesteps():
 
 def test_official_timesteps_needs_no_torch():
     code = (
-        "import sys; from launcher.solvers import official_timesteps as f; "
+        "import sys; from launcher.wan.solvers import official_timesteps as f; "
         "assert f('unipc', 40, 12.0)[0] == 999 and f('dpm++', 50, 5.0)[0] == 1000; "
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     )

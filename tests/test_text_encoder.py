@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.checkpoints import inspect_checkpoint, load_text_encoder, load_tokenizer
-from launcher.tasks import OFFICIAL_NEGATIVE_PROMPT, TASKS
-from launcher.text_encoder import clean_prompt, encode_prompts, tokenize
+from launcher.checkpoint import inspect_checkpoint
+from launcher.checkpoint.load import load_text_encoder, load_tokenizer
+from launcher.wan.tasks import OFFICIAL_NEGATIVE_PROMPT, TASKS
+from launcher.wan.text_encoder import clean_prompt, encode_prompts, tokenize
 
 
 @pytest.mark.parametrize("raw, clean", [

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import vae as V
-from launcher.checkpoints import inspect_checkpoint, load_vae
-from launcher.tasks import TASKS
+from launcher.wan import vae as V
+from launcher.checkpoint import inspect_checkpoint
+from launcher.checkpoint.load import load_vae
+from launcher.wan.tasks import TASKS
 
 REF = Path(__file__).parent / "reference"
 CASES = [("t2v-A14B", "2.1", 8), ("ti2v-5B", "2.2", 16)]  # (task, version, spatial stride)

@@ -1,28 +1,39 @@
 """Write one request's files (video, frames, latents) on the output rank; return what was written."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.video import sha256_of, write_frames, write_latents, write_mp4
+from launcher.errors import RunFailed
+from launcher.outputs.atomic import sha256_of
+from launcher.outputs.media import write_frames, write_latents, write_mp4
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
-    from launcher.pipeline import Result
-    from launcher.session import Outputs
+    from launcher.wan.pipeline import Result
 
 
-def write_outputs(cfg: "RunConfig", result: "Result", outputs: "Outputs") -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """Where one request's files go (None = not wanted)."""
+
+    video: Path | None
+    frames: Path | None = None
+    latents: Path | None = None
+    calibration: Path | None = None
+
+
+def write_outputs(config: "RunConfig", result: "Result", outputs: Outputs) -> dict[str, Any]:
     """Every file is written atomically; a failed write (disk full...) leaves no partial file."""
     try:
-        return _write(cfg, result, outputs)
+        return _write(config, result, outputs)
     except OSError as e:
-        from launcher.errors import RunFailed
-
         where = e.filename or outputs.video
         raise RunFailed(f"could not write {where}: {e.strerror or e}; free space or choose another output path") from e
 
 
-def _write(cfg: "RunConfig", result: "Result", outputs: "Outputs") -> dict[str, Any]:
+def _write(config: "RunConfig", result: "Result", outputs: Outputs) -> dict[str, Any]:
     files: dict[str, Any] = {}
     if outputs.latents is not None:
         write_latents(outputs.latents, result.latents)
@@ -32,7 +43,7 @@ def _write(cfg: "RunConfig", result: "Result", outputs: "Outputs") -> dict[str, 
         files["frames_dir"] = str(outputs.frames)
         files["frames"] = len(paths)
     if outputs.video is not None and result.video is not None:
-        write_mp4(outputs.video, result.video, cfg.task.sample_fps)
+        write_mp4(outputs.video, result.video, config.task.sample_fps)
         files["video"] = str(outputs.video)
         files["video_sha256"] = sha256_of(outputs.video)
         _, f, h, w = result.video.shape

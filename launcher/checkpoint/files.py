@@ -13,8 +13,8 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from launcher.errors import InputError
-from launcher.keymaps import KeyMapError
-from launcher.tensor_sources import WeightFiles, load_pth_state_dict
+from launcher.checkpoint.keymaps import KeyMapError
+from launcher.checkpoint.sources import WeightFiles, load_pth_state_dict
 
 #: file key -> (file, shape)
 StoredTensors = dict[str, tuple[Path, tuple[int, ...]]]
@@ -120,7 +120,7 @@ def weight_files(kind: str, stored: StoredTensors, key_map: Mapping[str, str] | 
 
 
 def mapped(mapper: Callable[[list[str]], dict[str, str]], keys: list[str], what: Path) -> dict[str, str]:
-    """Apply a `launcher.keymaps` function, turning its error into a `CheckpointError` naming the file."""
+    """Apply a `launcher.checkpoint.keymaps` function, turning its error into a `CheckpointError` naming the file."""
     try:
         return mapper(keys)
     except KeyMapError as e:

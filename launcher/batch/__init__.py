@@ -1,7 +1,7 @@
 """`magcache-launch batch`: many prompts, one model load, resumable, spread over data-parallel groups.
 
 Fixed order, the same on every rank: read and check the prompt file and flags (exit 2, nothing
-loaded) -> inspect the checkpoint -> runtime -> global rank 0 settles each item (invalid, already
+loaded) -> inspect the checkpoint -> the World (`open_world`) -> global rank 0 settles each item (invalid, already
 done, or to generate with its seed) and every rank takes that one plan, so ranks never disagree
 on what to run -> each dp group generates its share (all its ranks call `session.generate`, its
 output rank writes) -> rank 0 gathers every group's results, writes the summary, prints the table.
@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.batch_items import BatchItem, parse_shard, read_items, summary_name, take_shard
-from launcher.batch_results import ItemResult, one_line, print_table, verified_manifest, write_summary
-from launcher.config import RunConfig, UsageError, run_config_from_flags
+from launcher.batch.items import BatchItem, parse_shard, read_items, summary_name, take_shard
+from launcher.batch.results import ItemResult, one_line, print_table, verified_manifest, write_summary
+from launcher.config import RunConfig, UsageError, check_output_location, run_config_from_flags, with_defaults
 from launcher.errors import InputError
-from launcher.tasks import TASKS
+from launcher.wan.tasks import TASKS
 
 EXIT_SOME_FAILED = 3
 
@@ -34,12 +34,12 @@ def _probe_config(flags: dict[str, Any]) -> RunConfig:
     """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
     spec = TASKS.get(flags.get("task", ""))
     stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
-    return run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in, check_paths=False))
+    return run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in), check_paths=False)
 
 
 def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
     """The item's seed, else --base_seed; None when that is negative (drawn by rank 0)."""
-    seed = item.seed if item.seed is not None else int(flags.get("base_seed", -1))
+    seed = item.seed if item.seed is not None else int(with_defaults(flags)["base_seed"])
     return seed if seed >= 0 else None
 
 
@@ -54,25 +54,25 @@ def _row(item: BatchItem, seed: int | None, **kw: Any) -> ItemResult:
     return ItemResult(index=item.index, name=item.stem, line=item.line, prompt=item.prompt, seed=seed, **kw)
 
 
-def make_plan(items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
+def plan_batch(items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
               *, force: bool) -> BatchPlan:
     """Invalid items fail, verified ones are skipped (unless --force), the rest get their seed."""
-    from launcher.runner import draw_seed
+    from launcher.engine.generate import draw_seed
 
     plan = BatchPlan(settled=[], todo=[])
     for item in items:
-        cfg, fixed = configs[item.index], _fixed_seed(item, flags)
-        if isinstance(cfg, str):
-            plan.settled.append(_row(item, fixed, status="failed", error=cfg))
+        config, fixed = configs[item.index], _fixed_seed(item, flags)
+        if isinstance(config, str):
+            plan.settled.append(_row(item, fixed, status="failed", error=config))
             continue
         t0 = time.perf_counter()
-        manifest = None if force else verified_manifest(cfg, fixed)
-        if manifest is not None and cfg.save_file is not None:
+        manifest = None if force else verified_manifest(config, fixed)
+        if manifest is not None and config.save_file is not None:
             plan.settled.append(ItemResult.from_manifest(_row(item, fixed, status="skipped"), manifest,
-                                                         cfg.save_file, time.perf_counter() - t0, "skipped"))
+                                                         config.save_file, time.perf_counter() - t0, "skipped"))
             continue
-        if cfg.save_file is not None:
-            _remove_stale_temps(cfg.save_file)
+        if config.save_file is not None:
+            _remove_stale_temps(config.save_file)
         plan.todo.append((item.index, fixed if fixed is not None else draw_seed(-1)))
     return plan
 
@@ -85,53 +85,53 @@ def _remove_stale_temps(video: Path) -> None:
 
 
 def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[int, RunConfig | str],
-                    rt: Any, info: Any, prompts_file: Path) -> list[ItemResult]:
+                    world: Any, info: Any, prompts_file: Path) -> list[ItemResult]:
     """This dp group's items (the k-th item to generate goes to group k % dp_size)."""
     from rich.markup import escape
 
-    from launcher.report import console
-    from launcher.session import GenerationSession
+    from launcher.outputs.report import console
+    from launcher.engine.session import GenerationSession
 
-    mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % rt.dp_size == rt.dp_rank]
+    mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % world.dp_size == world.dp_rank]
     if not mine:
         return []
     first = configs[mine[0][0]]
     assert isinstance(first, RunConfig)
-    session = GenerationSession(first, info, rt)
+    session = GenerationSession(first, info, world)
     results: list[ItemResult] = []
     for n, (index, seed) in enumerate(mine, start=1):
-        item, cfg = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
+        item, config = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
         t0 = time.perf_counter()
         try:
-            result = _run_item(session, item, cfg, seed, rt.dp_rank, prompts_file)
+            result = _run_item(session, item, config, seed, world.dp_rank, prompts_file)
         except Exception as exc:
-            if rt.world_size > 1:
+            if world.world_size > 1:
                 raise  # the group's ranks may now disagree on where they are: end the job, rerun resumes
-            result = _row(item, seed, status="failed", error=one_line(exc), dp_group=rt.dp_rank,
+            result = _row(item, seed, status="failed", error=one_line(exc), dp_group=world.dp_rank,
                           seconds=round(time.perf_counter() - t0, 3))
-        if result is not None and rt.is_output_rank:
+        if result is not None and world.is_output_rank:
             results.append(result)
             error = f": {escape(result.error)}" if result.error else ""
-            console.print(f"dp group {rt.dp_rank}: item {n}/{len(mine)} [bold]{item.stem}[/] {result.status} "
+            console.print(f"dp group {world.dp_rank}: item {n}/{len(mine)} [bold]{item.stem}[/] {result.status} "
                           f"in {result.seconds:.1f}s{error}", highlight=False)
     return results
 
 
-def _run_item(session: Any, item: BatchItem, cfg: RunConfig, seed: int, dp_group: int,
+def _run_item(session: Any, item: BatchItem, config: RunConfig, seed: int, dp_group: int,
               prompts_file: Path) -> ItemResult | None:
     """Generate one item; on the group's output rank write its manifest (after the video) and report."""
-    from launcher.session import Outputs
-    from launcher.video import manifest_path_for, write_json
+    from launcher.outputs.files import Outputs
+    from launcher.outputs.atomic import manifest_path_for, write_json
 
-    assert cfg.save_file is not None
+    assert config.save_file is not None
     t0 = time.perf_counter()
-    manifest = session.generate(cfg, seed, Outputs(video=cfg.save_file))
+    manifest = session.generate(config, seed, Outputs(video=config.save_file))
     if manifest is None:
         return None  # not the group's output rank
     manifest["batch"] = {"prompts_file": str(prompts_file), "index": item.index, "line": item.line,
                          "name": item.stem, "dp_group": dp_group}
-    write_json(manifest_path_for(cfg.save_file), manifest)
-    return ItemResult.from_manifest(_row(item, seed, status="ok"), manifest, cfg.save_file,
+    write_json(manifest_path_for(config.save_file), manifest)
+    return ItemResult.from_manifest(_row(item, seed, status="ok"), manifest, config.save_file,
                                     time.perf_counter() - t0, "ok", dp_group=dp_group)
 
 
@@ -148,7 +148,7 @@ def _merge(plan: BatchPlan, parts: list[list[ItemResult]], items: dict[int, Batc
 
 
 def _announce(plan: BatchPlan, n_items: int, n_file: int, shard: str | None, dp_size: int) -> None:
-    from launcher.report import console
+    from launcher.outputs.report import console
 
     where = f" (shard {shard} of {n_file} in the file)" if shard is not None else ""
     done = sum(r.status == "skipped" for r in plan.settled)
@@ -158,8 +158,7 @@ def _announce(plan: BatchPlan, n_items: int, n_file: int, shard: str | None, dp_
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out-dir {out_dir}: exists and is not a directory")
+    check_output_location(out_dir, "--out-dir", directory=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -168,7 +167,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | None, flags: dict[str, Any]) -> int:
     """Run the batch; 0 when every item is done (now or before), 3 when any failed."""
-    from launcher.checkpoints import inspect_checkpoint
+    from launcher.checkpoint import inspect_checkpoint
 
     started = time.perf_counter()
     shard_ix = parse_shard(shard)
@@ -186,20 +185,20 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
         except InputError as e:
             configs[item.index] = one_line(e)
 
-    from launcher.runtime import running
+    from launcher.engine.world import open_world
 
-    with running(base, num_heads=info.num_heads, allow_data_parallel=True) as rt:
-        plan = rt.all_gather_object(make_plan(items, configs, flags, force=force) if rt.rank == 0 else None)[0]
-        if rt.rank == 0:
-            _announce(plan, len(items), len(all_items), shard_text, rt.dp_size)
+    with open_world(base, num_heads=info.num_heads, allow_data_parallel=True) as world:
+        plan = world.all_gather_object(plan_batch(items, configs, flags, force=force) if world.rank == 0 else None)[0]
+        if world.rank == 0:
+            _announce(plan, len(items), len(all_items), shard_text, world.dp_size)
         by_index = {item.index: item for item in items}
-        local = _generate_share(plan, by_index, configs, rt, info, Path(prompts_file))
-        results = _merge(plan, rt.all_gather_object(local, patient=True), by_index)
-        if rt.rank == 0:
+        local = _generate_share(plan, by_index, configs, world, info, Path(prompts_file))
+        results = _merge(plan, world.all_gather_object(local, patient=True), by_index)
+        if world.rank == 0:
             write_summary(
                 out_dir / summary_name(shard_ix), results, prompts_file=str(prompts_file), out_dir=str(out_dir),
                 shard=shard_text, task=base.task.name,
-                world=rt.describe(), seconds=round(time.perf_counter() - started, 3),
+                world=world.describe(), seconds=round(time.perf_counter() - started, 3),
             )
             print_table(results, title=f"batch {Path(prompts_file).name} -> {out_dir}")
     return EXIT_SOME_FAILED if any(r.status == "failed" for r in results) else 0

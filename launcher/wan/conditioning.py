@@ -1,6 +1,6 @@
 """Latent shapes, noise and image conditioning exactly as the official Wan2.2 pipeline.
 
-Pure tensor/PIL functions, float32, no models (PIPELINE_FACTS 12, 16, 17, 18). The float
+Pure tensor/PIL functions, float32, no models (docs/pipeline_facts.md #12, #16, #17, #18). The float
 arithmetic copies the official expressions on purpose: e.g. a 832x480 (w x h) image at
 area 832*480 becomes 832x464 in official i2v-A14B, because `399360 * (480/832)` is
 230399.99999999997 and its square root floors one step lower.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from launcher.tasks import TASKS, TaskSpec
+from launcher.wan.tasks import TASKS, TaskSpec
 
 #: the official DiT patch (frames, height, width); i2v/ti2v code hard-codes the 2x2 token stride
 PATCH_SIZE: tuple[int, int, int] = (1, 2, 2)

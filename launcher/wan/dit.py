@@ -3,16 +3,18 @@
 We call the sub-modules (patch embed, rope, condition embedder, blocks, head) instead of the
 root `forward` because we must own two things diffusers' forward hides: where the token sequence
 is split across ranks (Ulysses) and the block stack that MagCache may skip. Numerics are the
-diffusers modules' own, which equal the official WanModel (PIPELINE_FACTS 34).
+diffusers modules' own, which equal the official WanModel (docs/pipeline_facts.md #34).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
+
+from magcache.controller import BlockRunner
 
 
 class SequenceSharding(Protocol):
@@ -31,13 +33,6 @@ class SequenceSharding(Protocol):
 
     def local_valid(self, valid_len: int) -> int:
         """How many of this rank's tokens are real (not padding) when the sequence has `valid_len`."""
-
-
-class BlockRunner(Protocol):
-    """What runs (or skips) the block stack: MagCache's controller, its no-op twin, or the recorder."""
-
-    def forward(self, index: int, x: torch.Tensor, run_blocks: Callable[[torch.Tensor], torch.Tensor],
-                expert: str = "single", valid: int | None = None) -> torch.Tensor: ...
 
 
 class LocalSequence:

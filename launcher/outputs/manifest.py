@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from launcher.checkpoints import CheckpointInfo
+    from launcher.checkpoint import CheckpointInfo
     from launcher.config import RunConfig
-    from launcher.pipeline import Result
-    from launcher.runtime import Runtime
+    from launcher.wan.pipeline import Result
     from magcache.ratios import RatioTable
 
 MANIFEST_VERSION = 1
@@ -27,11 +26,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def flags_of(cfg: "RunConfig") -> dict[str, Any]:
+def flags_of(config: "RunConfig") -> dict[str, Any]:
     """Every resolved flag, JSON-friendly (the task as its name, paths as strings)."""
     out: dict[str, Any] = {}
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
+    for f in fields(config):
+        value = getattr(config, f.name)
         if f.name == "task":
             value = value.name
         elif f.name == "magcache":
@@ -44,24 +43,24 @@ def flags_of(cfg: "RunConfig") -> dict[str, Any]:
     return out
 
 
-def magcache_section(cfg: "RunConfig", decisions: list[dict[str, Any]], table: "RatioTable | None") -> dict[str, Any]:
+def magcache_section(config: "RunConfig", decisions: list[dict[str, Any]], table: "RatioTable | None") -> dict[str, Any]:
     total = len(decisions)
     skipped = [d["index"] for d in decisions if d["skip"]]
     by_branch = {"cond": 0, "uncond": 0}
-    by_expert: dict[str, int] = {e: 0 for e in cfg.task.experts}
+    by_expert: dict[str, int] = {e: 0 for e in config.task.experts}
     for d in decisions:
         if d["skip"]:
             by_branch[d["branch"]] += 1
             by_expert[d["expert"]] = by_expert.get(d["expert"], 0) + 1
     computed = total - len(skipped)
     return {
-        "enabled": cfg.magcache.enabled,
-        "calibration": cfg.magcache.calibration,
-        "thresh": cfg.magcache.thresh,
-        "K": cfg.magcache.K,
-        "retention_ratio": cfg.magcache.retention_ratio,
-        "split": cfg.magcache.split,
-        "reset_at_switch": cfg.magcache.reset_at_switch,
+        "enabled": config.magcache.enabled,
+        "calibration": config.magcache.calibration,
+        "thresh": config.magcache.thresh,
+        "K": config.magcache.K,
+        "retention_ratio": config.magcache.retention_ratio,
+        "split": config.magcache.split,
+        "reset_at_switch": config.magcache.reset_at_switch,
         "ratio_table": None if table is None else {"key": table.key, "source": table.source,
                                                    "sample_steps": table.sample_steps},
         "total_forwards": total,
@@ -77,9 +76,9 @@ def magcache_section(cfg: "RunConfig", decisions: list[dict[str, Any]], table: "
 
 def build_manifest(
     *,
-    cfg: "RunConfig",
+    config: "RunConfig",
     info: "CheckpointInfo",
-    rt: "Runtime",
+    world: dict[str, Any],
     seed: int,
     result: "Result",
     decisions: list[dict[str, Any]],
@@ -94,20 +93,20 @@ def build_manifest(
         "manifest_version": MANIFEST_VERSION,
         "video": files.get("video"),
         "sha256": files.get("video_sha256"),
-        "task": cfg.task.name,
-        "prompt": cfg.prompt,
+        "task": config.task.name,
+        "prompt": config.prompt,
         "seed": seed,
-        "flags": flags_of(cfg),
+        "flags": flags_of(config),
         "output": {"frames": files.get("video_frames"), "size": files.get("video_size"),
-                   "fps": cfg.task.sample_fps, **{k: v for k, v in files.items() if k not in ("video", "video_sha256")}},
+                   "fps": config.task.sample_fps, **{k: v for k, v in files.items() if k not in ("video", "video_sha256")}},
         "latent_shape": list(result.latents.shape),
         "seq_len": result.seq_len,
-        "scheduler": {"solver": cfg.sample_solver, "steps": cfg.sample_steps, "shift": cfg.sample_shift,
+        "scheduler": {"solver": config.sample_solver, "steps": config.sample_steps, "shift": config.sample_shift,
                       "timesteps": result.timesteps, "experts": result.experts_per_step},
-        "world": rt.describe(),
+        "world": world,
         "checkpoint": {"dir": str(info.root), "layout": info.layout, "num_heads": info.num_heads,
                        "in_channels": info.in_channels, "vae": info.vae_version},
-        "magcache": magcache_section(cfg, decisions, table),
+        "magcache": magcache_section(config, decisions, table),
         "calibration": calibration,
         "timings_s": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in result.timings.items()}},
         "peak_memory_mb": peak_memory,

@@ -15,10 +15,11 @@ from typing import Callable, Protocol
 import torch
 from PIL import Image
 
-from launcher import conditioning as cond
-from launcher.dit import BlockRunner, WanDiT, pad_context
-from launcher.solvers import make_scheduler
-from launcher.tasks import TaskSpec
+from launcher.wan import conditioning as cond
+from launcher.wan.dit import WanDiT, pad_context
+from magcache.controller import BlockRunner
+from launcher.wan.solvers import make_scheduler
+from launcher.wan.tasks import TaskSpec
 
 
 class BranchExchange(Protocol):
@@ -119,7 +120,7 @@ class WanPipeline:
 
     # -- text -------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> list[torch.Tensor]:
-        from launcher.text_encoder import encode_prompts
+        from launcher.wan.text_encoder import encode_prompts
 
         if self.m.offload_text_encoder:
             self.m.text_encoder.to(self.m.text_device)
@@ -142,7 +143,7 @@ class WanPipeline:
                                                       task.vae_stride[1], task.patch_size[1])
             lat_f = (req.frame_num - 1) // task.vae_stride[0] + 1
             noise = cond.draw_noise((task.z_dim, lat_f, lat_h, lat_w), req.seed, dev)
-            from launcher.vae import encode
+            from launcher.wan.vae import encode
 
             frame = cond.i2v_resize(img, h, w)
             video = cond.i2v_condition_video(frame, req.frame_num)
@@ -150,7 +151,7 @@ class WanPipeline:
             y = cond.i2v_y(cond.i2v_mask(req.frame_num, lat_h, lat_w).to(dev), latent_img)
             latent = noise
         elif task.mode == "ti2v" and req.image is not None:
-            from launcher.vae import encode
+            from launcher.wan.vae import encode
 
             img = cond.ti2v_prepare_image(req.image, req.max_area)  # [3,1,oh,ow]
             z = encode(self.m.vae, img.to(dev))
@@ -228,7 +229,7 @@ class WanPipeline:
                     self.on_step(i + 1, req.steps)
         video = None
         if self.decode:
-            from launcher.vae import decode
+            from launcher.wan.vae import decode
 
             with timer.phase("decode"):
                 video = decode(self.m.vae, latent)

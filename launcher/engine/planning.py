@@ -6,11 +6,11 @@ the one a generation executes.
 from __future__ import annotations
 
 from magcache.plan import Plan, plan
-from magcache.ratios import RatioTable, RatioTableError, bundled_table, load_ratio_file, table_key
+from magcache.ratios import RatioTable, bundled_table, load_ratio_file, table_key
 from magcache.schedule import MagCacheParams, MagCacheSchedule, build_schedule
 
-from launcher.config import MagCacheOptions, UsageError
-from launcher.tasks import TASKS, TaskSpec
+from launcher.config import MagCacheOptions
+from launcher.wan.tasks import TASKS, TaskSpec
 
 
 def magcache_params(options: MagCacheOptions) -> MagCacheParams:
@@ -25,17 +25,14 @@ def magcache_params(options: MagCacheOptions) -> MagCacheParams:
 
 def ratio_table(task: TaskSpec, *, with_image: bool, options: MagCacheOptions) -> RatioTable:
     """The calibrated file when given (checked against the task), else the bundled table."""
-    try:
-        if options.ratios_file is not None:
-            return load_ratio_file(options.ratios_file, task=task.name)
-        return bundled_table(table_key(task.name, with_image))
-    except RatioTableError as e:
-        raise UsageError(str(e)) from None
+    if options.ratios_file is not None:
+        return load_ratio_file(options.ratios_file, task=task.name)
+    return bundled_table(table_key(task.name, with_image))
 
 
 def scheduler_timesteps(solver: str, steps: int, shift: float) -> list[int]:
     """The timesteps the pipeline's scheduler will produce, computed without building it."""
-    from launcher.solvers import official_timesteps
+    from launcher.wan.solvers import official_timesteps
 
     return [int(t) for t in official_timesteps(solver, steps, shift)]
 
@@ -52,17 +49,10 @@ def make_schedule(
 
 
 def make_plan(
-    *, task: str, steps: int | None, shift: float | None, solver: str, with_image: bool, options: MagCacheOptions
+    *, task: str, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
 ) -> Plan:
-    if task not in TASKS:
-        raise UsageError(f"--task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+    """The MagCache schedule, forward by forward, for resolved settings (`config.resolve_sampling`)."""
     spec = TASKS[task]
-    steps = spec.sample_steps if steps is None else steps
-    shift = spec.sample_shift if shift is None else shift
-    if steps < 1:
-        raise UsageError(f"--sample_steps {steps}: must be >= 1")
-    if solver not in ("unipc", "dpm++"):
-        raise UsageError(f"--sample_solver {solver!r}: choose unipc or dpm++")
     table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
     return plan(
         spec.mode, steps, shift, spec.boundary, magcache_params(options), table.mag(steps),

@@ -3,7 +3,7 @@
 Official (Wan-Video/Wan2.2 release): `high_noise_model/`, `low_noise_model/` (A14B) or the root
 (ti2v-5B) hold a WanModel `config.json` + safetensors; `models_t5_umt5-xxl-enc-bf16.pth`,
 `Wan2.x_VAE.pth`, `google/umt5-xxl/`. Dims missing from the configs come from tensor shapes
-(PIPELINE_FACTS 35). Diffusers (`*-Diffusers` repos): `model_index.json` and component folders.
+(docs/pipeline_facts.md #35). Diffusers (`*-Diffusers` repos): `model_index.json` and component folders.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config
 
-from launcher.checkpoint_files import (
+from launcher.checkpoint.files import (
     CheckpointError,
     StoredTensors,
     check_tokenizer_dir,
@@ -26,10 +26,10 @@ from launcher.checkpoint_files import (
     require_dir,
     weight_files,
 )
-from launcher.keymaps import T5_TIED_ALIASES, t5_key_map, wan_transformer_key_map, wan_vae_key_map
-from launcher.tasks import TaskSpec
-from launcher.tensor_sources import WeightFiles
-from launcher.vae import LATENT_STATS
+from launcher.checkpoint.keymaps import T5_TIED_ALIASES, t5_key_map, wan_transformer_key_map, wan_vae_key_map
+from launcher.wan.tasks import TaskSpec
+from launcher.checkpoint.sources import WeightFiles
+from launcher.wan.vae import LATENT_STATS
 
 #: diffusers' WanPipeline: `transformer` runs for t >= boundary (high noise), `transformer_2` below it.
 DIFFUSERS_EXPERT_FOLDERS: dict[str, str] = {"high": "transformer", "low": "transformer_2", "single": "transformer"}
@@ -60,7 +60,7 @@ def official_dit_config(config: Mapping[str, Any], shapes: Mapping[str, tuple[in
     """
     try:
         dim, heads = int(config["dim"]), int(config["num_heads"])
-        cfg = {
+        config = {
             "patch_size": list(shapes["patch_embedding.weight"][2:]), "num_attention_heads": heads,
             "attention_head_dim": dim // heads, "in_channels": int(config["in_dim"]),
             "out_channels": int(config["out_dim"]), "text_dim": shapes["text_embedding.0.weight"][1],
@@ -73,11 +73,11 @@ def official_dit_config(config: Mapping[str, Any], shapes: Mapping[str, tuple[in
                               "re-download the checkpoint") from None
     if heads <= 0 or dim % heads:
         raise CheckpointError(f"{path}: dim {dim} is not a multiple of num_heads {heads}; the config is corrupt")
-    return {**_init_defaults(WanTransformer3DModel), **cfg}
+    return {**_init_defaults(WanTransformer3DModel), **config}
 
 
 def official_t5_config(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
-    """umt5 dims from the `.pth` tensor shapes (the official loader hard-codes xxl; PIPELINE_FACTS 33/35)."""
+    """umt5 dims from the `.pth` tensor shapes (the official loader hard-codes xxl; docs/pipeline_facts.md #33, #35)."""
     try:
         vocab, dim = shapes["token_embedding.weight"]
         num_buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
@@ -95,7 +95,7 @@ def official_t5_config(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dic
 
 
 def official_vae_config(shapes: Mapping[str, tuple[int, ...]], version: str, path: Path) -> dict[str, Any]:
-    """`AutoencoderKLWan` kwargs from the `.pth` tensor shapes (PIPELINE_FACTS 32/35)."""
+    """`AutoencoderKLWan` kwargs from the `.pth` tensor shapes (docs/pipeline_facts.md #32, #35)."""
     try:
         base_dim = shapes["encoder.conv1.weight"][0]
         z_dim = shapes["conv2.weight"][0]
@@ -106,15 +106,15 @@ def official_vae_config(shapes: Mapping[str, tuple[int, ...]], version: str, pat
     if z_dim != len(mean):
         raise CheckpointError(f"{path}: latent width {z_dim}, but a Wan{version} VAE has {len(mean)}; "
                               "the file is another VAE, re-download it")
-    cfg: dict[str, Any] = {
+    config: dict[str, Any] = {
         "base_dim": base_dim, "z_dim": z_dim, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
         "temperal_downsample": [False, True, True], "dropout": 0.0,
         "latents_mean": list(mean), "latents_std": list(std),
     }
     if version == "2.2":
-        cfg.update(decoder_base_dim=dec_dim, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        config.update(decoder_base_dim=dec_dim, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
                    scale_factor_temporal=4, scale_factor_spatial=16)
-    return {**_init_defaults(AutoencoderKLWan), **cfg}
+    return {**_init_defaults(AutoencoderKLWan), **config}
 
 
 def _official_expert_dirs(root: Path, task: TaskSpec) -> dict[str, Path]:
@@ -138,9 +138,9 @@ def _official_dit(folder: Path) -> tuple[dict[str, Any], WeightFiles]:
         raise CheckpointError(f"{config_path}: _class_name is {config.get('_class_name')!r}, expected 'WanModel'; "
                               "point --ckpt_dir at an official Wan2.2 checkpoint")
     stored = read_safetensors(folder, "diffusion_pytorch_model")
-    cfg = official_dit_config(config, _shapes(stored), config_path)
+    dit_config = official_dit_config(config, _shapes(stored), config_path)
     key_map = mapped(wan_transformer_key_map, list(stored), folder)
-    return cfg, weight_files("safetensors", stored, key_map, folder)
+    return dit_config, weight_files("safetensors", stored, key_map, folder)
 
 
 def inspect_official(root: Path, task: TaskSpec) -> Parts:
@@ -151,7 +151,7 @@ def inspect_official(root: Path, task: TaskSpec) -> Parts:
     vae_path = root / task.vae_checkpoint
     vae = read_pth(vae_path)
     return {
-        "transformer_configs": {e: cfg for e, (cfg, _) in dits.items()},
+        "transformer_configs": {e: config for e, (config, _) in dits.items()},
         "transformer_weights": {e: w for e, (_, w) in dits.items()},
         "t5_config": official_t5_config(_shapes(t5), t5_path),
         "t5_weights": weight_files("pth", t5, mapped(t5_key_map, list(t5), t5_path), t5_path),

@@ -1,37 +1,13 @@
-"""Outputs: mp4, lossless frames, latents and the JSON manifest, each written atomically.
-
-Every file is written to a hidden temp name in the destination directory and renamed into place,
-so an interrupted or failed run never leaves a half-written output under the final name.
-"""
+"""Video, frame and latent files, each written atomically (see `launcher.outputs.atomic`)."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-
-@contextlib.contextmanager
-def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from launcher.outputs.atomic import atomic_path
 
 
 def frames_uint8_truncated(video: torch.Tensor) -> np.ndarray:
@@ -113,21 +89,3 @@ def write_latents(path: Path, latents: torch.Tensor) -> None:
 
     with atomic_path(Path(path), suffix=".safetensors") as tmp:
         save_file({"latents": latents.detach().float().contiguous().cpu()}, str(tmp))
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(Path(path), suffix=".json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest_path_for(video_path: Path) -> Path:
-    """The manifest sits beside the video: `clip.mp4` -> `clip.json`."""
-    return Path(video_path).with_suffix(".json")

@@ -1,4 +1,4 @@
-"""Wan VAE encode/decode with the official latent normalisation (PIPELINE_FACTS 20-21).
+"""Wan VAE encode/decode with the official latent normalisation (docs/pipeline_facts.md #20, #21).
 
 `diffusers.AutoencoderKLWan` already does the official causal chunking: `_encode` runs frame 0
 alone then 4-frame chunks through one feature cache, `_decode` runs one latent frame at a time

@@ -1,6 +1,6 @@
 """The official Wan2.2 flow-matching solvers, rebuilt on diffusers' schedulers.
 
-Official (`wan/utils/fm_solvers*.py` @ 42bf4cf, PIPELINE_FACTS 13, 30, 31):
+Official (`wan/utils/fm_solvers*.py` @ 42bf4cf, docs/pipeline_facts.md #13, #30, #31):
 - UniPC: `FlowUniPCMultistepScheduler(shift=1)` then `set_timesteps(steps, shift=shift)`;
   base sigmas `linspace(sigma_max, 0, steps+1)[:-1]` where `sigma_max` is the first
   sigma of the float32 training table read back with `.item()`, i.e. float32(0.999) =

@@ -1,4 +1,4 @@
-"""Prompt -> umt5 context exactly as the official `T5EncoderModel.__call__` (PIPELINE_FACTS 1-4).
+"""Prompt -> umt5 context exactly as the official `T5EncoderModel.__call__` (docs/pipeline_facts.md #1-#4).
 
 The encoder sees all `text_len` positions with the pad mask; the result is trimmed to the real
 length (tokens incl. `</s>`). Padding back to `text_len` rows is the DiT's job (fact 6), not ours.

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.config import RunConfig
-from launcher.manifest import flags_of
-from launcher.video import manifest_path_for, sha256_of, write_json
+from launcher.outputs.manifest import flags_of
+from launcher.outputs.atomic import manifest_path_for, sha256_of, write_json
 
 Status = Literal["ok", "failed", "skipped"]
 SUMMARY_VERSION = 1
@@ -66,12 +66,12 @@ def _comparable_flags(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plain.items() if k not in LAYOUT_FLAGS}
 
 
-def verified_manifest(cfg: RunConfig, seed: int | None) -> dict[str, Any] | None:
-    """The manifest of `cfg.save_file` if video and manifest exist and belong to this item, else None.
+def verified_manifest(config: RunConfig, seed: int | None) -> dict[str, Any] | None:
+    """The manifest of `config.save_file` if video and manifest exist and belong to this item, else None.
 
     `seed` None means the item's seed is drawn at random: any recorded seed is then this item's.
     """
-    video = cfg.save_file
+    video = config.save_file
     if video is None or not video.is_file():
         return None
     path = manifest_path_for(video)
@@ -81,11 +81,11 @@ def verified_manifest(cfg: RunConfig, seed: int | None) -> dict[str, Any] | None
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("flags"), dict):
         return None
-    if manifest.get("sha256") != sha256_of(video) or manifest.get("prompt") != cfg.prompt:
+    if manifest.get("sha256") != sha256_of(video) or manifest.get("prompt") != config.prompt:
         return None
     if seed is not None and manifest.get("seed") != seed:
         return None
-    if _comparable_flags(manifest["flags"]) != _comparable_flags(flags_of(cfg)):
+    if _comparable_flags(manifest["flags"]) != _comparable_flags(flags_of(config)):
         return None
     return manifest
 
@@ -111,7 +111,7 @@ def print_table(results: list[ItemResult], *, title: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from launcher.report import console
+    from launcher.outputs.report import console
 
     style = {"ok": "green", "skipped": "cyan", "failed": "red"}
     table = Table(title=title)

@@ -8,6 +8,7 @@ from typing import Any
 
 from magcache.plan import Plan
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -46,20 +47,25 @@ def log(message: str) -> None:
     console.print(f"[dim]\\[magcache-launch][/] {message}")
 
 
-def print_summary(manifest: dict[str, Any]) -> None:
-    """The short end-of-run summary: where the video is, phase timings, skipped forwards."""
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """The end-of-run summary as short lines, each whole (a terminal wraps nothing mid-clause)."""
     timings = manifest.get("timings_s", {})
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-    console.print(f"[bold]video[/] {manifest.get('video')}  seed {manifest.get('seed')}")
-    console.print(f"timings: {phases}")
+    lines = [f"video {manifest.get('video')}  seed {manifest.get('seed')}",
+             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())]
     mc = manifest.get("magcache") or {}
     if mc.get("enabled"):
-        console.print(
-            f"magcache: skipped {mc['skipped_count']} of {mc['total_forwards']} forwards "
-            f"(cond {mc['skipped_by_branch'].get('cond', 0)}, uncond {mc['skipped_by_branch'].get('uncond', 0)}; "
-            + ", ".join(f"{k} {v}" for k, v in mc["skipped_by_expert"].items())
-            + f"), forward-count speedup {mc['forward_speedup']:.2f}x"
-        )
+        branches = ", ".join(f"{k} {v}" for k, v in mc["skipped_by_branch"].items())
+        experts = ", ".join(f"{k} {v}" for k, v in mc["skipped_by_expert"].items())
+        lines.append(f"magcache: skipped {mc['skipped_count']} of {mc['total_forwards']} forwards, "
+                     f"forward-count speedup {mc['forward_speedup']:.2f}x")
+        lines.append(f"  skipped by branch: {branches}; by expert: {experts}")
+    return lines
+
+
+def print_summary(manifest: dict[str, Any]) -> None:
+    """Where the video is, phase timings, skipped forwards (on stderr, with the other status lines)."""
+    for line in summary_lines(manifest):
+        console.print(escape(line), soft_wrap=True)
 
 
 @contextlib.contextmanager

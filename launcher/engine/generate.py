@@ -1,8 +1,8 @@
 """One `generate` (or `calibrate`) from a validated RunConfig to files on disk.
 
-Order matters and is fixed: runtime (process group) -> checkpoint inspection (no weights) ->
-flag/checkpoint cross-checks -> seed agreement -> model load -> denoise -> outputs on rank 0.
-The runtime is always torn down, whatever fails.
+Order matters and is fixed: checkpoint inspection (no weights) -> the World (layout checks, process
+group) -> seed agreement -> model load -> denoise -> outputs on rank 0. Flags and output locations
+were checked before any of it (`launcher.config`). The World is always torn down, whatever fails.
 """
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from launcher.config import RunConfig
 
+if TYPE_CHECKING:
+    from launcher.engine.world import World
 
-def default_save_file(cfg: RunConfig) -> Path:
+
+def default_save_file(config: RunConfig) -> Path:
     """Official naming: task_size_ulysses_prompt50_timestamp.mp4 in the working directory."""
-    prompt = cfg.prompt.replace(" ", "_").replace("/", "_")[:50]
+    prompt = config.prompt.replace(" ", "_").replace("/", "_")[:50]
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    return Path(f"{cfg.task.name}_{cfg.size.replace('*', 'x')}_{cfg.ulysses_size}_{prompt}_{stamp}.mp4")
+    return Path(f"{config.task.name}_{config.size.replace('*', 'x')}_{config.ulysses_size}_{prompt}_{stamp}.mp4")
 
 
 def draw_seed(base_seed: int) -> int:
@@ -34,19 +39,19 @@ class _Stage:
         self.now = now
 
 
-def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict[str, Any] | None:
+def run_generate(config: RunConfig, *, calibration_out: Path | None = None) -> dict[str, Any] | None:
     """Run one generation; returns the manifest on the output rank (None elsewhere)."""
-    from launcher.checkpoints import inspect_checkpoint
+    from launcher.checkpoint import inspect_checkpoint
     from launcher.errors import peer_lost
-    from launcher.runtime import running
+    from launcher.engine.world import open_world
 
-    info = inspect_checkpoint(cfg.ckpt_dir, cfg.task)
-    if calibration_out is None and cfg.magcache.calibration:
-        calibration_out = Path(f"magcache_ratios_{cfg.task.name}.json")
+    info = inspect_checkpoint(config.ckpt_dir, config.task)
+    if calibration_out is None and config.magcache.calibration:
+        calibration_out = Path(f"magcache_ratios_{config.task.name}.json")
     stage = _Stage("while joining the other ranks")
     try:
-        with running(cfg, num_heads=info.num_heads) as rt:
-            manifest = _generate_on(rt, cfg, info, calibration_out, stage)
+        with open_world(config, num_heads=info.num_heads) as world:
+            manifest = _generate_on(world, config, info, calibration_out, stage)
             stage.now = "at the end of the run (outputs already written)"
         return manifest
     except Exception as e:
@@ -58,22 +63,23 @@ def run_generate(cfg: RunConfig, *, calibration_out: Path | None = None) -> dict
         raise lost from None
 
 
-def _generate_on(rt: Any, cfg: RunConfig, info: Any, calibration_out: Path | None,
+def _generate_on(world: "World", config: RunConfig, info: Any, calibration_out: Path | None,
                  stage: _Stage) -> dict[str, Any] | None:
     """Load, generate, write. The session (and its models) dies when this returns, before teardown."""
-    from launcher.report import print_summary
-    from launcher.session import GenerationSession, Outputs
-    from launcher.video import manifest_path_for, write_json
+    from launcher.outputs.report import print_summary
+    from launcher.engine.session import GenerationSession
+    from launcher.outputs.files import Outputs
+    from launcher.outputs.atomic import manifest_path_for, write_json
 
-    seed = rt.broadcast_seed(draw_seed(cfg.base_seed))
-    video = cfg.save_file
+    seed = world.broadcast_seed(draw_seed(config.base_seed))
+    video = config.save_file
     if video is None and calibration_out is None:
-        video = default_save_file(cfg)
-    outputs = Outputs(video=video, frames=cfg.save_frames, latents=cfg.save_latents, calibration=calibration_out)
+        video = default_save_file(config)
+    outputs = Outputs(video=video, frames=config.save_frames, latents=config.save_latents, calibration=calibration_out)
     stage.now = "while loading the model"
-    session = GenerationSession(cfg, info, rt)
+    session = GenerationSession(config, info, world)
     stage.now = "while generating"
-    manifest = session.generate(cfg, seed, outputs)
+    manifest = session.generate(config, seed, outputs)
     if manifest is not None:
         target = video if video is not None else Path(calibration_out).with_suffix(".run.json")
         write_json(manifest_path_for(target), manifest)

@@ -1,0 +1,68 @@
+"""Assemble one rank's models: build on meta -> parallelize -> load, in that order.
+
+Each step has one owner: `launcher.checkpoint.load` builds and fills modules, `launcher.wan.parallelize`
+decides how they are split over the ranks, `launcher.engine.placement` where and in which dtype
+they live. Sharding before loading is what lets each rank read only its rows of every block.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from launcher.checkpoint import CheckpointInfo
+from launcher.checkpoint.load import (
+    build_text_encoder_on_meta,
+    build_transformer_on_meta,
+    load_module,
+    load_tokenizer,
+    load_vae,
+    t5_source,
+    transformer_source,
+)
+from launcher.config import RunConfig
+from launcher.engine.placement import Placement
+from launcher.wan.parallelize import ParallelWan, parallelize_wan
+from launcher.wan.pipeline import Models
+
+if TYPE_CHECKING:
+    from parallel.mesh import ParallelMesh
+
+
+def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
+                mesh: "ParallelMesh | None" = None) -> tuple[Models, ParallelWan]:
+    """Every module of the task on this rank, ready for `WanPipeline`, and how they were split."""
+    experts = {name: build_transformer_on_meta(info, name, placement.dit_param_dtype) for name in config.task.experts}
+    text_encoder = build_text_encoder_on_meta(info, placement.compute_dtype)
+    par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp)
+
+    offload_experts = placement.offload_model and len(config.task.experts) > 1 and not par.dit_sharded
+    offload_t5 = placement.offload_model and placement.text_device.type == "cuda" and not par.t5_sharded
+    for i, (name, dit) in enumerate(par.experts.items()):
+        # with offload only the first-used expert starts on the GPU (high noise runs first)
+        device = placement.device if (i == 0 or not offload_experts) else torch.device("cpu")
+        load_module(dit.model, transformer_source(info, name), device=device)
+        if par.dit_sharded:
+            dit.model.rope.to(device)  # the non-persistent RoPE tables were built on the CPU
+        else:
+            dit.model.to(device)
+    t5_device = placement.device if par.t5_sharded else (torch.device("cpu") if offload_t5 else placement.text_device)
+    load_module(text_encoder, t5_source(info), device=t5_device)
+    text_encoder.tie_weights()  # encoder.embed_tokens.weight is shared.weight
+    if not par.t5_sharded:
+        text_encoder.to(t5_device)
+    vae, _ = load_vae(info, device=placement.device)
+    models = Models(
+        task=config.task,
+        tokenizer=load_tokenizer(info),
+        text_encoder=text_encoder,
+        vae=vae,
+        experts=par.experts,
+        device=placement.device,
+        text_device=placement.text_device,
+        dit_dtype=placement.compute_dtype,
+        autocast=placement.autocast,
+        offload_idle_expert=offload_experts,
+        offload_text_encoder=offload_t5,
+    )
+    return models, par

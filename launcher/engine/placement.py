@@ -1,0 +1,69 @@
+"""Where and in which dtype each module runs on this rank, by the official rules.
+
+DiT float32 unless --convert_model_dtype, autocast to the compute dtype on GPU, T5 in the compute
+dtype, VAE always float32; official --offload_model defaults to True on one GPU.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from launcher.config import RunConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where and how the modules run on this rank."""
+
+    device: torch.device
+    compute_dtype: torch.dtype
+    dit_param_dtype: torch.dtype
+    text_device: torch.device
+    autocast: bool
+    #: official --offload_model: park idle experts (and T5) on the CPU; only meaningful on a GPU
+    offload_model: bool
+
+
+def resolve_device(requested: str | None, local_rank: int) -> torch.device:
+    """--device, else cuda:LOCAL_RANK (modulo visible GPUs, for Slurm's per-task masks), else cpu."""
+    if requested:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def placement_for(config: RunConfig, *, local_rank: int = 0, world_size: int = 1,
+                  device: torch.device | None = None) -> Placement:
+    """`device`: the one the process group already bound this rank to, if any."""
+    if device is None or (config.device and torch.device(config.device).index is not None):
+        device = resolve_device(config.device, local_rank)
+    on_gpu = device.type == "cuda"
+    compute = DTYPES[config.dtype] if config.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    param = compute if config.convert_model_dtype else torch.float32
+    # official: offload defaults to True on one GPU and False with several; it only matters on a GPU
+    offload = (config.offload_model if config.offload_model is not None else world_size == 1) and on_gpu
+    return Placement(
+        device=device,
+        compute_dtype=compute,
+        dit_param_dtype=param,
+        text_device=torch.device("cpu") if config.t5_cpu else device,
+        autocast=on_gpu and compute != param,
+        offload_model=offload,
+    )
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak host RSS (and CUDA allocations) of this process so far, in MiB."""
+    out = {"host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return out

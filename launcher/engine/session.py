@@ -1,0 +1,116 @@
+"""A loaded model set that serves one or many generations (`generate` uses one, `batch` many).
+
+Loading is the expensive part (two 14B experts), so it happens once per session; each request
+gets a fresh block runner (MagCache state is per video), its own seed and its own outputs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from launcher.checkpoint import CheckpointInfo
+from launcher.config import RunConfig
+from launcher.engine.models import load_models
+from launcher.engine.planning import make_plan, make_schedule
+from launcher.engine.world import World
+from launcher.outputs.files import Outputs
+from launcher.outputs.manifest import build_manifest
+from launcher.wan.pipeline import Request, Result, WanPipeline
+
+
+class GenerationSession:
+    def __init__(self, config: RunConfig, info: CheckpointInfo, world: World) -> None:
+        self.config = config
+        self.info = info
+        self.world = world
+        if world.is_output_rank:
+            from launcher.outputs.report import log
+
+            log(f"{config.task.name}: loading the {info.layout}-layout checkpoint {info.root} "
+                f"on {world.world_size} rank(s), {world.placement.device}")
+        t0 = time.perf_counter()
+        self.models, self.parallel = load_models(config, info, world.placement, world.mesh)
+        self.load_seconds = time.perf_counter() - t0
+        self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank)
+
+    # -- one request ------------------------------------------------------------------------
+    def request_for(self, config: RunConfig, seed: int) -> Request:
+        image = None
+        if config.image is not None:
+            with Image.open(config.image) as im:
+                image = im.convert("RGB")
+        return Request(
+            prompt=config.prompt, negative_prompt=config.negative_or_default, seed=seed, width=config.width,
+            height=config.height, max_area=config.max_area, frame_num=config.frame_num, steps=config.sample_steps,
+            shift=config.sample_shift, solver=config.sample_solver, guide_scale=config.guide_scale, image=image,
+        )
+
+    def block_runner(self, config: RunConfig):
+        """MagCache controller, calibration recorder, or compute-all: fresh state per video."""
+        from magcache.controller import ComputeAll, MagCacheController
+
+        if config.magcache.calibration:
+            from magcache.calibrate import CalibrationRecorder
+
+            return CalibrationRecorder(reduce_sum=self.world.branch_sum()), None, []
+        if not config.magcache.enabled:
+            return ComputeAll(), None, []
+        schedule, table = make_schedule(
+            config.task, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
+            with_image=config.uses_image, options=config.magcache,
+        )
+        warnings = list(make_plan(task=config.task.name, steps=config.sample_steps, shift=config.sample_shift,
+                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache).warnings)
+        return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
+
+    def generate(self, config: RunConfig, seed: int, outputs: Outputs) -> dict[str, Any] | None:
+        """Run one request; the output rank writes files and returns the manifest."""
+        from launcher.outputs.report import progress_bar
+
+        runner, table, cache_warnings = self.block_runner(config)
+        warnings = config.warnings + cache_warnings
+        if self.world.is_output_rank:
+            from launcher.outputs.report import console
+
+            for w in warnings:
+                console.print(f"[yellow]warning:[/] {w}")
+        request = self.request_for(config, seed)
+        if self.world.is_output_rank:
+            from launcher.outputs.report import log
+
+            log(f"denoising {config.sample_steps} steps ({config.sample_solver}), seed {seed}")
+        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as on_step:
+            self.pipeline.on_step = on_step
+            result = self.pipeline.generate(request, runner)
+        decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])
+        calibration = self._calibration(config, runner, result, outputs) if config.magcache.calibration else None
+        peak = self.world.gather_peak_memory()
+        if not self.world.is_output_rank:
+            return None
+        from launcher.outputs.files import write_outputs
+
+        files = write_outputs(config, result, outputs)
+        return build_manifest(
+            config=config, info=self.info, world=self.world.describe(), seed=seed, result=result, decisions=decisions, table=table,
+            files=files, peak_memory=peak, load_seconds=self.load_seconds, calibration=calibration,
+            warnings=warnings,
+        )
+
+    def _calibration(self, config: RunConfig, recorder, result: Result, outputs: Outputs) -> dict[str, Any] | None:
+        """Merge the branches' records (CFG halves hold one each) and write the ratio file + plot."""
+        from magcache.calibrate import plot_calibration, table_from_records, write_ratio_file
+
+        records = self.world.gather_branches(list(recorder.records), lambda r: r.index)
+        if not self.world.is_output_rank or outputs.calibration is None:
+            return None
+        ratios, stds, cos_dists = table_from_records(records, config.sample_steps)
+        path = write_ratio_file(
+            outputs.calibration, config.ratio_table_key, config.sample_steps, config.sample_shift, ratios, stds, cos_dists,
+            meta={"prompt": config.prompt, "checkpoint": str(config.ckpt_dir)},
+        )
+        png = plot_calibration(Path(outputs.calibration).with_suffix(".png"), records,
+                               title=f"{config.task.name} {config.sample_steps} steps")
+        return {"ratio_file": str(path), "plot": str(png), "forwards": len(records)}

@@ -1,0 +1,270 @@
+"""The ranks of a run, built once: launch environment, process groups, mesh, placement.
+
+`open_world(config, ...)` is the one run lifecycle of `generate` and `batch`: check the layout for
+this world (every rank, before any rendezvous), join the process group, build the mesh, yield a
+frozen `World`, and always tear down. The session and pipeline never compute ranks or call
+collectives themselves; they ask the World. Groups come from `parallel/`.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from launcher.config import RunConfig, UsageError
+from launcher.engine.placement import Placement, peak_memory_mb, placement_for
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from parallel.dist import DistContext
+    from parallel.launch import LaunchEnv
+    from parallel.mesh import ParallelDims, ParallelMesh
+
+
+@dataclass
+class _Groups:
+    """The process-group handles a World holds; emptied at teardown.
+
+    Separate from the frozen World so that shutdown can drop every reference: a gloo group that
+    outlives `destroy_process_group` is freed during interpreter exit and aborts it (parallel.dist).
+    """
+
+    ctx: "DistContext | None" = None
+    mesh: "ParallelMesh | None" = None
+    #: whole-world gloo group without a practical timeout, for batch's end-of-run gather: a dp
+    #: replica that finishes early waits there for the slowest one (a dead peer still fails it fast)
+    patient: "dist.ProcessGroup | None" = None
+
+
+@dataclass(frozen=True)
+class World:
+    """This rank's place in the run: who it is, what it computes, where its tensors live."""
+
+    placement: Placement
+    rank: int = 0
+    world_size: int = 1
+    launch_kind: str = "single"
+    #: data-parallel replicas x classifier-free-guidance halves x sequence-parallel ranks = world_size
+    dp_size: int = 1
+    cfg_size: int = 1
+    sp_size: int = 1
+    dp_rank: int = 0
+    #: writes this replica's outputs and decodes (rank 0 of each dp group's config x sp block)
+    is_output_rank: bool = True
+    _groups: _Groups = field(default_factory=_Groups, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def mesh(self) -> "ParallelMesh | None":
+        """The parallel mesh (None in one process) for `launcher.wan.parallelize`."""
+        return self._groups.mesh
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return {"dp": self.dp_size, "cfg": self.cfg_size, "sp": self.sp_size}
+
+    def describe(self) -> dict[str, Any]:
+        ctx = self._groups.ctx
+        return {"size": self.world_size, "launch": self.launch_kind, "mesh": self.mesh_shape,
+                "backend": None if ctx is None else ctx.backend,
+                "device": str(self.placement.device), "dtype": str(self.placement.compute_dtype).replace("torch.", "")}
+
+    # -- what MagCache needs from the ranks of one branch ---------------------------------------
+    def magcache_sync(self) -> Callable[[bool], bool] | None:
+        """The "may skip" agreement among the ranks computing one branch (None: nobody to agree with)."""
+        mesh = self._groups.mesh
+        if mesh is None or self.sp_size == 1:
+            return None
+        from parallel.dist import agree_min
+
+        return agree_min(mesh.branch_cpu_group)
+
+    def branch_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """SUM over the sequence group, for calibration statistics (None: one rank holds the sequence)."""
+        mesh = self._groups.mesh
+        if mesh is None or self.sp_size == 1:
+            return None
+        from parallel.dist import reduce_sum
+
+        return reduce_sum(mesh.branch_group)
+
+    # -- small CPU-side exchanges -----------------------------------------------------------------
+    @staticmethod
+    def _gather_in(group: "dist.ProcessGroup | None", obj: Any) -> list[Any]:
+        if group is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    def _replica_gather(self, obj: Any) -> list[Any]:
+        """Everyone of this dp replica (config x sp ranks), never other replicas: they may be elsewhere."""
+        mesh = self._groups.mesh
+        if mesh is None:
+            return [obj]
+        per_sp = self._gather_in(mesh.cpu_group("sp"), obj)
+        per_cfg = self._gather_in(mesh.cpu_group("cfg"), per_sp)
+        return [x for half in per_cfg for x in half]
+
+    def gather_branches(self, local: list[Any], index: Callable[[Any], int]) -> list[Any]:
+        """Both branches' items of this replica, sorted by `index` (with CFG-parallel each half holds one)."""
+        mesh = self._groups.mesh
+        if mesh is None or self.cfg_size == 1:
+            return sorted(local, key=index)
+        halves = self._gather_in(mesh.cpu_group("cfg"), local)
+        return sorted((x for half in halves for x in half), key=index)
+
+    def gather_peak_memory(self) -> list[dict[str, Any]]:
+        mine = {"rank": self.rank, **peak_memory_mb(self.placement.device)}
+        return sorted(self._replica_gather(mine), key=lambda m: m["rank"])
+
+    def broadcast_seed(self, seed: int) -> int:
+        """Rank 0's seed everywhere (a drawn seed must be the same on every rank)."""
+        return self.all_gather_object(seed)[0]
+
+    def all_gather_object(self, obj: Any, *, patient: bool = False) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (CPU-side, small objects only).
+
+        `patient`: wait as long as other dp replicas need (batch's final gather), not --dist-timeout.
+        """
+        g = self._groups
+        if g.ctx is None or not g.ctx.is_distributed:
+            return [obj]
+        group = g.patient if patient and g.patient is not None else g.ctx.cpu_group
+        return self._gather_in(group, obj)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
+        self.all_gather_object(None)
+
+    def shutdown(self, clean: bool = True) -> None:
+        """Tear down process groups; `clean=False` after a failure skips the final barrier."""
+        g = self._groups
+        ctx = g.ctx
+        g.ctx = g.mesh = g.patient = None
+        if ctx is not None:
+            with _signals_deferred(deliver=clean):
+                ctx.shutdown(clean=clean)
+
+
+@contextlib.contextmanager
+def _signals_deferred(*, deliver: bool) -> Iterator[None]:
+    """Hold SIGTERM/SIGINT until the process groups are gone; then deliver them, or drop them.
+
+    After a peer dies, torchrun/srun SIGTERM the survivors while they are already tearing down;
+    our handler raising `Terminated` in the middle of DistContext.shutdown would skip releasing the
+    groups and bring back the gloo abort at exit. `deliver=False` (teardown after a failure): the
+    process is already ending with the real reason (a dead peer, a full disk), which a late
+    "stopped by SIGTERM" would hide; `deliver=True` (clean end): re-raise, so the exit is 143/130.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if callable(handler):  # a Python handler (ours, or KeyboardInterrupt's); leave SIG_IGN/SIG_DFL be
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending) if deliver else ():
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def open_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool = False) -> Iterator[World]:
+    """`start_world`, and a teardown that always runs and never leaves a group alive.
+
+    After a failure the teardown skips its barrier (a peer may never reach it) and first clears
+    the traceback's frames: they hold the models, whose FSDP/Ulysses state references process
+    groups, and a group that outlives shutdown is the gloo exit abort (see parallel.dist).
+    """
+    world = start_world(config, num_heads=num_heads, allow_data_parallel=allow_data_parallel)
+    clean = False
+    try:
+        yield world
+        clean = True
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        world.shutdown(clean=clean)
+
+
+def _device_preference(requested: str | None) -> str:
+    if requested is None:
+        return "auto"
+    return "cpu" if requested.startswith("cpu") else "cuda"
+
+
+def start_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool = False) -> World:
+    """Validate the layout for this world, join the process group, build the mesh.
+
+    Every rank runs the same checks before any collective, so a bad layout makes every rank exit
+    2 with the same message (printed once, by rank 0) instead of hanging in a rendezvous.
+    """
+    from parallel.launch import detect_launch
+    from parallel.mesh import ParallelConfigError, ParallelDims, check_heads
+
+    env = detect_launch()
+    try:
+        check_heads(num_heads, config.ulysses_size)
+    except ParallelConfigError as e:
+        raise UsageError(str(e).replace("ulysses size", "--ulysses_size")) from None
+    cfg_degree = 2 if config.cfg_parallel else 1
+    if config.cfg_parallel and env.world_size < 2:
+        raise UsageError("--cfg-parallel needs an even number of ranks (>= 2): launch with torchrun or srun")
+    if config.t5_fsdp and config.t5_cpu:
+        raise UsageError("--t5_fsdp and --t5_cpu exclude each other: FSDP shards T5 on the GPUs")
+    dims = ParallelDims.from_world(env.world_size, sp=config.ulysses_size, cfg=cfg_degree)
+    if dims.dp > 1 and not allow_data_parallel:
+        raise UsageError(
+            f"{env.world_size} ranks but --ulysses_size {config.ulysses_size} x config {cfg_degree} uses "
+            f"{config.ulysses_size * cfg_degree}: one video needs exactly ulysses x config ranks "
+            "(pass --ulysses_size), or use `magcache-launch batch` to spread prompts over replicas"
+        )
+    if env.world_size == 1:
+        return World(placement=placement_for(config), launch_kind=env.kind)
+    return _start_distributed(config, env, dims, patient=allow_data_parallel and dims.dp > 1)
+
+
+def _start_distributed(config: RunConfig, env: "LaunchEnv", dims: "ParallelDims", *, patient: bool) -> World:
+    from parallel.dist import init_distributed
+
+    ctx = init_distributed(env, device_preference=_device_preference(config.device), timeout=config.dist_timeout_s)
+    try:
+        mesh = dims.build(ctx)
+        groups = _Groups(ctx=ctx, mesh=mesh)
+        if patient:
+            import datetime
+
+            import torch.distributed as dist
+
+            groups.patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+            ctx.adopt([groups.patient])
+        return World(
+            placement=placement_for(config, local_rank=env.local_rank, world_size=env.world_size, device=ctx.device),
+            rank=env.rank, world_size=env.world_size, launch_kind=env.kind, dp_size=dims.dp, cfg_size=dims.cfg, sp_size=dims.sp,
+            dp_rank=mesh.dp_rank, is_output_rank=mesh.cfg_rank == 0 and mesh.sp_rank == 0, _groups=groups,
+        )
+    except BaseException:
+        ctx.shutdown(clean=False)
+        raise
