@@ -7,7 +7,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from launcher.config import MagCacheOptions, check_output_location, resolve_sampling, run_config_from_flags
+from launcher.config import (
+    MagCacheOptions,
+    UsageError,
+    check_output_location,
+    resolve_sampling,
+    run_config_from_flags,
+)
 from launcher.errors import input_error_types
 from launcher.options import (
     compose_params,
@@ -53,14 +59,65 @@ def generate(
 @compose_params(request_params, model_params, sampling_params, magcache_params, output_params)
 def calibrate(
     out: Annotated[Path, typer.Option("--out", help="ratio file to write (a PNG plot is written beside it)")] = Path("magcache_ratios.json"),
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="prompt file (batch format): average the curves over its prompts")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="with --prompts: seeds to run each prompt with, e.g. 1,2,3")] = None,
     **flags: Any,
 ) -> None:
-    """Record MagCache ratios for your checkpoint with an uncached run; writes OUT and OUT.png."""
-    config = run_config_from_flags(flags, calibration=True)
-    check_output_location(out, "--out")
-    from launcher.engine.generate import run_generate
+    """Record MagCache ratios for your checkpoint with uncached runs; writes OUT and OUT.png.
 
-    run_generate(config, calibration_out=out)
+    One prompt (--prompt) records one run's curves; --prompts FILE [--seeds ...] averages the
+    curves of every prompt x seed (one model load) and keeps their spread in the file and plot.
+    """
+    check_output_location(out, "--out")
+    if prompts is None:
+        if seeds is not None:
+            raise UsageError("--seeds needs --prompts FILE; with one --prompt use --base_seed")
+        config = run_config_from_flags(flags, calibration=True)
+        from launcher.engine.generate import run_generate
+
+        run_generate(config, calibration_out=out)
+        return
+    from launcher.engine.calibration import run_calibration
+
+    config, runs = calibration_runs(prompts, seeds, flags)
+    run_calibration(config, runs, out)
+
+
+def calibration_runs(prompts: Path, seeds: str | None, flags: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The prompt file x seeds as calibration runs; every line checked like a generate (exit 2 on the first bad one)."""
+
+    from launcher.batch.items import read_items
+    from launcher.engine.calibration import CalibrationRun
+
+    if flags.get("prompt") is not None:
+        raise UsageError("give --prompt or --prompts FILE, not both")
+    items = read_items(prompts)
+    seed_list = [int(s) for s in parse_int_list(seeds, "--seeds")] if seeds is not None else None
+    configs = []
+    for item in items:
+        item_flags = dict(flags, **{k: v for k, v in item.overrides().items() if k in ("prompt", "image")})
+        if item_flags.get("image") is None:
+            item_flags["image"] = flags.get("image")
+        configs.append(run_config_from_flags(item_flags, calibration=True))
+    modes = {c.ratio_table_key for c in configs}
+    if len(modes) > 1:
+        raise UsageError(f"{prompts}: some lines have an image and some not ({' and '.join(sorted(modes))} tables); "
+                         "calibrate each mode with its own file")
+    runs = []
+    for item, config in zip(items, configs):
+        for seed in seed_list if seed_list is not None else [item.seed if item.seed is not None else config.base_seed]:
+            runs.append(CalibrationRun(prompt=config.prompt, image=config.image, seed=seed))
+    return configs[0], runs
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give integers separated by commas, e.g. 1,2,3") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"{flag} {text!r}: give one or more seeds >= 0, e.g. 1,2,3")
+    return values
 
 
 #: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
@@ -116,6 +173,29 @@ def batch(
     from launcher.batch import run_batch
 
     code = run_batch(prompts_file=prompts, out_dir=out_dir, force=force, shard=shard, flags=flags)
+    raise typer.Exit(code)
+
+
+@app.command()
+@compose_params(model_params, sampling_params, magcache_params)
+def sweep(
+    prompts: Annotated[Path, typer.Option("--prompts", help="prompt file, as for batch (JSONL or one prompt per line)")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "--out_dir", help="videos per prompt and setting, report.md, pareto.png, sweep.json")],
+    thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="MagCache thresholds to try, e.g. 0.02,0.04,0.06,0.1")] = None,
+    speedups: Annotated[Optional[str], typer.Option("--speedups", help="forward-count speedups to reach, e.g. 1.5,2.0 (a threshold is chosen for each)")] = None,
+    lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="folder with LPIPS weights (alexnet + lin layers); without it LPIPS is skipped")] = None,
+    force: Annotated[bool, typer.Option("--force", help="regenerate videos that already verify")] = False,
+    **flags: Any,
+) -> None:
+    """Measure each MagCache setting's quality cost against the uncached video, on your prompts.
+
+    One model load; per prompt the uncached reference and one video per threshold/speedup, all
+    from one seed; then a report (Markdown, JSON, Pareto plot). Resumable like batch.
+    """
+    from launcher.batch.sweep import run_sweep
+
+    code = run_sweep(prompts_file=prompts, out_dir=out_dir, thresholds=thresholds, speedups=speedups, force=force,
+                     lpips_weights=lpips_weights, flags=flags)
     raise typer.Exit(code)
 
 

@@ -197,3 +197,82 @@ def plot_calibration(path_png: str | Path, records: Sequence[CalibrationRecord],
     path_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path_png, dpi=100)
     return path_png
+
+
+@dataclass(frozen=True, slots=True)
+class AveragedCalibration:
+    """Ratio curves averaged over several calibration runs (prompts x seeds), with their spread.
+
+    Per forward 2..2*steps-1 in forward order (even cond, odd uncond, as the table stores them):
+    the mean over runs of each run's token-mean ratio, token std and cosine distance, and the
+    standard deviation of the ratio across runs (`spread`, 0 for a single run).
+    """
+
+    ratios: list[float]
+    stds: list[float]
+    cos_dists: list[float]
+    spread: list[float]
+    experts: list[str]
+    runs: int
+
+    def per_branch(self) -> dict[str, dict[str, list[float]]]:
+        """cond/uncond curves (step order) with their spread, as the plot and the file's meta show them."""
+        out: dict[str, dict[str, list[float]]] = {}
+        for branch, start in (("cond", 0), ("uncond", 1)):
+            out[branch] = {"ratio": self.ratios[start::2], "spread": self.spread[start::2]}
+        return out
+
+    def per_expert(self) -> dict[str, dict[str, float]]:
+        """Mean ratio and mean spread of each expert's forwards (the curve drops at the switch)."""
+        out: dict[str, dict[str, float]] = {}
+        for expert in dict.fromkeys(self.experts):
+            idx = [i for i, e in enumerate(self.experts) if e == expert]
+            out[expert] = {"forwards": len(idx), "mean_ratio": sum(self.ratios[i] for i in idx) / len(idx),
+                           "mean_spread": sum(self.spread[i] for i in idx) / len(idx)}
+        return out
+
+
+def average_runs(runs: Sequence[Sequence[CalibrationRecord]], steps: int) -> AveragedCalibration:
+    """Average whole-run tables forward by forward; every run must cover all `steps` steps."""
+    if not runs:
+        raise ValueError("no calibration runs to average")
+    tables = [table_from_records(records, steps) for records in runs]
+    experts = [r.expert for r in sorted(runs[0], key=lambda r: r.index) if 2 <= r.index < 2 * steps]
+    n = len(tables)
+
+    def mean(column: int, i: int) -> float:
+        return sum(t[column][i] for t in tables) / n
+
+    count = 2 * steps - 2
+    ratios = [mean(0, i) for i in range(count)]
+    spread = [math.sqrt(sum((t[0][i] - ratios[i]) ** 2 for t in tables) / n) for i in range(count)]
+    return AveragedCalibration(ratios=ratios, stds=[mean(1, i) for i in range(count)],
+                               cos_dists=[mean(2, i) for i in range(count)], spread=spread, experts=experts, runs=n)
+
+
+def plot_averaged(path_png: str | Path, averaged: AveragedCalibration, title: str = "") -> Path:
+    """The averaged ratio per branch with a ±spread band across runs, expert switch marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for (branch, curve), color in zip(averaged.per_branch().items(), ("tab:blue", "tab:orange")):
+        start = 2 if branch == "cond" else 3
+        idx = list(range(start, start + 2 * len(curve["ratio"]), 2))
+        lo = [r - s for r, s in zip(curve["ratio"], curve["spread"])]
+        hi = [r + s for r, s in zip(curve["ratio"], curve["spread"])]
+        ax.plot(idx, curve["ratio"], color=color, label=f"{branch} mean ratio")
+        ax.fill_between(idx, lo, hi, color=color, alpha=0.25, label=f"{branch} ±std over {averaged.runs} run(s)")
+    switch = next((i + 2 for i, e in enumerate(averaged.experts) if e == "low"), None)
+    if switch is not None:
+        ax.axvline(switch - 0.5, color="gray", linestyle="--", label="expert switch")
+    ax.set_xlabel("forward index (even cond, odd uncond)")
+    ax.set_ylabel("||r_t|| / ||r_t-1||")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    path_png = Path(path_png)
+    path_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path_png, dpi=100)
+    return path_png

@@ -35,6 +35,8 @@ class RatioTable:
     cos_dists: tuple[float, ...] | None = None
     #: "bundled" or the path the table was read from (goes into the manifest)
     source: str = "bundled"
+    #: how a calibrated table was made (solver, LoRAs, prompts...), as `calibrate` records it
+    meta: dict[str, Any] | None = None
 
     def mag(self, steps: int) -> list[float]:
         """Per-forward ratios for a run of `steps` steps."""
@@ -113,8 +115,35 @@ def parse_table(data: Any, source: str) -> RatioTable:
         if values is not None and len(values) != len(ratios):
             raise RatioTableError(f"{where} has {len(values)} {name} for {len(ratios)} ratios; regenerate it")
         extras[name] = values
+    meta = data.get("meta")
     return RatioTable(key=task, sample_steps=steps, sample_shift=float(shift), ratios=ratios,
-                      stds=extras["stds"], cos_dists=extras["cos_dists"], source=source)
+                      stds=extras["stds"], cos_dists=extras["cos_dists"], source=source,
+                      meta=meta if isinstance(meta, dict) else None)
+
+
+def table_warnings(table: RatioTable, *, shift: float, solver: str, loras: Sequence[str] = ()) -> list[str]:
+    """Where a calibrated table was made under other settings than the run it now drives.
+
+    The ratio curve follows the noise schedule (shift, solver) and the weights (LoRAs); a table
+    made under others still runs, but its skips land where that other run's residuals were calm.
+    Step counts are covered by the plan's interpolation warning.
+    """
+    if table.source == "bundled":
+        return []
+    out = []
+    if not math.isclose(table.sample_shift, shift, rel_tol=1e-9, abs_tol=1e-9):
+        out.append(f"ratio file {table.source} was calibrated at shift {table.sample_shift:g}, this run uses "
+                   f"{shift:g}; calibrate at this shift for reliable skips")
+    made = table.meta or {}
+    if "sample_solver" in made and made["sample_solver"] != solver:
+        out.append(f"ratio file {table.source} was calibrated with the {made['sample_solver']} solver, this run "
+                   f"uses {solver}; calibrate with {solver} for reliable skips")
+    if "loras" in made and sorted(map(str, made["loras"])) != sorted(map(str, loras)):
+        theirs = ", ".join(map(str, made["loras"])) or "none"
+        ours = ", ".join(map(str, loras)) or "none"
+        out.append(f"ratio file {table.source} was calibrated with LoRAs {theirs}, this run has {ours}; "
+                   "calibrate with the LoRAs you generate with")
+    return out
 
 
 def _numbers(values: Any, name: str, where: str) -> tuple[float, ...] | None:

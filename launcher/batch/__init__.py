@@ -30,7 +30,7 @@ class BatchPlan:
     todo: list[tuple[int, int]]  # (item index, seed), in file order
 
 
-def _probe_config(flags: dict[str, Any]) -> RunConfig:
+def probe_config(flags: dict[str, Any]) -> RunConfig:
     """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
     spec = TASKS.get(flags.get("task", ""))
     stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
@@ -147,17 +147,30 @@ def _merge(plan: BatchPlan, parts: list[list[ItemResult]], items: dict[int, Batc
     return sorted(merged.values(), key=lambda r: r.index)
 
 
-def _announce(plan: BatchPlan, n_items: int, n_file: int, shard: str | None, dp_size: int) -> None:
+def _announce(plan: BatchPlan, label: str, dp_size: int) -> None:
     from launcher.outputs.report import console
 
-    where = f" (shard {shard} of {n_file} in the file)" if shard is not None else ""
     done = sum(r.status == "skipped" for r in plan.settled)
     invalid = sum(r.status == "failed" for r in plan.settled)
-    console.print(f"batch: {n_items} item(s){where}: {len(plan.todo)} to generate on {dp_size} dp group(s), "
+    console.print(f"{label}: {len(plan.todo)} to generate on {dp_size} dp group(s), "
                   f"{done} already done, {invalid} invalid", highlight=False)
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
+def generate_items(world: Any, items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
+                   info: Any, *, force: bool, prompts_file: Path, label: str) -> list[ItemResult]:
+    """Every rank: settle, spread over the dp groups, generate, gather. The results, on every rank.
+
+    `batch` and `sweep` both run their items through here (one model load per dp group).
+    """
+    plan = world.all_gather_object(plan_batch(items, configs, flags, force=force) if world.rank == 0 else None)[0]
+    if world.rank == 0:
+        _announce(plan, label, world.dp_size)
+    by_index = {item.index: item for item in items}
+    local = _generate_share(plan, by_index, configs, world, info, prompts_file)
+    return _merge(plan, world.all_gather_object(local, patient=True), by_index)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
     check_output_location(out_dir, "--out-dir", directory=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,10 +186,10 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
     shard_ix = parse_shard(shard)
     shard_text = None if shard is None else f"{shard_ix[0]}/{shard_ix[1]}"
     all_items = read_items(Path(prompts_file))
-    base = _probe_config(flags)
+    base = probe_config(flags)
     info = inspect_checkpoint(base.ckpt_dir, base.task)
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir)
     items = take_shard(all_items, shard_ix)
     configs: dict[int, RunConfig | str] = {}
     for item in items:
@@ -187,13 +200,10 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
 
     from launcher.engine.world import open_world
 
+    where = f" (shard {shard_text} of {len(all_items)} in the file)" if shard_text is not None else ""
     with open_world(base, num_heads=info.num_heads, allow_data_parallel=True) as world:
-        plan = world.all_gather_object(plan_batch(items, configs, flags, force=force) if world.rank == 0 else None)[0]
-        if world.rank == 0:
-            _announce(plan, len(items), len(all_items), shard_text, world.dp_size)
-        by_index = {item.index: item for item in items}
-        local = _generate_share(plan, by_index, configs, world, info, Path(prompts_file))
-        results = _merge(plan, world.all_gather_object(local, patient=True), by_index)
+        results = generate_items(world, items, configs, flags, info, force=force, prompts_file=Path(prompts_file),
+                                 label=f"batch: {len(items)} item(s){where}")
         if world.rank == 0:
             write_summary(
                 out_dir / summary_name(shard_ix), results, prompts_file=str(prompts_file), out_dir=str(out_dir),

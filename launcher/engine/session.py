@@ -21,6 +21,11 @@ from launcher.outputs.manifest import build_manifest
 from launcher.wan.pipeline import Request, Result, WanPipeline
 
 
+def calibration_settings(config: RunConfig) -> dict[str, Any]:
+    """What a ratio table depends on beyond task, steps and shift; `generate` warns when a run differs."""
+    return {"sample_solver": config.sample_solver, "loras": []}
+
+
 class GenerationSession:
     def __init__(self, config: RunConfig, info: CheckpointInfo, world: World) -> None:
         self.config = config
@@ -35,6 +40,7 @@ class GenerationSession:
         self.models, self.parallel = load_models(config, info, world.placement, world.mesh)
         self.load_seconds = time.perf_counter() - t0
         self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank)
+        self.last_calibration_records: list[Any] = []
 
     # -- one request ------------------------------------------------------------------------
     def request_for(self, config: RunConfig, seed: int) -> Request:
@@ -104,12 +110,13 @@ class GenerationSession:
         from magcache.calibrate import plot_calibration, table_from_records, write_ratio_file
 
         records = self.world.gather_branches(list(recorder.records), lambda r: r.index)
+        self.last_calibration_records = records  # a multi-prompt calibration averages these
         if not self.world.is_output_rank or outputs.calibration is None:
             return None
         ratios, stds, cos_dists = table_from_records(records, config.sample_steps)
         path = write_ratio_file(
             outputs.calibration, config.ratio_table_key, config.sample_steps, config.sample_shift, ratios, stds, cos_dists,
-            meta={"prompt": config.prompt, "checkpoint": str(config.ckpt_dir)},
+            meta={"prompt": config.prompt, "checkpoint": str(config.ckpt_dir), **calibration_settings(config)},
         )
         png = plot_calibration(Path(outputs.calibration).with_suffix(".png"), records,
                                title=f"{config.task.name} {config.sample_steps} steps")
