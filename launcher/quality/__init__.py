@@ -1,0 +1,9 @@
+"""`magcache-launch compare A B`: how far a cached video is from its reference, in numbers.
+
+    frames.py    an .mp4, a folder of PNG frames or a --save-latents file -> Frames (numpy)
+    metrics.py   PSNR, SSIM (luma is the headline, RGB beside it), temporal flicker; latents
+                 MSE / PSNR / cosine. Pure numpy float64, so the numbers can be checked by hand
+    lpips_files.py  the two LPIPS weight files and where they come from (torch-free)
+
+Siblings of `engine/`: nothing here loads a model or a checkpoint, and nothing runs Wan.
+"""
