@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,113 @@ def test_load_errors_are_one_line_naming_the_file(tmp_path):
             load_frames(path)
         msg = _one_line(e)
         assert needle in msg and path.name in msg, msg
+
+
+# ----- LPIPS, with random weights in the real files' key layout ---------------------------------
+
+ALEX_FEATURES = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+LIN_CHANNELS = (64, 192, 384, 256, 256)
+
+
+def write_random_lpips_weights(directory: Path, seed: int = 0) -> Path:
+    """torchvision's alexnet-owt-7be5be79.pth keys (classifier too) and lpips' alex.pth keys, random values.
+
+    The lin weights are non-negative, as the trained ones are (a distance must not go below 0).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    alex = {}
+    for i, shape in ALEX_FEATURES.items():
+        alex[f"features.{i}.weight"] = torch.randn(shape, generator=g) * (2.0 / math.prod(shape[1:])) ** 0.5
+        alex[f"features.{i}.bias"] = torch.randn(shape[0], generator=g) * 0.01
+    alex["classifier.1.weight"] = torch.zeros(8, 8)  # present in the real file, unused by LPIPS
+    lin = {f"lin{n}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for n, c in enumerate(LIN_CHANNELS)}
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(alex, directory / "alexnet-owt-7be5be79.pth")
+    torch.save(lin, directory / "alex.pth")
+    return directory
+
+
+def reference_lpips(weights: Path, x0: np.ndarray, x1: np.ndarray) -> float:
+    """LPIPS written out from the paper with torch.nn.functional, independent of LpipsAlex's modules."""
+    import torch
+    import torch.nn.functional as F
+
+    alex = torch.load(weights / "alexnet-owt-7be5be79.pth", weights_only=True)
+    lin = torch.load(weights / "alex.pth", weights_only=True)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def feats(img: np.ndarray) -> list[torch.Tensor]:
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        x = (x - shift) / scale
+        conv = lambda x, i, s=1, p=1: F.relu(F.conv2d(x, alex[f"features.{i}.weight"], alex[f"features.{i}.bias"], s, p))
+        r1 = conv(x, 0, 4, 2)
+        r2 = conv(F.max_pool2d(r1, 3, 2), 3, 1, 2)
+        r3 = conv(F.max_pool2d(r2, 3, 2), 6)
+        r4 = conv(r3, 8)
+        return [r1, r2, r3, r4, conv(r4, 10)]
+
+    total = 0.0
+    for n, (f0, f1) in enumerate(zip(feats(x0), feats(x1))):
+        n0 = f0 / (f0.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        n1 = f1 / (f1.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total += float(((n0 - n1) ** 2 * lin[f"lin{n}.model.1.weight"]).sum(1).mean())
+    return total
+
+
+@pytest.fixture(scope="module")
+def lpips_weights(tmp_path_factory) -> Path:
+    return write_random_lpips_weights(tmp_path_factory.mktemp("lpips"))
+
+
+def test_lpips_distance(lpips_weights):
+    from launcher.quality.lpips import load_lpips
+
+    model = load_lpips(lpips_weights)
+    a = smooth_video(2, 40, 48, seed=1)
+    b = smooth_video(2, 40, 48, seed=2)
+    b[1] = np.clip(b[1].astype(int) + 40, 0, 255)
+    assert model.distance(a, a) == [0.0, 0.0]
+    ab, ba = model.distance(a, b), model.distance(b, a)
+    assert ab == pytest.approx(ba, abs=1e-7) and all(d > 0 for d in ab)
+    assert ab[0] == pytest.approx(reference_lpips(lpips_weights, a[0], b[0]), rel=1e-4)
+    assert ab[1] == pytest.approx(reference_lpips(lpips_weights, a[1], b[1]), rel=1e-4)
+    assert model.distance(a[0], b[0]) == pytest.approx(ab[:1])  # one [H,W,3] frame works too
+    c = compare_frames(pixels(a), pixels(b), lpips=model)
+    assert c.lpips == pytest.approx(ab) and c.to_json()["mean"]["lpips"] == pytest.approx(np.mean(ab))
+    for x, y, needle in ((a, b[:1], "one shape"), (a[..., :2], b[..., :2], "RGB"), (a[:, :20], b[:, :20], "31x31")):
+        with pytest.raises(UsageError) as e:
+            model.distance(x, y)
+        assert needle in _one_line(e)
+
+
+def test_lpips_weight_errors_are_one_line(tmp_path, lpips_weights):
+    import shutil
+
+    import torch
+
+    from launcher.quality.lpips import load_lpips
+
+    with pytest.raises(UsageError) as e:
+        load_lpips(tmp_path / "none")
+    assert "not a folder" in _one_line(e)
+    only_alex = tmp_path / "only_alex"
+    only_alex.mkdir()
+    shutil.copy(lpips_weights / "alexnet-owt-7be5be79.pth", only_alex)
+    with pytest.raises(UsageError) as e:
+        load_lpips(only_alex)
+    assert "alex.pth not found" in _one_line(e) and "lpips" in str(e.value)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(lpips_weights, wrong)
+    lin = torch.load(wrong / "alex.pth", weights_only=True)
+    lin["lin2.model.1.weight"] = torch.zeros(1, 100, 1, 1)
+    torch.save(lin, wrong / "alex.pth")
+    with pytest.raises(UsageError) as e:
+        load_lpips(wrong)
+    assert "lin2.model.1.weight has shape [1, 100, 1, 1], expected [1, 384, 1, 1]" in _one_line(e)
+    (wrong / "alex.pth").write_bytes(b"garbage")
+    with pytest.raises(UsageError) as e:
+        load_lpips(wrong)
+    assert "not a torch weights file" in _one_line(e)

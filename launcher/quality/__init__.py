@@ -3,7 +3,8 @@
     frames.py    an .mp4, a folder of PNG frames or a --save-latents file -> Frames (numpy)
     metrics.py   PSNR, SSIM (luma is the headline, RGB beside it), temporal flicker; latents
                  MSE / PSNR / cosine. Pure numpy float64, so the numbers can be checked by hand
-    lpips_files.py  the two LPIPS weight files and where they come from (torch-free)
+    lpips.py     LPIPS (AlexNet, v0.1) in plain torch, from weight files the user supplies
+                 (lpips_files.py names them, torch-free, for the "skipped" note)
 
 Siblings of `engine/`: nothing here loads a model or a checkpoint, and nothing runs Wan.
 """
