@@ -119,6 +119,20 @@ def batch(
     raise typer.Exit(code)
 
 
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="A", help="reference: an .mp4, a folder of PNG frames, or a --save-latents .safetensors")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="the video measured against A: same kind and shape")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout instead of the table")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write per-frame PSNR / SSIM (/ LPIPS) curves to this PNG")] = None,
+    lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="folder with alexnet-owt-7be5be79.pth and alex.pth; without it LPIPS is skipped")] = None,
+) -> None:
+    """Measure B against A frame by frame: PSNR, SSIM (luma is the headline), flicker, LPIPS."""
+    from launcher.quality.compare import run_compare
+
+    run_compare(a, b, as_json=as_json, plot=plot, lpips_weights=lpips_weights)
+
+
 def _rank_label() -> str:
     """`rank N: ` in a multi-rank job, where several ranks' lines interleave; empty otherwise."""
     for var, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):

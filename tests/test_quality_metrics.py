@@ -375,3 +375,17 @@ def test_lpips_weight_errors_are_one_line(tmp_path, lpips_weights):
     with pytest.raises(UsageError) as e:
         load_lpips(wrong)
     assert "not a torch weights file" in _one_line(e)
+
+
+def test_plot_latents_with_identical_frames(tmp_path):
+    from PIL import Image
+
+    from launcher.quality.plot import plot_per_frame
+
+    a = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    b = a.copy()
+    b[1] += 0.1
+    out = plot_per_frame(compare_frames(latents(a), latents(b)), tmp_path / "sub" / "p.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["p.png"]  # no temp file left
