@@ -6,6 +6,7 @@ import-linter contracts, checked by scripts/test.sh):
     cli.py          the Typer commands; bad input -> one line, exit 2 (one place)
     batch/          many prompts, one model load: items, resume, dp replicas, summary
     engine/         a run: the World of ranks, placement, model assembly, the session, planning
+    quality/        `compare`: PSNR, SSIM, flicker, LPIPS between two outputs (beside engine/)
     outputs/        files that appear whole (atomic), media, manifest, console report
     config.py       flags -> a validated RunConfig      checkpoint/  find, validate, load weights
     wan/            the Wan2.2 model: tasks, text encoder, VAE, DiT forward, solvers, pipeline,

@@ -14,7 +14,7 @@ from launcher.config import (
     resolve_sampling,
     run_config_from_flags,
 )
-from launcher.errors import input_error_types
+from launcher.errors import is_input_error
 from launcher.options import (
     compose_params,
     magcache_params,
@@ -199,6 +199,20 @@ def sweep(
     raise typer.Exit(code)
 
 
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(metavar="A", help="reference: an .mp4, a folder of PNG frames, or a --save-latents .safetensors")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="the video measured against A: same kind and shape")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout instead of the table")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write per-frame PSNR / SSIM (/ LPIPS) curves to this PNG")] = None,
+    lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="folder with alexnet-owt-7be5be79.pth and alex.pth; without it LPIPS is skipped")] = None,
+) -> None:
+    """Measure B against A frame by frame: PSNR, SSIM (luma is the headline), flicker, LPIPS."""
+    from launcher.quality.compare import run_compare
+
+    run_compare(a, b, as_json=as_json, plot=plot, lpips_weights=lpips_weights)
+
+
 def _rank_label() -> str:
     """`rank N: ` in a multi-rank job, where several ranks' lines interleave; empty otherwise."""
     for var, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
@@ -250,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as e:  # Typer's own parse errors (unknown flag, bad int...)
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         return _fail(" ".join(message.split()), 2)
-    except input_error_types() as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
     except PeerLost as e:
         # printed by every rank that notices (rank 0 may be the dead one), marked with its rank
         print(f"error: {_rank_label()}{e}", file=sys.stderr)
@@ -266,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         name = signal.Signals(e.signum).name
         return _fail(f"stopped by {name}; partial outputs removed", 128 + e.signum)
     except Exception as e:
+        if is_input_error(e):
+            return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
         lost = peer_lost(e)  # a collective outside run_generate (batch) failed on a dead peer
         if lost is None:
             raise

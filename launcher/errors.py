@@ -5,17 +5,26 @@ class InputError(ValueError):
     """Bad user input found before any weight is loaded: the CLI prints one line and exits 2."""
 
 
-def input_error_types() -> tuple[type[Exception], ...]:
-    """Every error that means "bad input": the CLI prints its one line and exits 2, in one place.
+#: input errors of the packages below launcher/, which cannot subclass InputError (they never import launcher/)
+_FOREIGN_INPUT_ERRORS = (("magcache.ratios", "RatioTableError"), ("parallel.launch", "LaunchError"),
+                         ("parallel.mesh", "ParallelConfigError"))
 
-    `magcache/` and `parallel/` never import `launcher/`, so their input errors cannot subclass
-    InputError; they are named here instead, the only place that converts them.
+
+def is_input_error(exc: BaseException) -> bool:
+    """Bad input, whichever package noticed it: the CLI prints its one line and exits 2, in one place.
+
+    The foreign types are looked up only in modules already imported (whatever raised them was),
+    so a bad flag never pays for importing torch just to be classified.
     """
-    from magcache.ratios import RatioTableError
-    from parallel.launch import LaunchError
-    from parallel.mesh import ParallelConfigError
+    import sys
 
-    return (InputError, RatioTableError, LaunchError, ParallelConfigError)
+    if isinstance(exc, InputError):
+        return True
+    for module, name in _FOREIGN_INPUT_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 class RunFailed(RuntimeError):
