@@ -85,8 +85,12 @@ def _remove_stale_temps(video: Path) -> None:
 
 
 def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[int, RunConfig | str],
-                    world: Any, info: Any, prompts_file: Path) -> list[ItemResult]:
-    """This dp group's items (the k-th item to generate goes to group k % dp_size)."""
+                    world: Any, info: Any, prompts_file: Path, *, warm_up: bool = False) -> list[ItemResult]:
+    """This dp group's items (the k-th item to generate goes to group k % dp_size).
+
+    `warm_up`: first an untimed 2-step denoise without decode, so the first item's timings are
+    not the process's first-use costs (allocator, kernel selection) when items' times are compared.
+    """
     from rich.markup import escape
 
     from launcher.outputs.report import console
@@ -98,6 +102,12 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     first = configs[mine[0][0]]
     assert isinstance(first, RunConfig)
     session = GenerationSession(first, info, world)
+    if warm_up:
+        from launcher.outputs.files import Outputs
+
+        session.pipeline.decode = False
+        session.generate(replace(first, sample_steps=min(2, first.sample_steps)), mine[0][1], Outputs(video=None))
+        session.pipeline.decode = world.is_output_rank
     results: list[ItemResult] = []
     for n, (index, seed) in enumerate(mine, start=1):
         item, config = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
@@ -157,7 +167,7 @@ def _announce(plan: BatchPlan, label: str, dp_size: int) -> None:
 
 
 def generate_items(world: Any, items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
-                   info: Any, *, force: bool, prompts_file: Path, label: str) -> list[ItemResult]:
+                   info: Any, *, force: bool, prompts_file: Path, label: str, warm_up: bool = False) -> list[ItemResult]:
     """Every rank: settle, spread over the dp groups, generate, gather. The results, on every rank.
 
     `batch` and `sweep` both run their items through here (one model load per dp group).
@@ -166,7 +176,7 @@ def generate_items(world: Any, items: list[BatchItem], configs: dict[int, RunCon
     if world.rank == 0:
         _announce(plan, label, world.dp_size)
     by_index = {item.index: item for item in items}
-    local = _generate_share(plan, by_index, configs, world, info, prompts_file)
+    local = _generate_share(plan, by_index, configs, world, info, prompts_file, warm_up=warm_up)
     return _merge(plan, world.all_gather_object(local, patient=True), by_index)
 
 

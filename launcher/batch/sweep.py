@@ -120,7 +120,7 @@ def run_sweep(*, prompts_file: Path, out_dir: Path, thresholds: str | None, spee
 
     with open_world(base, num_heads=info.num_heads, allow_data_parallel=True) as world:
         results = generate_items(world, items, configs, flags, info, force=force, prompts_file=Path(prompts_file),
-                                 label=f"sweep: {len(prompts)} prompt(s) x {len(settings)} setting(s)")
+                                 label=f"sweep: {len(prompts)} prompt(s) x {len(settings)} setting(s)", warm_up=True)
         if world.rank == 0:
             write_summary(out_dir / "summary.json", results, prompts_file=str(prompts_file), out_dir=str(out_dir),
                           shard=None, task=base.task.name, world=world.describe(),
