@@ -99,6 +99,14 @@ def test_unbounded_threshold_gives_the_maximum(task, R):
     assert all(a.upto == b.above for (a, _), (b, _) in zip(walk, walk[1:]))
 
 
+def test_the_maximum_does_not_depend_on_the_ratios():
+    """Unbounded, the threshold never says no: K, retention and the split decide (README)."""
+    spec = TASKS["ti2v-5B"]
+    tops = {max_speedup(plan_builder(spec, steps=50, shift=spec.sample_shift, solver="unipc", with_image=image,
+                                     options=MagCacheOptions.from_flags({}))) for image in (False, True)}
+    assert len(tops) == 1
+
+
 # One branch-pair schedule where a larger threshold skips fewer forwards: an early skip makes K
 # end a run where, with a smaller threshold, a later cheap skip fit. Found by random search.
 DIP_MAG = [1.0, 1.0, 0.78, 1.34, 1.21, 1.12, 0.89, 1.01, 1.23, 0.76]
