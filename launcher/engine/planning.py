@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
 
 from magcache.plan import Plan, plan
 from magcache.ratios import RatioTable, bundled_table, load_ratio_file, table_key
 from magcache.schedule import MagCacheParams, MagCacheSchedule, build_schedule
 from magcache.target import TargetOutOfReach, TargetResult, floor_2dp, threshold_for_speedup
 
-from launcher.config import MagCacheOptions, RunConfig, UsageError
+from launcher.config import MagCacheOptions, RunConfig, SplitMode, UsageError
 from launcher.wan.tasks import TASKS, TaskSpec
 
 
@@ -89,11 +91,27 @@ def resolve_config(config: RunConfig) -> RunConfig:
     `generate` and every `batch` item go through here before the checkpoint is touched, so the
     manifest records the threshold that ran and a bad target exits 2 without loading a weight.
     """
-    if config.magcache.target_speedup is None or config.magcache.thresh is not None:
+    mc = config.magcache
+    if mc.target_speedup is None or mc.thresh is not None:
         return config
-    options, _ = resolve_target(config.task, steps=config.sample_steps, shift=config.sample_shift,
-                                solver=config.sample_solver, with_image=config.uses_image, options=config.magcache)
-    return replace(config, magcache=options)
+    thresh = _target_thresh(config.task.name, config.sample_steps, config.sample_shift, config.sample_solver,
+                            config.uses_image, mc.K, mc.retention_ratio, mc.split, mc.reset_at_switch,
+                            None if mc.ratios_file is None else str(mc.ratios_file), mc.target_speedup)
+    return replace(config, magcache=replace(mc, thresh=thresh))
+
+
+@lru_cache(maxsize=64)
+def _target_thresh(task: str, steps: int, shift: float, solver: str, with_image: bool, K: int, retention: float,
+                   split: SplitMode, reset: bool, ratios_file: str | None, target: float) -> float:
+    """resolve_target's threshold, once per distinct setting: a batch's items mostly share one,
+    and each search builds a few dozen plans (~30 ms)."""
+    options = MagCacheOptions(enabled=True, thresh=None, K=K, retention_ratio=retention, split=split,
+                              reset_at_switch=reset, ratios_file=None if ratios_file is None else Path(ratios_file),
+                              target_speedup=target)
+    resolved, _ = resolve_target(TASKS[task], steps=steps, shift=shift, solver=solver, with_image=with_image,
+                                 options=options)
+    assert resolved.thresh is not None
+    return resolved.thresh
 
 
 def _resolved(spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool,
