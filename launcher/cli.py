@@ -122,8 +122,8 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 #: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
 SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "use_magcache",
-                            "magcache_thresh", "magcache_K", "retention_ratio", "magcache_split",
-                            "magcache_reset_at_switch", "magcache_ratios"})
+                            "magcache_thresh", "magcache_target_speedup", "magcache_K", "retention_ratio",
+                            "magcache_split", "magcache_reset_at_switch", "magcache_ratios"})
 
 
 @app.command()
@@ -139,18 +139,20 @@ def plan(
     Takes the same flags as `generate` (swap the verb): the schedule is the one MagCache would
     follow, whether or not --use_magcache is given; flags that do not change it are ignored.
     """
-    from launcher.engine.planning import make_plan, plan_to_json
+    from launcher.engine.planning import make_plan, plan_to_json, resolve_target
     from launcher.options import cli_name, flag_defaults
     from launcher.outputs.report import console, print_plan
 
     spec, steps, shift, solver = resolve_sampling(flags)
     mc = MagCacheOptions.from_flags(flags, enabled=True)
     with_image = flags.get("image") is not None
+    mc, target = resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
     the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
     if as_json:
-        print(json.dumps(plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image)))
+        print(json.dumps(plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
+                                      target=target)))
     else:
-        print_plan(the_plan, task=spec.name)
+        print_plan(the_plan, task=spec.name, target=target)
     if verbose:
         defaults = flag_defaults()
         ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]

@@ -5,6 +5,7 @@ before a process group is created or a weight is read.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.errors import InputError
-from launcher.options import cli_name, flag_defaults
+from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
 
 
@@ -74,10 +75,10 @@ def parse_bool(value: str | bool | None, flag: str) -> bool | None:
     raise UsageError(f"{flag} {value!r}: expected True or False")
 
 
-#: MagCacheOptions field <- the flag it comes from (the defaults live with the flags, in options.py)
-_MAGCACHE_FLAGS = {"thresh": "magcache_thresh", "K": "magcache_K", "retention_ratio": "retention_ratio",
-                   "split": "magcache_split", "reset_at_switch": "magcache_reset_at_switch",
-                   "ratios_file": "magcache_ratios"}
+#: MagCacheOptions field <- the flag it comes from (the defaults live with the flags, in options.py);
+#: `thresh` and `target_speedup` are settled together in `MagCacheOptions.from_flags`
+_MAGCACHE_FLAGS = {"K": "magcache_K", "retention_ratio": "retention_ratio", "split": "magcache_split",
+                   "reset_at_switch": "magcache_reset_at_switch", "ratios_file": "magcache_ratios"}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,8 +86,10 @@ class MagCacheOptions:
     """MagCache flags, resolved. Defaults are upstream MagCache4Wan2.2's, declared in options.py."""
 
     enabled: bool
-    #: upper bound of the accumulated error (upstream default 0.04; the seed README uses 0.06)
-    thresh: float
+    #: upper bound of the accumulated error (upstream default 0.04; the seed README uses 0.06).
+    #: None while it is still to be chosen from `target_speedup` (`engine.planning.resolve_config`
+    #: fills it in before any weight is loaded)
+    thresh: float | None
     #: maximum consecutive skipped forwards per branch
     K: int
     #: fraction of forwards always computed (task-specific windows)
@@ -97,11 +100,19 @@ class MagCacheOptions:
     reset_at_switch: bool
     #: calibrated ratio table (from `magcache-launch calibrate`); None = bundled table
     ratios_file: Path | None
+    #: --magcache-target-speedup: choose `thresh` as the smallest reaching this forward-count speedup
+    target_speedup: float | None = None
     #: run uncached and record ratios instead of skipping
     calibration: bool = False
 
     def __post_init__(self) -> None:
-        if self.thresh < 0:
+        if self.target_speedup is not None:
+            t = self.target_speedup
+            if not math.isfinite(t) or t < 1:
+                raise UsageError(f"--magcache-target-speedup {t}: must be a number >= 1 (1 = skip nothing)")
+        elif self.thresh is None:
+            raise ValueError("MagCacheOptions needs a thresh or a target_speedup")
+        if self.thresh is not None and self.thresh < 0:
             raise UsageError(f"--magcache_thresh {self.thresh}: must be >= 0")
         if self.K < 1:
             raise UsageError(f"--magcache_K {self.K}: must be >= 1")
@@ -112,17 +123,29 @@ class MagCacheOptions:
         if self.ratios_file is not None and not Path(self.ratios_file).is_file():
             raise UsageError(f"--magcache_ratios {self.ratios_file}: file not found")
 
+    @property
+    def thresh_from(self) -> Literal["target", "flag"]:
+        """Where the threshold came from: --magcache-target-speedup, or --magcache_thresh / its default."""
+        return "target" if self.target_speedup is not None else "flag"
+
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any] | None = None, *, calibration: bool = False,
                    enabled: bool | None = None) -> MagCacheOptions:
         """From the flag dict; flags not given take their declared defaults.
 
-        `enabled`: override --use_magcache (`plan` always shows the cached schedule).
+        `enabled`: override --use_magcache (`plan` always shows the cached schedule). A calibration
+        runs uncached, so it ignores --magcache-target-speedup (and never resolves it).
         """
         f = with_defaults(flags or {})
         on = f["use_magcache"] if enabled is None else enabled
-        return cls(enabled=bool(on) and not calibration, calibration=calibration,
-                   **{field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()})
+        thresh, target = f["magcache_thresh"], None if calibration else f["magcache_target_speedup"]
+        if target is not None and thresh is not None:
+            raise UsageError(f"--magcache_thresh {thresh} and --magcache-target-speedup {target} both set the "
+                             "threshold; pick one")
+        if target is None and thresh is None:
+            thresh = MAGCACHE_THRESH_DEFAULT
+        return cls(enabled=bool(on) and not calibration, calibration=calibration, thresh=thresh,
+                   target_speedup=target, **{field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()})
 
 
 @dataclass(kw_only=True, slots=True)

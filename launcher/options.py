@@ -15,6 +15,9 @@ from magcache.schedule import MagCacheParams
 
 #: upstream MagCache4Wan2.2's defaults, owned by the algorithm (magcache/); the flags point at them
 _UPSTREAM = MagCacheParams()
+#: the threshold when neither --magcache-thresh nor --magcache-target-speedup is given. The flag's
+#: own default is None so that giving both can be told apart from giving the target alone.
+MAGCACHE_THRESH_DEFAULT = _UPSTREAM.thresh
 
 
 def _opt(*names: str, help: str, **kw: Any) -> Any:
@@ -60,7 +63,8 @@ def sampling_params(
 
 def magcache_params(
     use_magcache: Annotated[bool, _opt("--use-magcache", "--use_magcache", help="skip DiT forwards with MagCache")] = False,
-    magcache_thresh: Annotated[float, _opt("--magcache-thresh", "--magcache_thresh", help="accumulated-error bound")] = _UPSTREAM.thresh,
+    magcache_thresh: Annotated[Optional[float], _opt("--magcache-thresh", "--magcache_thresh", help=f"accumulated-error bound (default {MAGCACHE_THRESH_DEFAULT})")] = None,
+    magcache_target_speedup: Annotated[Optional[float], _opt("--magcache-target-speedup", "--magcache_target_speedup", help="choose the smallest threshold whose plan reaches this forward-count speedup (>= 1); replaces --magcache-thresh")] = None,
     magcache_K: Annotated[int, _opt("--magcache-k", "--magcache-K", "--magcache_K", help="max consecutive skips per branch")] = _UPSTREAM.K,
     retention_ratio: Annotated[float, _opt("--retention-ratio", "--retention_ratio", help="fraction of forwards always computed")] = _UPSTREAM.retention_ratio,
     magcache_split: Annotated[str, _opt("--magcache-split", "--magcache_split", help="upstream (default) or scheduler expert split")] = _UPSTREAM.split_mode,

@@ -51,6 +51,9 @@ class Plan:
     scheduler_split: int | None
     forwards: tuple[PlannedForward, ...]
     warnings: tuple[str, ...]
+    #: the accumulated errors the rule compared with `params.thresh`, in forward order: every
+    #: threshold that keeps each comparison's outcome gives this same plan (`magcache.target`)
+    compared_errors: tuple[float, ...] = ()
 
     @property
     def total_forwards(self) -> int:
@@ -132,8 +135,11 @@ def plan(
     schedule = build_schedule(task_mode, steps, shift, boundary, params, mag, scheduler_timesteps)
     labels = expert_labels(experts, boundary, scheduler_timesteps, steps)
     forwards = []
+    compared = []
     for index in range(2 * steps):
         proposal = schedule.propose(index)
+        if proposal.err is not None:
+            compared.append(proposal.err)
         schedule.commit(index, proposal.may_skip)
         forwards.append(PlannedForward(index=index, step=index // 2, branch=branch_of(index),
                                        expert=labels[index // 2], retained=proposal.retained,
@@ -146,7 +152,8 @@ def plan(
     warnings = _warnings(steps, params, upstream_split, scheduler_split, calibrated_steps)
     return Plan(task_mode=task_mode, steps=steps, shift=shift, boundary=boundary, params=params,
                 split_forwards=schedule.split, upstream_split=upstream_split,
-                scheduler_split=scheduler_split, forwards=tuple(forwards), warnings=tuple(warnings))
+                scheduler_split=scheduler_split, forwards=tuple(forwards), warnings=tuple(warnings),
+                compared_errors=tuple(compared))
 
 
 def _warnings(

@@ -147,6 +147,10 @@ class Proposal:
     #: this forward starts the low-noise expert with fresh state (reset_at_switch):
     #: the caller drops that branch's residual cache
     fresh: bool = False
+    #: the accumulated error compared with the threshold here; None where the threshold did not
+    #: decide (retained, K reached, no residual yet). A plan changes only where a threshold
+    #: crosses one of these values, which is what `magcache.target` searches over.
+    err: float | None = None
 
 
 @dataclass(slots=True)
@@ -205,8 +209,9 @@ class MagCacheSchedule:
         if self.retained(index):
             return Proposal(retained=True, may_skip=False, fresh=fresh)
         ratio, steps, err = self._accumulate(state, index)
-        may_skip = err < self.params.thresh and steps <= self.params.K and state.has_residual
-        return Proposal(retained=False, may_skip=may_skip, fresh=fresh)
+        if steps > self.params.K or not state.has_residual:
+            return Proposal(retained=False, may_skip=False, fresh=fresh)
+        return Proposal(retained=False, may_skip=err < self.params.thresh, fresh=fresh, err=err)
 
     def commit(self, index: int, skip: bool) -> Proposal:
         """Apply the group's decision; a compute where we proposed a skip resets like upstream."""

@@ -32,9 +32,11 @@ class BatchPlan:
 
 def probe_config(flags: dict[str, Any]) -> RunConfig:
     """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
+    from launcher.engine.planning import resolve_config
+
     spec = TASKS.get(flags.get("task", ""))
     stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
-    return run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in), check_paths=False)
+    return resolve_config(run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in), check_paths=False))
 
 
 def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
@@ -44,10 +46,14 @@ def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
 
 
 def _item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
+    """The item's own config, its threshold resolved (a ti2v-5B item with an image reads the image
+    table), so the resume check compares the threshold the manifest recorded."""
+    from launcher.engine.planning import resolve_config
+
     seed = _fixed_seed(item, flags)
     kw = dict(flags, **item.overrides(), base_seed=-1 if seed is None else seed,
               save_file=out_dir / f"{item.stem}.mp4", save_frames=None, save_latents=None, overwrite=True)
-    return run_config_from_flags(kw)
+    return resolve_config(run_config_from_flags(kw))
 
 
 def _row(item: BatchItem, seed: int | None, **kw: Any) -> ItemResult:

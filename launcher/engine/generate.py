@@ -43,8 +43,10 @@ def run_generate(config: RunConfig, *, calibration_out: Path | None = None) -> d
     """Run one generation; returns the manifest on the output rank (None elsewhere)."""
     from launcher.checkpoint import inspect_checkpoint
     from launcher.errors import peer_lost
+    from launcher.engine.planning import resolve_config
     from launcher.engine.world import open_world
 
+    config = resolve_config(config)  # --magcache-target-speedup: the threshold, or exit 2, before anything loads
     info = inspect_checkpoint(config.ckpt_dir, config.task)
     if calibration_out is None and config.magcache.calibration:
         calibration_out = Path(f"magcache_ratios_{config.task.name}.json")

@@ -1,21 +1,33 @@
 """Turn launcher flags into MagCache's inputs: ratio table, params, real timesteps.
 
 `plan` and `generate` both go through here, so the schedule `plan` prints is, by construction,
-the one a generation executes.
+the one a generation executes; that includes the threshold --magcache-target-speedup chooses
+(`resolve_target`), which depends only on the ratio table and the schedule flags.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
 
 from magcache.plan import Plan, plan
 from magcache.ratios import RatioTable, bundled_table, load_ratio_file, table_key
 from magcache.schedule import MagCacheParams, MagCacheSchedule, build_schedule
+from magcache.target import TargetOutOfReach, TargetResult, floor_2dp, threshold_for_speedup
 
-from launcher.config import MagCacheOptions
+from launcher.config import MagCacheOptions, RunConfig, SplitMode, UsageError
 from launcher.wan.tasks import TASKS, TaskSpec
 
 
-def magcache_params(options: MagCacheOptions) -> MagCacheParams:
+def magcache_params(options: MagCacheOptions, thresh: float | None = None) -> MagCacheParams:
+    """The algorithm's params; `thresh` overrides the options' (the target search tries many)."""
+    thresh = options.thresh if thresh is None else thresh
+    if thresh is None:
+        raise ValueError("the MagCache threshold is still to be chosen from --magcache-target-speedup; "
+                         "resolve the options first (resolve_target)")
     return MagCacheParams(
-        thresh=options.thresh,
+        thresh=thresh,
         K=options.K,
         retention_ratio=options.retention_ratio,
         split_mode=options.split,
@@ -37,9 +49,82 @@ def scheduler_timesteps(solver: str, steps: int, shift: float) -> list[int]:
     return [int(t) for t in official_timesteps(solver, steps, shift)]
 
 
+def plan_builder(
+    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
+) -> Callable[[float], Plan]:
+    """`thresh -> Plan` with everything else fixed (table, timesteps, K, retention, split, reset)."""
+    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
+    mag, timesteps = table.mag(steps), scheduler_timesteps(solver, steps, shift)
+
+    def build(thresh: float) -> Plan:
+        return plan(spec.mode, steps, shift, spec.boundary, magcache_params(options, thresh), mag, timesteps,
+                    spec.experts, calibrated_steps=table.sample_steps)
+
+    return build
+
+
+def resolve_target(
+    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
+) -> tuple[MagCacheOptions, TargetResult | None]:
+    """Options with the threshold --magcache-target-speedup asks for, and the search's result.
+
+    Without a target: the options unchanged and None. An unreachable target is a UsageError
+    naming the maximum, raised from flags and ratio table alone, before any weight is loaded.
+    """
+    if options.target_speedup is None:
+        return options, None
+    build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
+    try:
+        result = threshold_for_speedup(build, options.target_speedup)
+    except TargetOutOfReach as e:
+        hint = "raise --magcache_K or lower --retention_ratio" if options.retention_ratio > 0 else "raise --magcache_K"
+        raise UsageError(
+            f"--magcache-target-speedup {options.target_speedup} is out of reach for {spec.name} at {steps} steps "
+            f"with K {options.K}, retention {options.retention_ratio}: at most {floor_2dp(e.max_speedup)}x; {hint}"
+        ) from None
+    return replace(options, thresh=result.thresh), result
+
+
+def resolve_config(config: RunConfig) -> RunConfig:
+    """The run's config with its threshold chosen (a no-op without a target or once resolved).
+
+    `generate` and every `batch` item go through here before the checkpoint is touched, so the
+    manifest records the threshold that ran and a bad target exits 2 without loading a weight.
+    """
+    mc = config.magcache
+    if mc.target_speedup is None or mc.thresh is not None:
+        return config
+    thresh = _target_thresh(config.task.name, config.sample_steps, config.sample_shift, config.sample_solver,
+                            config.uses_image, mc.K, mc.retention_ratio, mc.split, mc.reset_at_switch,
+                            None if mc.ratios_file is None else str(mc.ratios_file), mc.target_speedup)
+    return replace(config, magcache=replace(mc, thresh=thresh))
+
+
+@lru_cache(maxsize=64)
+def _target_thresh(task: str, steps: int, shift: float, solver: str, with_image: bool, K: int, retention: float,
+                   split: SplitMode, reset: bool, ratios_file: str | None, target: float) -> float:
+    """resolve_target's threshold, once per distinct setting: a batch's items mostly share one,
+    and each search builds a few dozen plans (~30 ms)."""
+    options = MagCacheOptions(enabled=True, thresh=None, K=K, retention_ratio=retention, split=split,
+                              reset_at_switch=reset, ratios_file=None if ratios_file is None else Path(ratios_file),
+                              target_speedup=target)
+    resolved, _ = resolve_target(TASKS[task], steps=steps, shift=shift, solver=solver, with_image=with_image,
+                                 options=options)
+    assert resolved.thresh is not None
+    return resolved.thresh
+
+
+def _resolved(spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool,
+              options: MagCacheOptions) -> MagCacheOptions:
+    if options.thresh is not None:
+        return options
+    return resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)[0]
+
+
 def make_schedule(
     task: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
 ) -> tuple[MagCacheSchedule, RatioTable]:
+    options = _resolved(task, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
     table = ratio_table(task, with_image=with_image, options=options)
     timesteps = scheduler_timesteps(solver, steps, shift)
     schedule = build_schedule(
@@ -51,17 +136,19 @@ def make_schedule(
 def make_plan(
     *, task: str, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
 ) -> Plan:
-    """The MagCache schedule, forward by forward, for resolved settings (`config.resolve_sampling`)."""
+    """The MagCache schedule, forward by forward, for resolved settings (`config.resolve_sampling`);
+    a threshold still to be chosen from --magcache-target-speedup is chosen here."""
     spec = TASKS[task]
-    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
-    return plan(
-        spec.mode, steps, shift, spec.boundary, magcache_params(options), table.mag(steps),
-        scheduler_timesteps(solver, steps, shift), spec.experts, calibrated_steps=table.sample_steps,
-    )
+    options = _resolved(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
+    assert options.thresh is not None
+    build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
+    return build(options.thresh)
 
 
-def plan_to_json(the_plan: Plan, *, task: str, solver: str, options: MagCacheOptions, with_image: bool) -> dict:
-    """`plan --json`: the task and run settings by their CLI names, then the schedule itself."""
+def plan_to_json(the_plan: Plan, *, task: str, solver: str, options: MagCacheOptions, with_image: bool,
+                 target: TargetResult | None = None) -> dict:
+    """`plan --json`: the task and run settings by their CLI names, the threshold and where it came
+    from (with the target search's breakpoint and maximum), then the schedule itself."""
     spec = TASKS[task]
     table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
     return {
@@ -70,5 +157,10 @@ def plan_to_json(the_plan: Plan, *, task: str, solver: str, options: MagCacheOpt
         "sample_shift": the_plan.shift,
         "sample_solver": solver,
         "ratio_table": {"key": table.key, "source": table.source, "sample_steps": table.sample_steps},
+        "target_speedup": options.target_speedup,
+        "thresh": the_plan.params.thresh,
+        "thresh_from": options.thresh_from,
+        "target_search": None if target is None else {"breakpoint": target.breakpoint,
+                                                      "max_forward_speedup": target.max_speedup},
         **the_plan.to_json(),
     }

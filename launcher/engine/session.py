@@ -87,6 +87,9 @@ class GenerationSession:
         if self.world.is_output_rank:
             from launcher.outputs.report import log
 
+            mc = config.magcache
+            if mc.enabled and mc.target_speedup is not None:
+                log(f"MagCache threshold {mc.thresh!r}, chosen for --magcache-target-speedup {mc.target_speedup}")
             log(f"denoising {config.sample_steps} steps ({config.sample_solver}), seed {seed}")
         with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as on_step:
             self.pipeline.on_step = on_step

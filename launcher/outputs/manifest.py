@@ -56,7 +56,9 @@ def magcache_section(config: "RunConfig", decisions: list[dict[str, Any]], table
     return {
         "enabled": config.magcache.enabled,
         "calibration": config.magcache.calibration,
+        "target_speedup": config.magcache.target_speedup,
         "thresh": config.magcache.thresh,
+        "thresh_from": config.magcache.thresh_from,
         "K": config.magcache.K,
         "retention_ratio": config.magcache.retention_ratio,
         "split": config.magcache.split,

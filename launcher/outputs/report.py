@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from magcache.plan import Plan
+from magcache.target import TargetResult, floor_2dp
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,9 +22,15 @@ def _action(fwd: Any) -> str:
     return "[green]skip[/]" if fwd.skip else "compute"
 
 
-def print_plan(the_plan: Plan, *, task: str, out: Console | None = None) -> None:
-    """One row per step (cond and uncond side by side), then the speedup and warnings."""
+def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None, out: Console | None = None) -> None:
+    """The threshold a --magcache-target-speedup chose (if any), one row per step (cond and uncond
+    side by side), then the speedup and warnings."""
     out = out or Console(file=sys.stdout, highlight=False)
+    if target is not None:
+        where = ("threshold 0 already reaches it" if target.breakpoint is None else
+                 f"no threshold at or below {target.breakpoint!r} reaches it")
+        out.print(f"threshold [bold]{target.thresh!r}[/] for --magcache-target-speedup {target.target}: {where} "
+                  f"({target.speedup:.2f}x here; at most {floor_2dp(target.max_speedup)}x at any threshold)")
     table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps, split at forward {the_plan.split_forwards}")
     for col in ("step", "expert", "cond", "uncond"):
         table.add_column(col)
