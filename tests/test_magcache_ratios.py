@@ -128,3 +128,31 @@ def test_missing_file_and_wrong_task(tmp_path):
         load_ratio_file(tmp_path / "nope.json")
     with pytest.raises(RatioTableError, match="calibrated for t2v-A14B, not i2v-A14B"):
         load_ratio_file(_write(tmp_path, GOOD), task="i2v-A14B")
+
+
+def test_a_table_made_under_other_settings_says_so(tmp_path):
+    from magcache.calibrate import write_ratio_file
+    from magcache.ratios import bundled_table, load_ratio_file, table_warnings
+
+    path = write_ratio_file(tmp_path / "t.json", "t2v-A14B", 4, 12.0, [1.0] * 6,
+                            meta={"sample_solver": "dpm++", "loras": ["style.safetensors"]})
+    table = load_ratio_file(path)
+    assert table.meta["sample_solver"] == "dpm++"
+    assert table_warnings(table, shift=12.0, solver="dpm++", loras=["style.safetensors"]) == []
+    warnings = table_warnings(table, shift=5.0, solver="unipc")
+    assert len(warnings) == 3
+    assert "shift 12" in warnings[0] and "dpm++ solver" in warnings[1] and "style.safetensors" in warnings[2]
+    assert table_warnings(bundled_table("t2v-A14B"), shift=1.0, solver="dpm++") == []
+
+
+def test_plan_shows_the_table_warning(tmp_path, capsys):
+    import json
+
+    from magcache.calibrate import write_ratio_file
+
+    from launcher.cli import main
+
+    path = write_ratio_file(tmp_path / "t.json", "t2v-A14B", 4, 12.0, [1.0] * 6, meta={"sample_solver": "dpm++"})
+    assert main(["plan", "--task", "t2v-A14B", "--sample_steps", "4", "--magcache_ratios", str(path), "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any("calibrated with the dpm++ solver" in w for w in warnings)

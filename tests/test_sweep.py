@@ -22,7 +22,7 @@ def swept(tiny_ckpt, tmp_path_factory):
     prompts.write_text(json.dumps({"prompt": "a red car at night", "name": "car"}) + "\n"
                        + json.dumps({"prompt": "a cat on a roof", "name": "cat", "seed": 9}) + "\n")
     out = work / "out"
-    code = sweep(tiny_ckpt("t2v-A14B"), prompts, out, "--thresholds", "0,0.1,0.3,1.0")
+    code = sweep(tiny_ckpt("t2v-A14B"), prompts, out, "--thresholds", "0,0.1,0.3,1.0", "--speedups", "1.5")
     return {"code": code, "out": out, "prompts": prompts, "ckpt": tiny_ckpt("t2v-A14B"),
             "report": json.loads((out / "sweep.json").read_text())}
 
@@ -31,7 +31,7 @@ def test_every_prompt_gets_a_reference_and_one_video_per_threshold(swept):
     assert swept["code"] == 0
     out = swept["out"]
     for stem in ("car", "cat"):
-        for label in ("reference", "thresh-0", "thresh-0.1", "thresh-0.3", "thresh-1"):
+        for label in ("reference", "thresh-0", "thresh-0.1", "thresh-0.3", "thresh-1", "speedup-1.5"):
             assert (out / stem / f"{label}.mp4").is_file() and (out / stem / f"{label}.json").is_file()
     seeds = {json.loads((out / stem / f"{label}.json").read_text())["seed"]
              for stem in ("cat",) for label in ("reference", "thresh-0.3")}
@@ -41,9 +41,11 @@ def test_every_prompt_gets_a_reference_and_one_video_per_threshold(swept):
 
 def test_report_rows_and_monotone_forward_counts(swept):
     report = swept["report"]
-    assert report["prompts"] == ["car", "cat"] and len(report["rows"]) == 8
+    assert report["prompts"] == ["car", "cat"] and len(report["rows"]) == 10
     for stem in ("car", "cat"):
-        rows = [r for r in report["rows"] if r["prompt"] == stem]
+        target = next(r for r in report["rows"] if r["prompt"] == stem and r["setting"] == "speedup-1.5")
+        assert target["forward_speedup"] >= 1.5 and target["thresh"] > 0 and target["target_speedup"] == 1.5
+        rows = [r for r in report["rows"] if r["prompt"] == stem and r["setting"].startswith("thresh-")]
         speedups = [r["forward_speedup"] for r in sorted(rows, key=lambda r: r["thresh"])]
         assert speedups == sorted(speedups) and speedups[-1] > 1.0
         zero = next(r for r in rows if r["thresh"] == 0)
@@ -58,17 +60,17 @@ def test_report_files_and_the_verdict(swept):
     out = swept["out"]
     md = (out / "report.md").read_text()
     assert "| setting | thresh | forward speedup |" in md and "thresh-0.3" in md
-    assert "To reach 1.5x" in md or "No setting reaches 1.5x" in md
+    assert "To reach 1.5x at the smallest quality cost" in md
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 10, "skipped": 0, "failed": 0}
+    assert summary["counts"] == {"ok": 12, "skipped": 0, "failed": 0}
 
 
 def test_a_rerun_generates_nothing_and_reports_the_same(swept):
     before = {(r["prompt"], r["setting"]): (r["forward_speedup"], r["quality"]) for r in swept["report"]["rows"]}
-    assert sweep(swept["ckpt"], swept["prompts"], swept["out"], "--thresholds", "0,0.1,0.3,1.0") == 0
+    assert sweep(swept["ckpt"], swept["prompts"], swept["out"], "--thresholds", "0,0.1,0.3,1.0", "--speedups", "1.5") == 0
     summary = json.loads((swept["out"] / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 0, "skipped": 10, "failed": 0}
+    assert summary["counts"] == {"ok": 0, "skipped": 12, "failed": 0}
     after = json.loads((swept["out"] / "sweep.json").read_text())
     assert {(r["prompt"], r["setting"]): (r["forward_speedup"], r["quality"]) for r in after["rows"]} == before
 
@@ -79,6 +81,7 @@ def test_a_rerun_generates_nothing_and_reports_the_same(swept):
     (["--thresholds", "-0.1"], "must be >= 0"),
     (["--thresholds", "0.1,0.1"], "given twice"),
     (["--speedups", "0.5"], "must be >= 1"),
+    (["--speedups", "9"], "out of reach"),
 ])
 def test_bad_sweep_input_exits_2_before_loading(tiny_ckpt, tmp_path, capsys, args, needle):
     prompts = tmp_path / "p.txt"

@@ -19,6 +19,7 @@ from typing import Any
 from launcher.batch.items import BatchItem, read_items
 from launcher.batch.results import ItemResult, one_line, print_table, write_summary
 from launcher.config import RunConfig, UsageError, run_config_from_flags, with_defaults
+from launcher.engine.planning import resolve_config
 from launcher.errors import InputError
 
 EXIT_SOME_FAILED = 3
@@ -91,7 +92,7 @@ def expand(prompts: list[BatchItem], settings: list[Setting], flags: dict[str, A
                       save_file=out_dir / prompt.stem / f"{setting.label}.mp4", save_frames=None, save_latents=None,
                       overwrite=True)
             try:
-                configs[k] = run_config_from_flags(kw)
+                configs[k] = resolve_config(run_config_from_flags(kw))  # a target's threshold, or exit 2 now
             except InputError as e:
                 configs[k] = one_line(e)
     return items, configs, what
@@ -110,11 +111,11 @@ def run_sweep(*, prompts_file: Path, out_dir: Path, thresholds: str | None, spee
     base = probe_config(flags)
     info = inspect_checkpoint(base.ckpt_dir, base.task)
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir)
     items, configs, what = expand(prompts, settings, flags, out_dir)
     bad = next((c for c in configs.values() if isinstance(c, str)), None)
     if bad is not None:
         raise UsageError(bad)  # a sweep with a hole in it compares nothing: fix the flags first
+    prepare_out_dir(out_dir)
 
     from launcher.engine.world import open_world
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from magcache.plan import Plan, plan
-from magcache.ratios import RatioTable, bundled_table, load_ratio_file, table_key
+from magcache.ratios import RatioTable, bundled_table, load_ratio_file, table_key, table_warnings
 from magcache.schedule import MagCacheParams, MagCacheSchedule, build_schedule
 from magcache.target import TargetOutOfReach, TargetResult, floor_2dp, threshold_for_speedup
 
@@ -142,7 +142,10 @@ def make_plan(
     options = _resolved(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
     assert options.thresh is not None
     build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
-    return build(options.thresh)
+    the_plan = build(options.thresh)
+    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
+    made_elsewhere = table_warnings(table, shift=shift, solver=solver)
+    return replace(the_plan, warnings=the_plan.warnings + tuple(made_elsewhere)) if made_elsewhere else the_plan
 
 
 def plan_to_json(the_plan: Plan, *, task: str, solver: str, options: MagCacheOptions, with_image: bool,
