@@ -89,3 +89,27 @@ def test_bad_sweep_input_exits_2_before_loading(tiny_ckpt, tmp_path, capsys, arg
     assert sweep(tiny_ckpt("t2v-A14B"), prompts, tmp_path / "out", *args) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_dp_replicas_under_torchrun_report_what_one_process_does(swept, tmp_path):
+    """Two ranks (dp 2): the prompts' videos spread over both replicas; rank 0 reports. Each replica
+    computes alone, like the single process, so forward counts and quality must be identical."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "launcher",
+         "sweep", "--prompts", str(swept["prompts"]), "--out-dir", str(out), "--ckpt_dir", str(swept["ckpt"]), *COMMON,
+         "--thresholds", "0,0.1,0.3,1.0", "--speedups", "1.5", "--dist-timeout", "120"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=cli_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"]["mesh"] == {"dp": 2, "cfg": 1, "sp": 1}
+    assert {i["dp_group"] for i in summary["items"]} == {0, 1}
+    mine = json.loads((out / "sweep.json").read_text())
+    key = lambda rows: {(r["prompt"], r["setting"]): (r["forward_speedup"], r["thresh"], r["quality"]) for r in rows}
+    assert key(mine["rows"]) == key(swept["report"]["rows"])
