@@ -191,6 +191,10 @@ def plot_calibration(path_png: str | Path, records: Sequence[CalibrationRecord],
     ax_ratio.set_ylabel("||r_t|| / ||r_t-1||")
     ax_cos.set_ylabel("1 - cos")
     ax_cos.set_xlabel("forward index (even cond, odd uncond)")
+    return _save(fig, path_png, title)
+
+
+def _save(fig: Any, path_png: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     path_png = Path(path_png)
@@ -270,9 +274,4 @@ def plot_averaged(path_png: str | Path, averaged: AveragedCalibration, title: st
     ax.set_ylabel("||r_t|| / ||r_t-1||")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    path_png = Path(path_png)
-    path_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path_png, dpi=100)
-    return path_png
+    return _save(fig, path_png, title)
