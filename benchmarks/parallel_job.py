@@ -315,8 +315,6 @@ def instrument(session: Any, clock: PhaseClock, sync_stats: dict[str, list]) -> 
                 sync_stats["seconds"][-1] += time.perf_counter() - t0
                 sync_stats["calls"][-1] += 1
                 COUNTER.tag = None
-        # the session asks the world for a sync callable for each new MagCacheController
-        object.__setattr__(world, "magcache_sync", lambda: timed_sync)
 
     encode_text, prepare, generate = pipe.encode_text, pipe._prepare, pipe.generate
 
@@ -366,6 +364,8 @@ def instrument(session: Any, clock: PhaseClock, sync_stats: dict[str, list]) -> 
 
     def kept_runner(c):
         made = block_runner(c)
+        if base_sync is not None and getattr(made[0], "sync", None) is not None:
+            made[0].sync = timed_sync  # each new MagCacheController agrees through the timed twin
         runners.append(made[0])
         return made
     session.block_runner = kept_runner
