@@ -77,47 +77,9 @@ def calibrate(
 
         run_generate(config, calibration_out=out)
         return
-    from launcher.engine.calibration import run_calibration
+    from launcher.batch.calibrate import calibrate_prompt_file
 
-    config, runs = calibration_runs(prompts, seeds, flags)
-    run_calibration(config, runs, out)
-
-
-def calibration_runs(prompts: Path, seeds: str | None, flags: dict[str, Any]) -> tuple[Any, list[Any]]:
-    """The prompt file x seeds as calibration runs; every line checked like a generate (exit 2 on the first bad one)."""
-
-    from launcher.batch.items import read_items
-    from launcher.engine.calibration import CalibrationRun
-
-    if flags.get("prompt") is not None:
-        raise UsageError("give --prompt or --prompts FILE, not both")
-    items = read_items(prompts)
-    seed_list = [int(s) for s in parse_int_list(seeds, "--seeds")] if seeds is not None else None
-    configs = []
-    for item in items:
-        item_flags = dict(flags, **{k: v for k, v in item.overrides().items() if k in ("prompt", "image")})
-        if item_flags.get("image") is None:
-            item_flags["image"] = flags.get("image")
-        configs.append(run_config_from_flags(item_flags, calibration=True))
-    modes = {c.ratio_table_key for c in configs}
-    if len(modes) > 1:
-        raise UsageError(f"{prompts}: some lines have an image and some not ({' and '.join(sorted(modes))} tables); "
-                         "calibrate each mode with its own file")
-    runs = []
-    for item, config in zip(items, configs):
-        for seed in seed_list if seed_list is not None else [item.seed if item.seed is not None else config.base_seed]:
-            runs.append(CalibrationRun(prompt=config.prompt, image=config.image, seed=seed))
-    return configs[0], runs
-
-
-def parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: give integers separated by commas, e.g. 1,2,3") from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"{flag} {text!r}: give one or more seeds >= 0, e.g. 1,2,3")
-    return values
+    calibrate_prompt_file(prompts, seeds, flags, out)
 
 
 #: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
