@@ -22,7 +22,6 @@ from launcher.config import RunConfig, UsageError, run_config_from_flags, with_d
 from launcher.engine.planning import resolve_config
 from launcher.errors import InputError
 
-EXIT_SOME_FAILED = 3
 SWEEP_VERSION = 1
 
 
@@ -101,7 +100,7 @@ def expand(prompts: list[BatchItem], settings: list[Setting], flags: dict[str, A
 def run_sweep(*, prompts_file: Path, out_dir: Path, thresholds: str | None, speedups: str | None,
               force: bool, lpips_weights: Path | None, flags: dict[str, Any]) -> int:
     """Generate what is missing, then report; 0 when every video exists, 3 when any failed."""
-    from launcher.batch import prepare_out_dir, probe_config, generate_items
+    from launcher.batch import EXIT_SOME_FAILED, generate_items, prepare_out_dir, probe_config
     from launcher.checkpoint import inspect_checkpoint
 
     started = time.perf_counter()
