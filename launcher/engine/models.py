@@ -33,20 +33,20 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
                 mesh: "ParallelMesh | None" = None) -> tuple[Models, ParallelWan]:
     """Every module of the task on this rank, ready for `WanPipeline`, and how they were split."""
     experts = {name: build_transformer_on_meta(info, name, placement.dit_param_dtype) for name in config.task.experts}
-    text_encoder = build_text_encoder_on_meta(info, placement.compute_dtype)
+    text_encoder = build_text_encoder_on_meta(info, placement.text_dtype)
     par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp)
 
-    offload_experts = placement.offload_model and len(config.task.experts) > 1 and not par.dit_sharded
-    offload_t5 = placement.offload_model and placement.text_device.type == "cuda" and not par.t5_sharded
-    for i, (name, dit) in enumerate(par.experts.items()):
-        # with offload only the first-used expert starts on the GPU (high noise runs first)
-        device = placement.device if (i == 0 or not offload_experts) else torch.device("cpu")
+    memory = placement.memory
+    cpu = torch.device("cpu")
+    for name, dit in par.experts.items():
+        # official init_on_cpu: created on the CPU, the active expert moves to the GPU at its first step
+        device = placement.device if par.dit_sharded or memory.dit_load == "gpu" else cpu
         load_module(dit.model, transformer_source(info, name), device=device)
         if par.dit_sharded:
             dit.model.rope.to(device)  # the non-persistent RoPE tables were built on the CPU
         else:
             dit.model.to(device)
-    t5_device = placement.device if par.t5_sharded else (torch.device("cpu") if offload_t5 else placement.text_device)
+    t5_device = placement.device if par.t5_sharded or memory.t5_home == "gpu" else cpu
     load_module(text_encoder, t5_source(info), device=t5_device)
     text_encoder.tie_weights()  # encoder.embed_tokens.weight is shared.weight
     if not par.t5_sharded:
@@ -62,7 +62,8 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
         text_device=placement.text_device,
         dit_dtype=placement.compute_dtype,
         autocast=placement.autocast,
-        offload_idle_expert=offload_experts,
-        offload_text_encoder=offload_t5,
+        swap_experts=memory.swap_experts,
+        park_dit_before_decode=memory.park_dit_before_decode,
+        offload_text_encoder=not par.t5_sharded and memory.t5_home != memory.t5_runs_on,
     )
     return models, par

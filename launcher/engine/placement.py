@@ -1,7 +1,8 @@
 """Where and in which dtype each module runs on this rank, by the official rules.
 
-DiT float32 unless --convert_model_dtype, autocast to the compute dtype on GPU, T5 in the compute
-dtype, VAE always float32; official --offload_model defaults to True on one GPU.
+DiT float32 unless --convert_model_dtype, autocast to the compute dtype on GPU, T5 in bfloat16 on
+GPU whatever --dtype says (official `t5_dtype`; the compute dtype on CPU), VAE always float32.
+Which module is on the GPU when is `launcher.engine.memory`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from launcher.config import RunConfig
+from launcher.engine.memory import MemoryPolicy, memory_policy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -22,10 +24,11 @@ class Placement:
     device: torch.device
     compute_dtype: torch.dtype
     dit_param_dtype: torch.dtype
+    #: where T5 encodes (the CPU with --t5_cpu)
     text_device: torch.device
+    text_dtype: torch.dtype
     autocast: bool
-    #: official --offload_model: park idle experts (and T5) on the CPU; only meaningful on a GPU
-    offload_model: bool
+    memory: MemoryPolicy
 
 
 def resolve_device(requested: str | None, local_rank: int) -> torch.device:
@@ -40,23 +43,25 @@ def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def placement_for(config: RunConfig, *, local_rank: int = 0, world_size: int = 1,
+def placement_for(config: RunConfig, *, local_rank: int = 0, world_size: int = 1, sp: int = 1,
                   device: torch.device | None = None) -> Placement:
-    """`device`: the one the process group already bound this rank to, if any."""
+    """`device`: the one the process group already bound this rank to, if any; `sp`: the sequence group's size."""
     if device is None or (config.device and torch.device(config.device).index is not None):
         device = resolve_device(config.device, local_rank)
     on_gpu = device.type == "cuda"
     compute = DTYPES[config.dtype] if config.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     param = compute if config.convert_model_dtype else torch.float32
-    # official: offload defaults to True on one GPU and False with several; it only matters on a GPU
-    offload = (config.offload_model if config.offload_model is not None else world_size == 1) and on_gpu
+    memory = memory_policy(on_gpu=on_gpu, offload_model=config.offload_model, world_size=world_size, sp=sp,
+                           dit_fsdp=config.dit_fsdp and sp > 1, t5_fsdp=config.t5_fsdp and sp > 1,
+                           t5_cpu=config.t5_cpu)
     return Placement(
         device=device,
         compute_dtype=compute,
         dit_param_dtype=param,
-        text_device=torch.device("cpu") if config.t5_cpu else device,
+        text_device=torch.device("cpu") if memory.t5_runs_on == "cpu" else device,
+        text_dtype=torch.bfloat16 if on_gpu else compute,
         autocast=on_gpu and compute != param,
-        offload_model=offload,
+        memory=memory,
     )
 
 

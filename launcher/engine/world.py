@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -75,7 +75,8 @@ class World:
         ctx = self._groups.ctx
         return {"size": self.world_size, "launch": self.launch_kind, "mesh": self.mesh_shape,
                 "backend": None if ctx is None else ctx.backend,
-                "device": str(self.placement.device), "dtype": str(self.placement.compute_dtype).replace("torch.", "")}
+                "device": str(self.placement.device), "dtype": str(self.placement.compute_dtype).replace("torch.", ""),
+                "memory": asdict(self.placement.memory)}
 
     # -- what MagCache needs from the ranks of one branch ---------------------------------------
     def magcache_sync(self) -> Callable[[bool], bool] | None:
@@ -232,6 +233,9 @@ def start_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool 
     cfg_degree = 2 if config.cfg_parallel else 1
     if config.cfg_parallel and env.world_size < 2:
         raise UsageError("--cfg-parallel needs an even number of ranks (>= 2): launch with torchrun or srun")
+    if env.world_size > 1 and config.device and config.device.startswith("cuda:"):
+        raise UsageError(f"--device {config.device} would put every rank on that one GPU; under torchrun/srun leave "
+                         "--device out (rank r takes cuda:LOCAL_RANK) or pick GPUs with CUDA_VISIBLE_DEVICES")
     if config.t5_fsdp and config.t5_cpu:
         raise UsageError("--t5_fsdp and --t5_cpu exclude each other: FSDP shards T5 on the GPUs")
     dims = ParallelDims.from_world(env.world_size, sp=config.ulysses_size, cfg=cfg_degree)
@@ -261,7 +265,8 @@ def _start_distributed(config: RunConfig, env: "LaunchEnv", dims: "ParallelDims"
             groups.patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
             ctx.adopt([groups.patient])
         return World(
-            placement=placement_for(config, local_rank=env.local_rank, world_size=env.world_size, device=ctx.device),
+            placement=placement_for(config, local_rank=env.local_rank, world_size=env.world_size, sp=dims.sp,
+                                    device=ctx.device),
             rank=env.rank, world_size=env.world_size, launch_kind=env.kind, dp_size=dims.dp, cfg_size=dims.cfg, sp_size=dims.sp,
             dp_rank=mesh.dp_rank, is_output_rank=mesh.cfg_rank == 0 and mesh.sp_rank == 0, _groups=groups,
         )

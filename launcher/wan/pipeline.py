@@ -80,7 +80,10 @@ class Models:
     text_device: torch.device
     dit_dtype: torch.dtype
     autocast: bool = False
-    offload_idle_expert: bool = False
+    #: only the active expert on the GPU (official `_prepare_model_for_timestep`; launcher.engine.memory)
+    swap_experts: bool = False
+    #: official --offload_model: every DiT to the CPU before VAE decode
+    park_dit_before_decode: bool = False
     #: official --offload_model also parks T5 on the CPU between prompts (when not --t5_cpu)
     offload_text_encoder: bool = False
 
@@ -174,9 +177,9 @@ class WanPipeline:
         return "high" if t >= task.boundary * task.num_train_timesteps else "low"
 
     def _activate(self, name: str) -> WanDiT:
-        """Official `_prepare_model_for_timestep`: with offload, only the active expert is on GPU."""
+        """Official `_prepare_model_for_timestep`: when swapping, only the active expert is on the GPU."""
         dit = self.m.experts[name]
-        if self.m.offload_idle_expert and dit.model.patch_embedding.weight.device != self.m.device:
+        if self.m.swap_experts and dit.model.patch_embedding.weight.device != self.m.device:
             for other, d in self.m.experts.items():
                 if other != name:
                     d.model.to("cpu")
@@ -228,6 +231,10 @@ class WanPipeline:
                 if self.on_step is not None:
                     self.on_step(i + 1, req.steps)
         video = None
+        if self.m.park_dit_before_decode:
+            for d in self.m.experts.values():
+                d.model.to("cpu")
+            torch.cuda.empty_cache()
         if self.decode:
             from launcher.wan.vae import decode
 
