@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from launcher.checkpoint import CheckpointInfo
@@ -76,6 +77,8 @@ class GenerationSession:
         """Run one request; the output rank writes files and returns the manifest."""
         from launcher.outputs.report import progress_bar
 
+        if self.world.placement.device.type == "cuda":  # each request's peak is its own (host RSS peaks are per process)
+            torch.cuda.reset_peak_memory_stats(self.world.placement.device)
         runner, table, cache_warnings = self.block_runner(config)
         warnings = config.warnings + cache_warnings
         if self.world.is_output_rank:

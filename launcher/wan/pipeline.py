@@ -89,8 +89,12 @@ class Models:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per phase. On CUDA each phase ends when the GPU's queued work does, not when Python
+    finished queueing it (else "decode" would end before the GPU does and "denoise" absorb its tail)."""
+
+    def __init__(self, device: torch.device) -> None:
         self.timings: dict[str, float] = {}
+        self.device = device
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -98,6 +102,8 @@ class _Timer:
         try:
             yield
         finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
@@ -189,7 +195,7 @@ class WanPipeline:
 
     @torch.no_grad()
     def generate(self, req: Request, runner: BlockRunner) -> Result:
-        timer = _Timer()
+        timer = _Timer(self.m.device)
         task = self.m.task
         with timer.phase("encode_text"):
             context, context_null = self.encode_text([req.prompt, req.negative_prompt])
