@@ -110,6 +110,10 @@ class ShardedSelfAttnProcessor:
         if rotary_emb is not None:
             q = _apply_rotary(q, *rotary_emb)
             k = _apply_rotary(k, *rotary_emb)
+        # Under autocast the RMS norms return float32 while v is in the compute dtype: send all three in
+        # v's dtype, as official casts q, k, v to half before its all-to-all. Attention would round q and
+        # k to that dtype anyway (SDPA autocasts), so values are unchanged; the exchange halves.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.sharding.attention(q, k, v, self.state.valid_len)
         out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
