@@ -179,6 +179,10 @@ def test_plan_verbose_names_the_ignored_flags(capsys):
     for flag in ("--ckpt-dir", "--prompt", "--size", "--ulysses-size", "--dit-fsdp", "--save-file", "--t5-cpu"):
         assert flag in err, flag
     assert "--task" not in err.split("ignored", 1)[1]
+    capsys.readouterr()
+    assert main(["plan", "--task", "t2v-A14B", "--magcache-target-speedup", "1.3", "--ckpt_dir", "/x", "--verbose"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "ignored (no effect on the schedule): --ckpt-dir" in err and "target-speedup" not in err
 
 
 def test_plan_image_picks_the_image_mode_table(capsys, tmp_path):

@@ -227,16 +227,16 @@ def test_calibration_ignores_the_target():
 
 def test_batch_items_resolve_their_own_threshold(tmp_path):
     """A ti2v-5B item with an image reads the image-mode table, so it gets its own threshold."""
-    from launcher.batch import _item_config
+    from launcher.batch import item_config
     from launcher.batch.items import BatchItem
 
     flags = {"task": "ti2v-5B", "ckpt_dir": str(tmp_path), "magcache_target_speedup": 1.5, "use_magcache": True}
-    text = _item_config(flags, BatchItem(index=0, line=1, prompt="a cat"), tmp_path)
+    text = item_config(flags, BatchItem(index=0, line=1, prompt="a cat"), tmp_path)
     image_path = tmp_path / "first.png"
     from e2e_helpers import make_image
 
     make_image(image_path)
-    image = _item_config(flags, BatchItem(index=1, line=2, prompt="a cat", image=image_path), tmp_path)
+    image = item_config(flags, BatchItem(index=1, line=2, prompt="a cat", image=image_path), tmp_path)
     spec = TASKS["ti2v-5B"]
     for config, with_image in ((text, False), (image, True)):
         mc = config.magcache

@@ -45,7 +45,7 @@ def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
     return seed if seed >= 0 else None
 
 
-def _item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
+def item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
     """The item's own config, its threshold resolved (a ti2v-5B item with an image reads the image
     table), so the resume check compares the threshold the manifest recorded."""
     from launcher.engine.planning import resolve_config
@@ -210,7 +210,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
     configs: dict[int, RunConfig | str] = {}
     for item in items:
         try:
-            configs[item.index] = _item_config(flags, item, out_dir)
+            configs[item.index] = item_config(flags, item, out_dir)
         except InputError as e:
             configs[item.index] = one_line(e)
 

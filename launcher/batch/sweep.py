@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.batch import item_config
 from launcher.batch.items import BatchItem, read_items
 from launcher.batch.results import ItemResult, one_line, print_table, write_summary
-from launcher.config import RunConfig, UsageError, run_config_from_flags, with_defaults
-from launcher.engine.planning import resolve_config
+from launcher.config import RunConfig, UsageError, with_defaults
 from launcher.errors import InputError
 
 SWEEP_VERSION = 1
@@ -87,11 +87,9 @@ def expand(prompts: list[BatchItem], settings: list[Setting], flags: dict[str, A
                              negative_prompt=prompt.negative_prompt)
             items.append(item)
             what[k] = (prompt, setting)
-            kw = dict(flags, **item.overrides(), **setting.flags, base_seed=seed,
-                      save_file=out_dir / prompt.stem / f"{setting.label}.mp4", save_frames=None, save_latents=None,
-                      overwrite=True)
             try:
-                configs[k] = resolve_config(run_config_from_flags(kw))  # a target's threshold, or exit 2 now
+                # batch's own item config: video <out>/<prompt>/<setting>.mp4, the item's seed, threshold resolved
+                configs[k] = item_config(dict(flags, **setting.flags), item, out_dir)
             except InputError as e:
                 configs[k] = one_line(e)
     return items, configs, what
