@@ -50,10 +50,13 @@ def scheduler_timesteps(solver: str, steps: int, shift: float) -> list[int]:
 
 
 def plan_builder(
-    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
+    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
+    table: RatioTable | None = None,
 ) -> Callable[[float], Plan]:
-    """`thresh -> Plan` with everything else fixed (table, timesteps, K, retention, split, reset)."""
-    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
+    """`thresh -> Plan` with everything else fixed (table, timesteps, K, retention, split, reset);
+    `table`: the ratio table when the caller already read it."""
+    if table is None:
+        table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
     mag, timesteps = table.mag(steps), scheduler_timesteps(solver, steps, shift)
 
     def build(thresh: float) -> Plan:
@@ -141,9 +144,9 @@ def make_plan(
     spec = TASKS[task]
     options = _resolved(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
     assert options.thresh is not None
-    build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
-    the_plan = build(options.thresh)
     table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
+    the_plan = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
+                            table=table)(options.thresh)
     made_elsewhere = table_warnings(table, shift=shift, solver=solver)
     return replace(the_plan, warnings=the_plan.warnings + tuple(made_elsewhere)) if made_elsewhere else the_plan
 
