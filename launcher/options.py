@@ -5,6 +5,7 @@ Each flag has its canonical kebab-case name plus the snake_case spelling of the 
 Commands compose these parameter sets with `compose_params`; `launcher.config` takes the
 defaults from here (`flag_defaults`), so a default lives in exactly one place.
 """
+import functools
 import inspect
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -109,8 +110,14 @@ RUN_PARAM_SETS: tuple[Callable[..., None], ...] = (request_params, model_params,
 
 
 def flag_defaults() -> dict[str, Any]:
-    """Flag name (as Typer passes it) -> its declared default, for every flag of a run."""
-    return {name: p.default for fn in RUN_PARAM_SETS for name, p in inspect.signature(fn).parameters.items()}
+    """Flag name (as Typer passes it) -> its declared default, for every flag of a run (a fresh dict)."""
+    return dict(_declared_defaults())
+
+
+@functools.cache
+def _declared_defaults() -> tuple[tuple[str, Any], ...]:
+    # read from the signatures once: every config (each batch item, sweep setting) asks several times
+    return tuple((name, p.default) for fn in RUN_PARAM_SETS for name, p in inspect.signature(fn).parameters.items())
 
 
 def cli_name(flag: str) -> str:
