@@ -16,7 +16,7 @@ fi
 VPY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp="$VENV/.magcache-setup-stamp"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import launcher, torch" 2>/dev/null; then
   exit 0 2>/dev/null || return 0
 fi
@@ -33,6 +33,10 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing magcache-launch (editable) and test tools" >&2
 "$VPY" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v "is ignored" >&2 || true
+# The official Wan2.2 code (PyPI `wan22`, module `wan`, equal to GitHub Wan-Video/Wan2.2 at 42bf4cf in
+# wan/modules and configs), for the tests that compare our forward with official's. Without its
+# declared dependencies (flash-attn, decord, ...): the tests import only wan/modules/model.py.
+"$VPY" -m pip install -q --no-deps "wan22==2.2.11" 2>&1 | grep -v "is ignored" >&2 || true
 "$VPY" -c "import launcher, magcache, parallel, torch, diffusers, transformers, yunchang" \
   || { echo "[setup] install incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -1,8 +1,10 @@
 """Generations on the tiny checkpoints give the exact latents recorded before the package layout
 changed (issue 11: "no behaviour may change").
 
-The references in tests/reference/latents/ were written once by this file's `write` mode from
-the flat-layout code (commit 9b4979d) and are compared bit for bit: any change to numerics, seed
+The references in tests/reference/latents/ were written by this file's `write` mode from the
+flat-layout code (commit 9b4979d), and rewritten once for issue 12's official precision policy
+(float64 sinusoid and RoPE, official q/k RMS-norm rounding: latents moved by <= 3.7e-5 absolute,
+identical skips). They are compared bit for bit: any change to numerics, seed
 handling, scheduling, MagCache decisions or loading shows up here. One thread per process, so
 float reductions run in one fixed order. Regenerate only for an intended numeric change:
 `python tests/test_latents_pinned.py write` (and say why in the commit).

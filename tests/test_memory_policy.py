@@ -63,6 +63,20 @@ def test_t5_runs_in_bf16_on_a_gpu_whatever_dtype_says(dtype):
     assert cpu.text_dtype == cpu.compute_dtype
 
 
+@pytest.mark.parametrize(("device", "flags", "param", "autocast"), [
+    ("cuda", {}, torch.float32, True),                                   # official default: fp32 weights, bf16 autocast
+    ("cuda", {"convert_model_dtype": True}, torch.bfloat16, True),       # official still autocasts (defect 4)
+    ("cuda", {"dtype": "float32"}, torch.float32, False),
+    ("cpu", {}, torch.float32, False),
+    ("cpu", {"dtype": "bfloat16"}, torch.float32, True),                 # the policy runs (and is tested) on CPU
+])
+def test_autocast_whenever_the_compute_dtype_is_half(device, flags, param, autocast):
+    from launcher.engine.placement import placement_for
+
+    p = placement_for(_config(**flags), device=torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+    assert (p.dit_param_dtype, p.autocast) == (param, autocast)
+
+
 def test_placement_takes_the_sequence_group_into_account():
     from launcher.engine.placement import placement_for
 

@@ -72,7 +72,7 @@ class _AliasedSource:
         return self._source.get_slice(self._real(key), start, stop)
 
 
-def _set_meta_dtypes(model: nn.Module, dtype_for: Callable[[str], torch.dtype]) -> None:
+def set_meta_dtypes(model: nn.Module, dtype_for: Callable[[str], torch.dtype]) -> None:
     """Give every (meta) parameter the dtype it will be loaded in, before FSDP2 sees it."""
     for mod_name, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -82,21 +82,16 @@ def _set_meta_dtypes(model: nn.Module, dtype_for: Callable[[str], torch.dtype]) 
                 module._parameters[name] = nn.Parameter(param.to(wanted), requires_grad=False)
 
 
-def transformer_dtype_for(model: WanTransformer3DModel, dtype: torch.dtype) -> Callable[[str], torch.dtype]:
-    """`dtype` for every weight except diffusers' `_keep_in_fp32_modules` (as `from_pretrained` does)."""
-    keep = model._keep_in_fp32_modules or []
-
-    def dtype_for(key: str) -> torch.dtype:
-        return torch.float32 if any(m in key.split(".") for m in keep) else dtype
-
-    return dtype_for
-
-
 def build_transformer_on_meta(info: CheckpointInfo, expert: str, dtype: torch.dtype = torch.float32) -> WanTransformer3DModel:
-    """One expert's parameters on meta, in their load dtypes; the RoPE tables (non-persistent) stay real."""
+    """One expert's parameters on meta, every one in `dtype`; the RoPE tables (non-persistent) stay real.
+
+    Every one: official `--convert_model_dtype` is `model.to(param_dtype)`, so the modulation tables,
+    norms and time embedding are rounded too; diffusers' `from_pretrained` would keep those in
+    float32 (`_keep_in_fp32_modules`). Our DiT forward computes them in float32 either way.
+    """
     with init_empty_weights():
         model = WanTransformer3DModel.from_config(info.transformer_configs[expert])
-    _set_meta_dtypes(model, transformer_dtype_for(model, dtype))
+    set_meta_dtypes(model, lambda _key: dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -108,7 +103,7 @@ def build_text_encoder_on_meta(info: CheckpointInfo, dtype: torch.dtype) -> UMT5
     """
     with init_empty_weights():
         model = UMT5EncoderModel(UMT5Config(**info.t5_config))
-    _set_meta_dtypes(model, lambda _key: dtype)
+    set_meta_dtypes(model, lambda _key: dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -123,7 +118,7 @@ def load_module(model: nn.Module, source: TensorSource, *, device: torch.device 
 
 def load_transformer(info: CheckpointInfo, expert: str, *, dtype: torch.dtype,
                      device: torch.device | str) -> WanTransformer3DModel:
-    """One unsharded DiT expert in `dtype` (except diffusers' `_keep_in_fp32_modules`) on `device`."""
+    """One unsharded DiT expert with every weight in `dtype` on `device`."""
     model = build_transformer_on_meta(info, expert, dtype)
     load_module(model, transformer_source(info, expert), device=device)
     return model.to(device)

@@ -60,7 +60,8 @@ def placement_for(config: RunConfig, *, local_rank: int = 0, world_size: int = 1
         dit_param_dtype=param,
         text_device=torch.device("cpu") if memory.t5_runs_on == "cpu" else device,
         text_dtype=torch.bfloat16 if on_gpu else compute,
-        autocast=on_gpu and compute != param,
+        # official autocasts to param_dtype whenever it is not float32, also with --convert_model_dtype
+        autocast=compute != torch.float32,
         memory=memory,
     )
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from launcher.wan import conditioning as cond
 from launcher.wan.dit import WanDiT, pad_context
+from launcher.wan.residency import HostResident
 from magcache.controller import BlockRunner
 from launcher.wan.solvers import make_scheduler
 from launcher.wan.tasks import TaskSpec
@@ -86,6 +87,15 @@ class Models:
     park_dit_before_decode: bool = False
     #: official --offload_model also parks T5 on the CPU between prompts (when not --t5_cpu)
     offload_text_encoder: bool = False
+    #: experts whose home is (pinned) host memory, by name; moved with them instead of `.to()`
+    residency: dict[str, HostResident] = field(default_factory=dict)
+
+    def expert_to(self, name: str, device: torch.device | str) -> None:
+        """Move one expert's weights (pinned-memory copies when it has a host home)."""
+        if name in self.residency:
+            self.residency[name].to(device)
+        else:
+            self.experts[name].model.to(device)
 
 
 class _Timer:
@@ -186,11 +196,11 @@ class WanPipeline:
         """Official `_prepare_model_for_timestep`: when swapping, only the active expert is on the GPU."""
         dit = self.m.experts[name]
         if self.m.swap_experts and dit.model.patch_embedding.weight.device != self.m.device:
-            for other, d in self.m.experts.items():
+            for other in self.m.experts:
                 if other != name:
-                    d.model.to("cpu")
+                    self.m.expert_to(other, "cpu")
             torch.cuda.empty_cache()
-            dit.model.to(self.m.device)
+            self.m.expert_to(name, self.m.device)
         return dit
 
     @torch.no_grad()
@@ -224,7 +234,7 @@ class WanPipeline:
                         with amp:
                             text_states[(expert, b)] = dit.embed_text(ctx[b].to(dit.model.dtype))
                 with amp:
-                    step_in = dit.embed(model_in, ts, text_states[(expert, self.exchange.branches[0])].dtype)
+                    step_in = dit.embed(model_in, ts)
                     for b in self.exchange.branches:
                         out = dit.run(step_in, text_states[(expert, b)], runner=runner, index=2 * i + b,
                                       expert=expert)
@@ -238,8 +248,8 @@ class WanPipeline:
                     self.on_step(i + 1, req.steps)
         video = None
         if self.m.park_dit_before_decode:
-            for d in self.m.experts.values():
-                d.model.to("cpu")
+            for name in self.m.experts:
+                self.m.expert_to(name, "cpu")
             torch.cuda.empty_cache()
         if self.decode:
             from launcher.wan.vae import decode
