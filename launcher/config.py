@@ -180,6 +180,8 @@ class RunConfig:
     cfg_parallel: bool
     dtype: DTypeName | None
     device: str | None
+    #: regional torch.compile of the DiT block (launcher.wan.dit.compile_blocks)
+    compile: bool
     save_file: Path | None
     save_frames: Path | None
     save_latents: Path | None
@@ -333,7 +335,8 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         if outputs["save_file"] is not None and outputs["save_file"].exists() and not f["overwrite"]:
             raise UsageError(f"--save_file {outputs['save_file']} exists; pass --overwrite or choose another name")
     passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
-                                     "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite")}
+                                     "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite",
+                                     "compile")}
     return RunConfig(
         task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
         image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,

@@ -45,6 +45,7 @@ def model_params(
     dtype: Annotated[Optional[str], _opt("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on CUDA, float32 on CPU)")] = None,
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,
     dist_timeout: Annotated[float, _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
+    compile: Annotated[bool, _opt("--compile", help="torch.compile the DiT block once, reused by every block of every expert (the first step pays the compile)")] = False,
 ) -> None:
     """Flags that choose and place the model (shared by every command that loads it)."""
 

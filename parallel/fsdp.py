@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 
@@ -48,12 +48,23 @@ class LoadStats:
     replicated: int
 
 
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """All-gather (and compute with) parameters in `param_dtype`, reduce in float32.
+
+    Official Wan shards with FSDP1 `MixedPrecision(param_dtype=bf16, reduce_dtype=float32)`: the
+    all-gathers move half the bytes of float32. Inputs are not cast (`cast_forward_inputs=False`,
+    as FSDP1 for non-root modules): a block's float32 residual stream must stay float32.
+    """
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
 def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
-                  reshard_after_forward: bool = True) -> int:
+                  reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> int:
     """`fully_shard` each module over a 1-D mesh (the sp group); returns how many were sharded.
 
     Call on a model built on the meta device, before `load_sharded`. A missing or size-1 mesh
-    shards nothing, so single-rank and dp-only runs go through the same code.
+    shards nothing, so single-rank and dp-only runs go through the same code. `param_dtype`: the
+    dtype parameters are all-gathered and used in (None: as stored); shards stay as stored.
     """
     if mesh is None or mesh.size() == 1:
         return 0
@@ -61,7 +72,8 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
         raise ValueError(f"shard_modules takes a 1-D mesh (e.g. ParallelMesh.submesh('sp')), got {mesh.ndim}-D")
     count = 0
     for module in modules:
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                    mp_policy=mixed_precision(param_dtype))
         count += 1
     return count
 

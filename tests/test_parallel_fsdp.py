@@ -88,6 +88,11 @@ def test_sharded_load_and_blockwise_forward_on_two_ranks(tmp_path):
         assert res["heap_growth"] >= res["local_sharded_bytes"]
         assert res["local_rows"]["up.weight"] == (1000 if rank == 0 else 999)
         assert res["local_rows"]["gain"] == (1 if rank == 0 else 0)
+        # mixed precision (issue 12 defect 7): gathered and used in bf16, stored float32, inputs not cast
+        mp = res["mixed_precision"]
+        assert (mp["gathered_dtype"], mp["shard_dtype"]) == ("torch.bfloat16", "torch.float32"), mp
+        assert mp["block_input_dtype"] == "torch.float32", mp
+        assert mp["max_err"] == 0.0, mp
         print(f"rank {rank}: read {res['bytes_read']} of {total} bytes, resident shards "
               f"{res['local_sharded_bytes']} B, heap +{res['heap_growth']} B and RSS +{res['rss_growth_kib']} KiB "
               f"during load, "

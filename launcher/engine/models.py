@@ -17,16 +17,34 @@ from launcher.checkpoint.load import (
     load_module,
     load_tokenizer,
     load_vae,
+    set_meta_dtypes,
     t5_source,
     transformer_source,
 )
 from launcher.config import RunConfig
 from launcher.engine.placement import Placement
+from launcher.wan.dit import compile_blocks
 from launcher.wan.parallelize import ParallelWan, parallelize_wan
+from launcher.wan.residency import HostResident
 from launcher.wan.pipeline import Models
 
 if TYPE_CHECKING:
     from parallel.mesh import ParallelMesh
+
+
+def _host_homes(par: ParallelWan, placement: Placement) -> dict[str, HostResident]:
+    """Experts that move between host and GPU get a pinned host home once, at load (faster swaps);
+    an expert loaded on the GPU goes back there after its host copy is made."""
+    memory = placement.memory
+    if placement.device.type != "cuda" or par.dit_sharded or not (memory.swap_experts or memory.park_dit_before_decode):
+        return {}
+    homes = {}
+    for name, dit in par.experts.items():
+        on_gpu = dit.model.patch_embedding.weight.device.type == "cuda"
+        homes[name] = HostResident(dit.model, pin=True)
+        if on_gpu:
+            homes[name].to(placement.device)
+    return homes
 
 
 def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
@@ -34,8 +52,19 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
     """Every module of the task on this rank, ready for `WanPipeline`, and how they were split."""
     experts = {name: build_transformer_on_meta(info, name, placement.dit_param_dtype) for name in config.task.experts}
     text_encoder = build_text_encoder_on_meta(info, placement.text_dtype)
-    par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp)
+    half = placement.compute_dtype if placement.autocast else None
+    par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp,
+                          dit_compute_dtype=half)
+    if par.dit_sharded and half is not None:
+        # official FSDP's MixedPrecision covers the whole DiT: the unsharded root pieces (patch and
+        # time embeddings, head) are used in the half dtype as well (computed in float32 where
+        # official computes in float32)
+        for model in experts.values():
+            set_meta_dtypes(model, lambda key, model=model: half if not key.startswith("blocks.")
+                            else model.get_parameter(key).dtype)
 
+    if config.compile:
+        compile_blocks(par.experts.values())
     memory = placement.memory
     cpu = torch.device("cpu")
     for name, dit in par.experts.items():
@@ -65,5 +94,6 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
         swap_experts=memory.swap_experts,
         park_dit_before_decode=memory.park_dit_before_decode,
         offload_text_encoder=not par.t5_sharded and memory.t5_home != memory.t5_runs_on,
+        residency=_host_homes(par, placement),
     )
     return models, par

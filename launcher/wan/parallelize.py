@@ -79,8 +79,12 @@ class ParallelWan:
 
 
 def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "UMT5EncoderModel",
-                    mesh: "ParallelMesh | None", *, dit_fsdp: bool, t5_fsdp: bool) -> ParallelWan:
+                    mesh: "ParallelMesh | None", *, dit_fsdp: bool, t5_fsdp: bool,
+                    dit_compute_dtype: torch.dtype | None = None) -> ParallelWan:
     """Shard the meta-built modules in place for this rank's mesh (None: one process, nothing to do).
+
+    `dit_compute_dtype`: with FSDP, the dtype DiT blocks are all-gathered and computed in (official
+    FSDP's `param_dtype`); None keeps the stored dtype (float32 runs).
 
     FSDP applies over the sp group only: with sp = 1 there is nothing to shard a block over, so the
     flags are accepted and the blocks stay whole (as official does with a single rank).
@@ -100,7 +104,7 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
 
         if shard_dit:
             for model in experts.values():
-                shard_modules(model.blocks, fsdp_mesh)
+                shard_modules(model.blocks, fsdp_mesh, param_dtype=dit_compute_dtype)
         if shard_t5:
             shard_modules(text_encoder.encoder.block, fsdp_mesh)
     wrapped = {name: WanDiT(model, sharding) for name, model in experts.items()}

@@ -79,7 +79,25 @@ def main() -> None:
         reference.load_state_dict({k: whole.get(k) for k in whole.keys()})
         with torch.no_grad():
             expected = run_pieces(reference, x)
-        emit(dict(rank=ctx.rank, sharded_blocks=sharded_blocks, bytes_read=stats.bytes_read,
+        # official FSDP's mixed precision: blocks all-gathered and used in bf16, shards stay float32
+        with torch.device("meta"):
+            mp_model = TinyDiT()
+        shard_modules(list(mp_model.blocks), pm.submesh("sp"), param_dtype=torch.bfloat16)
+        load_sharded(mp_model, SafetensorsRows(ckpt), device="cpu")
+        seen: list[tuple[str, str]] = []
+        mp_model.blocks[0].up.register_forward_pre_hook(
+            lambda m, args: seen.append((str(m.weight.dtype), str(args[0].dtype))))
+        block_params = {n for n, _ in reference.named_parameters() if n.startswith("blocks.")}
+        rounded = TinyDiT()
+        rounded.load_state_dict({k: whole.get(k).to(torch.bfloat16).float() if k in block_params else whole.get(k)
+                                 for k in whole.keys()})
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            mp_out = run_pieces(mp_model, x)
+            mp_expected = run_pieces(rounded, x)
+        mp = dict(gathered_dtype=seen[0][0], block_input_dtype=seen[0][1],
+                  shard_dtype=str(mp_model.blocks[0].up.weight.to_local().dtype),
+                  max_err=(mp_out.float() - mp_expected.float()).abs().max().item())
+        emit(dict(rank=ctx.rank, sharded_blocks=sharded_blocks, mixed_precision=mp, bytes_read=stats.bytes_read,
                   n_sharded=stats.sharded, n_replicated=stats.replicated, local_rows=local_rows,
                   local_sharded_bytes=local_bytes, rss_growth_kib=rss1 - rss0, heap_growth=heap1 - heap0, peak_rss_kib=peak,
                   max_err=(out - expected).abs().max().item(), repeat_equal=bool(torch.equal(out, out2)),

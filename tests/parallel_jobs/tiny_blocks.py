@@ -24,7 +24,9 @@ class Block(nn.Module):
         self.register_buffer("scale", torch.ones(WIDTH))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.gain * self.scale * self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        # the norm in float32 whatever the weights' dtype, as diffusers' FP32LayerNorm in the Wan blocks
+        normed = torch.nn.functional.layer_norm(x.float(), (WIDTH,), self.norm.weight.float(), self.norm.bias.float())
+        return x + self.gain * self.scale * self.down(torch.nn.functional.gelu(self.up(normed)))
 
 
 class TinyDiT(nn.Module):

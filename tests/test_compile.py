@@ -1,0 +1,32 @@
+"""`--compile`: one compiled block serves every block of both experts, and equals eager (issue 12).
+
+Inductor on CPU compiles C++ (about a minute here, longer under load), hence slow-marked.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from launcher.wan.dit import compile_blocks
+from tests.test_precision_official import _inputs, _our_forward, _ours
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager_with_one_graph_for_both_experts(tiny_ckpt):
+    ckpt = tiny_ckpt("t2v-A14B")
+    experts = {name: _ours("t2v-A14B", ckpt, name) for name in ("high", "low")}
+    latent, _, g = _inputs("t2v-A14B")
+    context = torch.randn(7, 32, generator=g)
+    t = torch.tensor([900.0])
+    eager = {name: _our_forward(dit, latent, t, context, dtype=torch.float32) for name, dit in experts.items()}
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(experts.values())
+    for name, dit in experts.items():
+        compiled = _our_forward(dit, latent, t, context, dtype=torch.float32)
+        err = (compiled - eager[name]).abs().max().item()
+        assert err <= 1e-5, f"{name}: compiled differs from eager by {err:.2e}"
+    blocks = sum(len(d.model.blocks) for d in experts.values())
+    assert blocks == 4
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
