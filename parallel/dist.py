@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -194,6 +195,23 @@ def _watch_for_survivors(refs: Iterable[weakref.ref]) -> None:
         _survivors.extend(weakref.ref(g) for g in alive)
 
 
+#: NCCL settings for failing fast; a value the user exported wins
+NCCL_FAILURE_ENV = {
+    # the watchdog tears the process down when a collective errors or passes the group timeout
+    # (--dist-timeout) instead of leaving it blocked (torch's default too, made explicit here)
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+    # no flight-recorder dump on timeout: it writes files and delays the exit of every survivor
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+}
+
+
+def nccl_failure_settings() -> dict[str, str]:
+    """Export NCCL_FAILURE_ENV where unset (before the NCCL group exists); returns what is in force."""
+    for key, value in NCCL_FAILURE_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in NCCL_FAILURE_ENV}
+
+
 def init_distributed(
     env: LaunchEnv | None = None,
     *,
@@ -215,6 +233,7 @@ def init_distributed(
         raise LaunchError("torch.distributed is already initialized; call init_distributed once per process")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        nccl_failure_settings()
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
