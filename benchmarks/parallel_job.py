@@ -239,6 +239,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=3,
                    help="steps of generation 0 when there are several (3: both experts, computed and skipped)")
     p.add_argument("--dit-fsdp", action="store_true")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16: CPU autocast, bf16 exchanges)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
 
@@ -444,6 +445,7 @@ def main() -> int:
             "task": args.task, "ckpt_dir": args.ckpt, "prompt": "a red fox runs through fresh snow at dawn",
             "size": args.size, "frame_num": args.frames, "sample_steps": steps, "base_seed": 42, "device": "cpu",
             "ulysses_size": int(os.environ.get("WORLD_SIZE", "1")), "dit_fsdp": args.dit_fsdp, "use_magcache": True,
+            "dtype": args.dtype,
             "magcache_thresh": args.thresh, "magcache_K": args.K, "retention_ratio": args.retention})
     cfg, warmup_cfg = config(args.steps), config(args.warmup_steps)
     info = inspect_checkpoint(cfg.ckpt_dir, cfg.task)

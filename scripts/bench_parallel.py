@@ -55,6 +55,9 @@ MiB = 2**20
 MMAP_THRESHOLD = 1 << 20
 ABORT = "terminate called"
 ELEM = 4  # float32 on CPU (RunConfig's compute dtype without a GPU)
+#: bytes per element of the Ulysses all-to-all and the FSDP2 all-gather for each compute dtype: q, k, v
+#: travel in the autocast dtype and FSDP2 gathers in it (MixedPrecisionPolicy); the head output is float32
+EXCHANGE_ELEM = {"float32": 4, "bfloat16": 2}
 
 
 # -- running the jobs ---------------------------------------------------------------------------
@@ -72,6 +75,10 @@ def layouts(worlds: list[int], malloc_compare: bool) -> list[dict[str, Any]]:
         out.append({"name": f"{n} rank{'s' if n > 1 else ''}", "world": n, "fsdp": False, "malloc": "fixed"})
         if n > 1:
             out.append({"name": f"{n} ranks --dit_fsdp", "world": n, "fsdp": True, "malloc": "fixed"})
+    if any(n > 1 for n in worlds):  # the exchanges in bf16: half the bytes of float32
+        n = max(worlds)
+        out.append({"name": f"{n} ranks --dit_fsdp --dtype bfloat16", "world": n, "fsdp": True, "malloc": "fixed",
+                    "dtype": "bfloat16"})
     if malloc_compare and any(n > 1 for n in worlds):
         n = 2 if 2 in worlds else max(worlds)
         out.append({"name": f"{n} ranks --dit_fsdp, glibc default malloc", "world": n, "fsdp": True,
@@ -81,7 +88,8 @@ def layouts(worlds: list[int], malloc_compare: bool) -> list[dict[str, Any]]:
 
 def run_layout(layout: dict[str, Any], ckpt: Path, work: Path, args: argparse.Namespace,
                log) -> tuple[list[dict[str, Any]], float]:
-    out = work / f"job-{layout['world']}-{int(layout['fsdp'])}-{layout['malloc']}"
+    dtype = layout.get("dtype", "float32")
+    out = work / f"job-{layout['world']}-{int(layout['fsdp'])}-{layout['malloc']}-{dtype}"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                         "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")}
@@ -95,7 +103,7 @@ def run_layout(layout: dict[str, Any], ckpt: Path, work: Path, args: argparse.Na
            "--frames", str(args.frames), "--steps", str(args.steps), "--thresh", str(args.thresh),
            "--K", str(args.K), "--retention", str(args.retention), "--generations", str(args.generations),
            "--warmup-steps", str(args.warmup_steps),
-           "--threads", str(args.threads), *(["--dit-fsdp"] if layout["fsdp"] else [])]
+           "--threads", str(args.threads), "--dtype", dtype, *(["--dit-fsdp"] if layout["fsdp"] else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.job_timeout)
     wall = time.perf_counter() - t0
@@ -132,11 +140,12 @@ def model_facts(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": cond.seq_len(f, h, w, patch, 1), "experts": len(info.transformer_configs)}
 
 
-def formulas(m: dict[str, Any], n: int, fsdp: bool) -> dict[str, Any]:
-    """Per rank, per DiT forward, B = 1, float32."""
+def formulas(m: dict[str, Any], n: int, fsdp: bool, dtype: str = "float32") -> dict[str, Any]:
+    """Per rank, per DiT forward, B = 1; exchanges in `dtype`'s bytes, the head output in float32."""
+    elem = EXCHANGE_ELEM[dtype]
     s_pad = -(-m["seq_len"] // n) * n
     local = s_pad // n
-    a2a = m["layers"] * (3 + 1) * local * m["heads"] * m["head_dim"] * ELEM if n > 1 else 0
+    a2a = m["layers"] * (3 + 1) * local * m["heads"] * m["head_dim"] * elem if n > 1 else 0
     out = {
         "s_padded": s_pad,
         "a2a_calls": 2 * m["layers"] if n > 1 else 0,
@@ -146,13 +155,13 @@ def formulas(m: dict[str, Any], n: int, fsdp: bool) -> dict[str, Any]:
         "sync_calls_per_non_retained": 1 if n > 1 else 0,
     }
     if fsdp:  # FSDP2 pads every rank's dim-0 shard to ceil(rows / N) rows for the all-gather
-        shard = sum(-(-rows // n) * rest for rows, rest in m["block_params"]) * ELEM
+        shard = sum(-(-rows // n) * rest for rows, rest in m["block_params"]) * elem
         out.update(fsdp_calls=m["layers"], fsdp_payload=shard, fsdp_gathered=shard * n)
     return out
 
 
 FORMULA_TEXT = (
-    "Per rank and DiT forward (B = 1, float32, N ranks, S tokens padded to a multiple of N, H heads of D, "
+    "Per rank and DiT forward (B = 1, float32 (4 bytes; the bf16 layout: 2 bytes per exchanged element), N ranks, S tokens padded to a multiple of N, H heads of D, "
     "L layers): the Ulysses exchange is one all-to-all of packed q,k,v [B, S/N, 3H, D] and one back "
     "[B, S/N, H, D] per self-attention, so a computed forward hands over **4·L·B·(S/N)·H·D·4 bytes** in "
     "**2·L all-to-alls**, (N−1)/N of which leave the rank; every forward (computed or skipped) gathers the "
@@ -220,7 +229,7 @@ def analyse(layout: dict[str, Any], ranks: list[dict[str, Any]], facts: dict[str
     r0 = ranks[0]
     held = held_bytes(r0)
     fw = per_forward(r0, g)
-    expect = formulas(facts, n, r0["fsdp_active"])
+    expect = formulas(facts, n, r0["fsdp_active"], layout.get("dtype", "float32"))
     comp = fw["computed"]["kinds"]
     measured_a2a = comp.get("all_to_all_single", {}).get("payload_max", 0)
     fsdp_ok = (not r0["fsdp_active"]) or (comp.get("all_gather_single", {}).get("payload_max") == expect["fsdp_payload"]
