@@ -144,3 +144,15 @@ def test_two_rank_gloo_job_exits_cleanly(attempt):
     for res in run.by_rank().values():
         assert res["threads_during"] > res["threads_before"]
         assert res["threads_after"] == res["threads_before"]
+
+
+def test_nccl_failure_settings_fill_only_what_the_user_left_unset(monkeypatch):
+    """Issue 12 defect 9: on NCCL the watchdog must tear a survivor down at --dist-timeout (the
+    group timeout) rather than leave it blocked, without a flight-recorder dump delaying the exit.
+    CPU-only machines cannot run NCCL; this pins the settings, `scripts/gpu_check.py` S5 the groups."""
+    from parallel.dist import NCCL_FAILURE_ENV, nccl_failure_settings
+
+    for key in NCCL_FAILURE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")  # the user's choice wins
+    assert nccl_failure_settings() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
