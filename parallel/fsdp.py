@@ -78,6 +78,39 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
     return count
 
 
+class SequentialStack(nn.Module):
+    """Calls its modules in order, `x = m(x, *args)`: the FSDP2 root over separately sharded blocks.
+
+    FSDP2's explicit forward prefetch (all-gather block i+1 while block i computes) needs a root
+    FSDP module whose forward runs the blocks; a caller that invokes blocks one by one has none,
+    and each block then is its own root with no shared communication state. The stack owns no
+    parameters; the blocks stay where they are (the model's state dict is unchanged).
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.stack = nn.ModuleList(modules)
+
+    def forward(self, x: Tensor, *args: object) -> Tensor:
+        for module in self.stack:
+            x = module(x, *args)
+        return x
+
+
+def shard_stack(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
+                param_dtype: torch.dtype | None = None) -> SequentialStack | None:
+    """`shard_modules` the blocks, then a parameterless FSDP2 root over them that prefetches each
+    next block's all-gather during the current block's forward. None when nothing was sharded."""
+    blocks = list(modules)
+    if shard_modules(blocks, mesh, param_dtype=param_dtype) == 0:
+        return None
+    stack = SequentialStack(blocks)
+    fully_shard(stack, mesh=mesh, mp_policy=mixed_precision(param_dtype))
+    for current, following in zip(blocks, blocks[1:]):
+        current.set_modules_to_forward_prefetch([following])
+    return stack
+
+
 def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [start, stop) that FSDP2 gives `rank` of `world`: torch.chunk sizes, trailing ranks may be empty."""
     chunk = -(-rows // world)

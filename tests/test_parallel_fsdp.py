@@ -93,6 +93,9 @@ def test_sharded_load_and_blockwise_forward_on_two_ranks(tmp_path):
         assert (mp["gathered_dtype"], mp["shard_dtype"]) == ("torch.bfloat16", "torch.float32"), mp
         assert mp["block_input_dtype"] == "torch.float32", mp
         assert mp["max_err"] == 0.0, mp
+        # one FSDP2 root over the blocks (explicit forward prefetch of the next block): same numbers
+        assert res["stack"]["prefetching"] == [1, 1, 1, 0], res["stack"]
+        assert res["stack"]["max_err"] < 1e-6, res["stack"]
         print(f"rank {rank}: read {res['bytes_read']} of {total} bytes, resident shards "
               f"{res['local_sharded_bytes']} B, heap +{res['heap_growth']} B and RSS +{res['rss_growth_kib']} KiB "
               f"during load, "

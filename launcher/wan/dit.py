@@ -242,8 +242,12 @@ def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
 class WanDiT:
     """One expert: a WanTransformer3DModel plus the sequence sharding it runs under."""
 
-    def __init__(self, model: WanTransformer3DModel, sharding: SequenceSharding | None = None) -> None:
+    def __init__(self, model: WanTransformer3DModel, sharding: SequenceSharding | None = None,
+                 block_stack: torch.nn.Module | None = None) -> None:
+        """`block_stack`: a module running `model.blocks` in order (the FSDP2 root over sharded blocks,
+        which prefetches each next block's weights); None: the blocks are called one by one."""
         self.model = model
+        self.block_stack = block_stack
         self.sharding: SequenceSharding = sharding or LocalSequence()
         self._state = _ForwardState()
         processor = ShardedSelfAttnProcessor(self.sharding, self._state)
@@ -303,6 +307,8 @@ class WanDiT:
         tproj, rotary = step.tproj, step.rotary
 
         def run_blocks(h: torch.Tensor) -> torch.Tensor:
+            if self.block_stack is not None:
+                return self.block_stack(h, text_states, tproj, rotary)
             for block in m.blocks:
                 h = block(h, text_states, tproj, rotary)
             return h

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from launcher.wan.dit import LocalSequence, SequenceSharding, WanDiT
 from launcher.wan.pipeline import BranchExchange, SerialBranches
@@ -99,14 +100,15 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
     if mesh is not None and mesh.dims.cfg > 1:
         exchange = CfgParallelBranches(mesh.cfg_group, mesh.cfg_rank)
     shard_dit, shard_t5 = dit_fsdp and fsdp_mesh is not None, t5_fsdp and fsdp_mesh is not None
+    stacks: dict[str, nn.Module | None] = {name: None for name in experts}
     if shard_dit or shard_t5:
-        from parallel.fsdp import shard_modules
+        from parallel.fsdp import shard_modules, shard_stack
 
-        if shard_dit:
-            for model in experts.values():
-                shard_modules(model.blocks, fsdp_mesh, param_dtype=dit_compute_dtype)
+        if shard_dit:  # blocks sharded under one root that prefetches the next block's all-gather
+            stacks = {name: shard_stack(model.blocks, fsdp_mesh, param_dtype=dit_compute_dtype)
+                      for name, model in experts.items()}
         if shard_t5:
             shard_modules(text_encoder.encoder.block, fsdp_mesh)
-    wrapped = {name: WanDiT(model, sharding) for name, model in experts.items()}
+    wrapped = {name: WanDiT(model, sharding, block_stack=stacks[name]) for name, model in experts.items()}
     return ParallelWan(experts=wrapped, sharding=sharding, exchange=exchange, dit_sharded=shard_dit,
                        t5_sharded=shard_t5)

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from parallel.dist import init_distributed
 from parallel.launch import detect_launch
-from parallel.fsdp import load_sharded, shard_modules
+from parallel.fsdp import load_sharded, shard_modules, shard_stack
 from parallel.mesh import ParallelDims
 from spawn import emit
 from tiny_blocks import IN, TinyDiT, run_pieces
@@ -94,10 +94,21 @@ def main() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             mp_out = run_pieces(mp_model, x)
             mp_expected = run_pieces(rounded, x)
+        # one FSDP2 root over the blocks, each block prefetching the next one's all-gather
+        with torch.device("meta"):
+            stacked = TinyDiT()
+        stack = shard_stack(stacked.blocks, pm.submesh("sp"))
+        load_sharded(stacked, SafetensorsRows(ckpt), device="cpu")
+        with torch.no_grad():
+            h = stack(stacked.embed(x) + stacked.scale_shift_table[0])
+            stack_out = stacked.head(h * (1 + stacked.scale_shift_table[1]))
+        # torch keeps the explicit prefetch targets in a private list; read it to see the chain is set
+        prefetch = [len(b._get_fsdp_state()._states_to_forward_prefetch) for b in stacked.blocks]
         mp = dict(gathered_dtype=seen[0][0], block_input_dtype=seen[0][1],
                   shard_dtype=str(mp_model.blocks[0].up.weight.to_local().dtype),
                   max_err=(mp_out.float() - mp_expected.float()).abs().max().item())
-        emit(dict(rank=ctx.rank, sharded_blocks=sharded_blocks, mixed_precision=mp, bytes_read=stats.bytes_read,
+        stacked_result = dict(max_err=(stack_out - expected).abs().max().item(), prefetching=prefetch)
+        emit(dict(rank=ctx.rank, sharded_blocks=sharded_blocks, mixed_precision=mp, stack=stacked_result, bytes_read=stats.bytes_read,
                   n_sharded=stats.sharded, n_replicated=stats.replicated, local_rows=local_rows,
                   local_sharded_bytes=local_bytes, rss_growth_kib=rss1 - rss0, heap_growth=heap1 - heap0, peak_rss_kib=peak,
                   max_err=(out - expected).abs().max().item(), repeat_equal=bool(torch.equal(out, out2)),
