@@ -59,13 +59,16 @@ class RowExchange:
 
     Bands may grow by whole factors as the tensor flows through upsampling layers; every call
     infers the factor from its own band's height, so the same object serves every resolution.
-    `sent_bytes` counts the halo bytes this rank sent, per caller-chosen label (for the benchmark).
+    `sent_bytes` counts the halo bytes this rank sent, per caller-chosen label, and `row_elements`
+    the elements of one row of each tensor exchanged (summed over calls): with `halo_bytes_per_exchange`
+    they predict the bytes of any split, since a row's size does not depend on the band's height.
     """
 
     split: BandSplit
     index: int = 0
     group: dist.ProcessGroup | None = None
     sent_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    row_elements: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def parts(self) -> int:
@@ -93,31 +96,49 @@ class RowExchange:
         for work in dist.batch_isend_irecv(p2p):
             work.wait()
 
-    def halo(self, x: torch.Tensor, dim: int, halo: int, label: str = "") -> torch.Tensor:
-        """`x` with `halo` rows of the band above and below along `dim` (zeros at the image's edges)."""
-        if halo == 0:
-            return x
+    def halo_padded(self, x: torch.Tensor, dim: int, halo: int, pad: list[int], label: str = "") -> torch.Tensor:
+        """`F.pad(x, pad)` with `halo` rows of the neighbours (zeros at the image's edges) on both sides of `dim`.
+
+        One allocation for the result (the neighbours' rows are received straight into it), where
+        `halo` followed by `F.pad` would hold three copies of a large activation at once. `pad` is
+        F.pad's list (last dim first) and must leave `dim` unpadded.
+        """
         dim = dim % x.ndim
-        if self.parts == 1:
-            return _zero_pad(x, dim, halo, halo)
+        pad = list(pad) + [0] * (2 * x.ndim - len(pad))
+        j = 2 * (x.ndim - 1 - dim)
+        if pad[j] or pad[j + 1]:
+            raise ValueError("halo_padded pads the halo dim itself; leave it out of `pad`")
+        pad[j] = pad[j + 1] = halo
+        out = torch.nn.functional.pad(x, pad)  # zeros around x, x copied once
+        self.row_elements[label] += x.numel() // x.shape[dim]
+        if self.parts == 1 or halo == 0:
+            return out
         if x.shape[dim] < halo:
             raise ValueError(f"a band of {x.shape[dim]} rows cannot give a halo of {halo} rows; use fewer ranks")
+        inner = out
+        for d in range(x.ndim):  # the view of `out` that holds x, minus the rows of `dim`
+            if d != dim:
+                before = pad[2 * (x.ndim - 1 - d)]
+                inner = inner.narrow(d, before, x.shape[d])
         i, last = self.index, self.parts - 1
         ops: list[tuple[str, torch.Tensor, int]] = []
-        top = bottom = None
+        recvs: list[tuple[torch.Tensor, torch.Tensor]] = []
         if i > 0:
-            top = torch.empty_like(x.narrow(dim, 0, halo), memory_format=torch.contiguous_format)
             first = x.narrow(dim, 0, halo).contiguous()
+            top = torch.empty_like(first)
             ops += [("send", first, i - 1), ("recv", top, i - 1)]
+            recvs.append((inner.narrow(dim, 0, halo), top))
             self.sent_bytes[label] += first.numel() * first.element_size()
         if i < last:
-            bottom = torch.empty_like(x.narrow(dim, 0, halo), memory_format=torch.contiguous_format)
             tail = x.narrow(dim, x.shape[dim] - halo, halo).contiguous()
+            bottom = torch.empty_like(tail)
             ops += [("send", tail, i + 1), ("recv", bottom, i + 1)]
+            recvs.append((inner.narrow(dim, inner.shape[dim] - halo, halo), bottom))
             self.sent_bytes[label] += tail.numel() * tail.element_size()
         self._run(ops)
-        x = _zero_pad(x, dim, halo if top is None else 0, halo if bottom is None else 0)
-        return torch.cat([p for p in (top, x, bottom) if p is not None], dim=dim)
+        for view, rows in recvs:
+            view.copy_(rows)
+        return out
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every band of the split, concatenated along `dim`, on every rank of the split."""

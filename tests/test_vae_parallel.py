@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parallel_jobs.spawn import run_job
 
 from launcher.wan.vae_parallel import plan_decode
 from parallel.halo import BandSplit, RowExchange, halo_bytes_per_exchange, usable_parts
-from parallel_jobs.spawn import run_job
 
 
 def test_band_split_is_contiguous_and_uneven_bands_differ_by_one_row():
@@ -30,9 +30,12 @@ def test_too_few_rows_fall_back_to_fewer_ranks_and_say_so():
 def test_one_band_pads_zeros_like_the_convolution_would():
     x = torch.randn(2, 3, 4, 5)
     ex = RowExchange(BandSplit((4,)))
-    out = ex.halo(x, dim=2, halo=1)
-    assert torch.equal(out, torch.nn.functional.pad(x, (0, 0, 1, 1)))
-    assert ex.halo(x, dim=2, halo=0) is x and ex.all_gather(x, 2) is x and ex.gather_to(x, 2) is x
+    out = ex.halo_padded(x, dim=2, halo=1, pad=[2, 1])
+    assert torch.equal(out, torch.nn.functional.pad(x, (2, 1, 1, 1)))
+    assert ex.row_elements[""] == 2 * 3 * 5
+    assert ex.all_gather(x, 2) is x and ex.gather_to(x, 2) is x
+    with pytest.raises(ValueError, match="leave it out"):
+        ex.halo_padded(x, dim=2, halo=1, pad=[0, 0, 1, 0])
 
 
 def test_halo_formula():

@@ -76,8 +76,7 @@ def _conv3d_band(conv: WanCausalConv3d, ex: RowExchange, label: str):
         if cache_x is not None and pt > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
             t_pad -= cache_x.shape[2]
-        x = ex.halo(x, dim=3, halo=ph, label=label)
-        x = F.pad(x, (pw, pw, 0, 0, t_pad, 0))
+        x = ex.halo_padded(x, dim=3, halo=ph, pad=[pw, pw, 0, 0, t_pad, 0], label=label)
         return nn.Conv3d.forward(conv, x)
 
     return forward
@@ -89,8 +88,8 @@ def _conv2d_band(conv: nn.Conv2d, ex: RowExchange, label: str):
         raise ValueError(f"{label}: only stride-1 zero-padded convolutions can be split by rows")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x = ex.halo(x, dim=2, halo=ph, label=label)
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, pw), conv.dilation, conv.groups)
+        x = ex.halo_padded(x, dim=2, halo=ph, pad=[pw, pw], label=label)
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
     return forward
 
