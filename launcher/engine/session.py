@@ -95,6 +95,9 @@ class GenerationSession:
             if mc.enabled and mc.target_speedup is not None:
                 log(f"MagCache threshold {mc.thresh!r}, chosen for --magcache-target-speedup {mc.target_speedup}")
             log(f"denoising {config.sample_steps} steps ({config.sample_solver}), seed {seed}")
+            split = self.pipeline.split_decode
+            where = "" if split is None else f" on {split.size} ranks (--vae-parallel auto)"
+            self.pipeline.on_decode = lambda: log(f"decoding{where}")
         with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as on_step:
             self.pipeline.on_step = on_step
             result = self.pipeline.generate(request, runner)

@@ -130,6 +130,8 @@ class WanPipeline:
         self.decode = decode
         #: every rank of the generation decodes a band (the video lands on the output rank); else `decode` decides
         self.split_decode = split_decode
+        #: called once the latent is final, before the decode starts (the session logs it)
+        self.on_decode: Callable[[], None] | None = None
         self.on_step = on_step
 
     # -- text -------------------------------------------------------------------------------
@@ -247,6 +249,8 @@ class WanPipeline:
                 d.model.to("cpu")
             torch.cuda.empty_cache()
         split = None
+        if self.on_decode is not None and (self.decode or self.split_decode is not None):
+            self.on_decode()
         if self.split_decode is not None:
             with timer.phase("decode"):
                 video, split = self.split_decode(self.m.vae, latent)
