@@ -170,6 +170,12 @@ class SplitDecoder:
         plan = plan_decode(latent.shape[2], self.size)
         device = latent.device
         stats: dict = {"index": self.index}
+        if device.type == "cuda" and self.group is not None:
+            # NCCL: a group's first point-to-point batch must include every rank of it, and idle ranks
+            # of a fallback split send nothing; one tiny all-reduce brings the communicator up for all
+            import torch.distributed as dist
+
+            dist.all_reduce(torch.zeros(1, device=device), group=self.group)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             stats["cuda_peak_before_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
