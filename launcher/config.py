@@ -188,6 +188,8 @@ class RunConfig:
     overwrite: bool
     dist_timeout_s: float
     magcache: MagCacheOptions
+    #: "auto": every rank of a generation decodes a band of rows (launcher.wan.vae_parallel); "off": one rank
+    vae_parallel: Literal["auto", "off"] = "auto"
 
     @property
     def max_area(self) -> int:
@@ -305,6 +307,8 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         raise UsageError(f"--dtype {f['dtype']!r}: choose bfloat16, float16 or float32")
     if f["ulysses_size"] < 1:
         raise UsageError(f"--ulysses_size {f['ulysses_size']}: must be >= 1")
+    if f["vae_parallel"] not in ("auto", "off"):
+        raise UsageError(f"--vae-parallel {f['vae_parallel']!r}: choose auto or off")
     magcache = MagCacheOptions.from_flags(f, calibration=calibration)
     prompt = f["prompt"]
     if prompt is None or not prompt.strip():
@@ -336,7 +340,7 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
             raise UsageError(f"--save_file {outputs['save_file']} exists; pass --overwrite or choose another name")
     passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
                                      "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite",
-                                     "compile")}
+                                     "compile", "vae_parallel")}
     return RunConfig(
         task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
         image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,

@@ -46,6 +46,7 @@ def model_params(
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,
     dist_timeout: Annotated[float, _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
     compile: Annotated[bool, _opt("--compile", help="torch.compile the DiT block once, reused by every block of every expert (the first step pays the compile)")] = False,
+    vae_parallel: Annotated[str, _opt("--vae-parallel", "--vae_parallel", help="auto: split the VAE decode by rows over every rank of a generation (equal to one rank); off: the output rank decodes alone")] = "auto",
 ) -> None:
     """Flags that choose and place the model (shared by every command that loads it)."""
 

@@ -103,6 +103,7 @@ class ParallelMesh:
         self._cpu_mesh: DeviceMesh | None = None
         self._coords = {n: 0 for n in DIM_NAMES}
         self._released = False
+        self._replica: dist.ProcessGroup | None = None
         if not ctx.is_distributed or not self._names:
             return
         shape = tuple(dims.degree(n) for n in self._names)
@@ -116,7 +117,22 @@ class ParallelMesh:
                                               backend_override={n: "gloo" for n in self._names})
         for n in self._names:
             self._coords[n] = self._mesh.get_local_rank(n)
-        ctx.adopt(self._all_groups(), release=self.release)
+        self._replica = self._replica_group(ctx)
+        ctx.adopt([*self._all_groups(), self._replica], release=self.release)
+
+    def _replica_group(self, ctx: DistContext) -> dist.ProcessGroup | None:
+        """cfg x sp ranks of this dp replica on the compute backend (collective: every rank builds every one).
+
+        Only built when both dims exceed 1; otherwise the replica is the one non-trivial dim's group.
+        """
+        d = self.dims
+        if d.cfg == 1 or d.sp == 1:
+            return None
+        per = d.cfg * d.sp
+        group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(r * per, (r + 1) * per)) for r in range(d.dp)],
+            backend="gloo" if ctx.device.type == "cpu" else None)
+        return group
 
     def _all_groups(self) -> list[dist.ProcessGroup]:
         meshes = [self._mesh] if self._cpu_mesh is self._mesh else [self._mesh, self._cpu_mesh]
@@ -131,6 +147,7 @@ class ParallelMesh:
         """Drop the meshes (called by DistContext.shutdown) so their process groups can be freed."""
         self._mesh = None
         self._cpu_mesh = None
+        self._replica = None
         self._released = True
 
     # ---- coordinates
@@ -178,6 +195,20 @@ class ParallelMesh:
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
         return self.group("dp")
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup | None:
+        """Every rank of this dp replica (cfg x sp, the ranks that make one video); None: one rank."""
+        self._live(self._mesh)
+        if self.dims.cfg > 1 and self.dims.sp > 1:
+            return self._replica
+        cfg = self.group("cfg")
+        return cfg if cfg is not None else self.group("sp")
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's index in `replica_group` (rank order is dp-major, sp-minor)."""
+        return self.cfg_rank * self.dims.sp + self.sp_rank
 
     @property
     def branch_group(self) -> dist.ProcessGroup | None:

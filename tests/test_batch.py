@@ -313,6 +313,10 @@ def test_four_ranks_two_dp_groups_of_ulysses_two_match_one_process(first_run, tm
         mine, theirs = json.loads((out / f"{stem}.json").read_text()), json.loads(
             (first_run["out"] / f"{ref_stem}.json").read_text())
         assert mine["magcache"]["skipped_forwards"] == theirs["magcache"]["skipped_forwards"]
+        # each dp replica split its decode over its own two ranks (--vae-parallel auto), never the other's
+        group = {"00000": 0, "cat": 1, "00002": 0}[stem]
+        assert mine["vae_decode"]["parallel"] and mine["vae_decode"]["ranks"] == 2
+        assert [r["rank"] for r in mine["vae_decode"]["per_rank"]] == [2 * group, 2 * group + 1]
         assert mine["seed"] == reference[ref_stem]["seed"]
         # same video up to float reduction order (sp 2 vs 1: latents differ by ~1e-6 relative); the
         # 8-bit truncation and H.264 can turn that into a few changed pixels, never a different video

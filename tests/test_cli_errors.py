@@ -52,6 +52,7 @@ FLAG_CASES = [
     ({"--prompt": ""}, ["--prompt"]),
     ({"--sample_steps": "two"}, ["--sample"]),
     ({"--no-such-flag": "1"}, ["--no-such-flag"]),
+    ({"--vae-parallel": "on"}, ["--vae-parallel 'on'", "auto or off"]),
 ]
 
 

@@ -22,7 +22,7 @@ SUMMARY_VERSION = 1
 #: resumed on another layout (more ranks, --offload_model...) keeps the videos it already has.
 LAYOUT_FLAGS = frozenset({
     "save_file", "save_frames", "save_latents", "overwrite", "dist_timeout_s", "offload_model", "t5_cpu",
-    "t5_fsdp", "dit_fsdp", "ulysses_size", "cfg_parallel", "base_seed",
+    "t5_fsdp", "dit_fsdp", "ulysses_size", "cfg_parallel", "base_seed", "vae_parallel",
 })
 
 

@@ -40,7 +40,8 @@ class GenerationSession:
         t0 = time.perf_counter()
         self.models, self.parallel = load_models(config, info, world.placement, world.mesh)
         self.load_seconds = time.perf_counter() - t0
-        self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank)
+        self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank,
+                                    split_decode=world.vae_decoder(config.vae_parallel))
         self.last_calibration_records: list[Any] = []
 
     # -- one request ------------------------------------------------------------------------
@@ -94,12 +95,17 @@ class GenerationSession:
             if mc.enabled and mc.target_speedup is not None:
                 log(f"MagCache threshold {mc.thresh!r}, chosen for --magcache-target-speedup {mc.target_speedup}")
             log(f"denoising {config.sample_steps} steps ({config.sample_solver}), seed {seed}")
+            split = self.pipeline.split_decode
+            where = "" if split is None else f" on {split.size} ranks (--vae-parallel auto)"
+            self.pipeline.on_decode = lambda: log(f"decoding{where}")
         with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as on_step:
             self.pipeline.on_step = on_step
             result = self.pipeline.generate(request, runner)
         decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])
         calibration = self._calibration(config, runner, result, outputs) if config.magcache.calibration else None
-        peak = self.world.gather_peak_memory()
+        vae_decode = self._vae_decode(result)
+        peak = self.world.gather_peak_memory(
+            at_least_cuda_mb=(result.decode or {}).get("rank", {}).get("cuda_peak_before_mb"))
         if not self.world.is_output_rank:
             return None
         from launcher.outputs.files import write_outputs
@@ -108,8 +114,15 @@ class GenerationSession:
         return build_manifest(
             config=config, info=self.info, world=self.world.describe(), seed=seed, result=result, decisions=decisions, table=table,
             files=files, peak_memory=peak, load_seconds=self.load_seconds, calibration=calibration,
-            warnings=warnings,
+            warnings=warnings, vae_decode=vae_decode,
         )
+
+    def _vae_decode(self, result: Result) -> dict[str, Any]:
+        """The manifest's decode record: who decoded, and with a split each rank's band, seconds and peak."""
+        if result.decode is None:
+            return {"parallel": False, "ranks": 1}
+        per_rank = self.world.gather_in_replica({"rank": self.world.rank, **result.decode["rank"]})
+        return {"parallel": True, **result.decode["split"], "per_rank": per_rank}
 
     def _calibration(self, config: RunConfig, recorder, result: Result, outputs: Outputs) -> dict[str, Any] | None:
         """Merge the branches' records (CFG halves hold one each) and write the ratio file + plot."""

@@ -125,9 +125,29 @@ class World:
         halves = self._gather_in(mesh.cpu_group("cfg"), local)
         return sorted((x for half in halves for x in half), key=index)
 
-    def gather_peak_memory(self) -> list[dict[str, Any]]:
+    def gather_peak_memory(self, *, at_least_cuda_mb: float | None = None) -> list[dict[str, Any]]:
+        """Per-rank peaks of this replica. `at_least_cuda_mb`: a CUDA peak from before a counter reset
+        (the split decode resets it to measure its own peak), folded back in."""
         mine = {"rank": self.rank, **peak_memory_mb(self.placement.device)}
+        if at_least_cuda_mb is not None and "cuda_allocated_mb" in mine:
+            mine["cuda_allocated_mb"] = max(mine["cuda_allocated_mb"], at_least_cuda_mb)
         return sorted(self._replica_gather(mine), key=lambda m: m["rank"])
+
+    # -- the VAE decode ----------------------------------------------------------------------------
+    def vae_decoder(self, mode: str):
+        """The band-split decode over this replica's ranks (`--vae-parallel auto`, more than one rank),
+        else None: the output rank decodes alone, as before. Each dp replica decodes in its own group."""
+        mesh = self._groups.mesh
+        size = self.cfg_size * self.sp_size
+        if mode == "off" or mesh is None or size == 1:
+            return None
+        from launcher.wan.vae_parallel import SplitDecoder
+
+        return SplitDecoder(group=mesh.replica_group, index=mesh.replica_rank, size=size)
+
+    def gather_in_replica(self, obj: Any) -> list[Any]:
+        """Every rank of this dp replica's `obj`, in replica order (cfg-major, sp-minor)."""
+        return self._replica_gather(obj)
 
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed everywhere (a drawn seed must be the same on every rank)."""

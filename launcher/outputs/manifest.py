@@ -90,6 +90,7 @@ def build_manifest(
     load_seconds: float,
     calibration: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
+    vae_decode: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -112,6 +113,7 @@ def build_manifest(
         "calibration": calibration,
         "timings_s": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in result.timings.items()}},
         "peak_memory_mb": peak_memory,
+        "vae_decode": vae_decode,
         "versions": package_versions(),
         "warnings": warnings or [],
     }

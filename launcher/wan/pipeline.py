@@ -66,6 +66,8 @@ class Result:
     experts_per_step: list[str]
     seq_len: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: with a split decode: the split and this rank's share (launcher.wan.vae_parallel.SplitDecoder)
+    decode: dict | None = None
 
 
 @dataclass
@@ -131,10 +133,15 @@ class WanPipeline:
         exchange: BranchExchange | None = None,
         decode: bool = True,
         on_step: Callable[[int, int], None] | None = None,
+        split_decode: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor | None, dict]] | None = None,
     ) -> None:
         self.m = models
         self.exchange = exchange or SerialBranches()
         self.decode = decode
+        #: every rank of the generation decodes a band (the video lands on the output rank); else `decode` decides
+        self.split_decode = split_decode
+        #: called once the latent is final, before the decode starts (the session logs it)
+        self.on_decode: Callable[[], None] | None = None
         self.on_step = on_step
 
     # -- text -------------------------------------------------------------------------------
@@ -251,10 +258,16 @@ class WanPipeline:
             for name in self.m.experts:
                 self.m.expert_to(name, "cpu")
             torch.cuda.empty_cache()
-        if self.decode:
+        split = None
+        if self.on_decode is not None and (self.decode or self.split_decode is not None):
+            self.on_decode()
+        if self.split_decode is not None:
+            with timer.phase("decode"):
+                video, split = self.split_decode(self.m.vae, latent)
+        elif self.decode:
             from launcher.wan.vae import decode
 
             with timer.phase("decode"):
                 video = decode(self.m.vae, latent)
         return Result(latents=latent.float(), video=video, timesteps=timesteps,
-                      experts_per_step=experts_per_step, seq_len=seq_len, timings=timer.timings)
+                      experts_per_step=experts_per_step, seq_len=seq_len, timings=timer.timings, decode=split)
