@@ -75,6 +75,59 @@ def parse_bool(value: str | bool | None, flag: str) -> bool | None:
     raise UsageError(f"{flag} {value!r}: expected True or False")
 
 
+#: LoRA flag -> which experts it applies to
+LORA_FLAGS: dict[str, Literal["all", "high", "low"]] = {"lora": "all", "lora_high": "high", "lora_low": "low"}
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """One `--lora FILE[:SCALE]` (or `--lora-high` / `--lora-low`), checked before anything loads."""
+
+    path: Path
+    #: multiplies the LoRA's own alpha/rank: W += scale * alpha/rank * (B @ A)
+    scale: float
+    #: "all" (every expert), "high" or "low" (one A14B expert)
+    expert: Literal["all", "high", "low"]
+
+    @property
+    def flag(self) -> str:
+        return {"all": "--lora", "high": "--lora-high", "low": "--lora-low"}[self.expert]
+
+    def applies_to(self, expert: str) -> bool:
+        return self.expert == "all" or self.expert == expert
+
+
+def parse_lora(value: str, expert: Literal["all", "high", "low"], task: TaskSpec, *,
+               check_paths: bool = True) -> LoraSpec:
+    """`FILE[:SCALE]` -> LoraSpec; a missing file, a bad scale or an expert the task lacks exits 2."""
+    flag = {"all": "--lora", "high": "--lora-high", "low": "--lora-low"}[expert]
+    path_text, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path_text = head
+        except ValueError:
+            pass  # a ':' inside the file name
+    if not math.isfinite(scale):
+        raise UsageError(f"{flag} {value}: the scale must be a finite number (FILE[:SCALE], e.g. style.safetensors:0.8)")
+    if expert != "all" and task.boundary is None:
+        raise UsageError(f"{flag} {path_text}: {task.name} has one expert (no high/low-noise pair); use --lora")
+    path = Path(path_text).expanduser()
+    if check_paths and not path.is_file():
+        raise UsageError(f"{flag} {path}: file not found")
+    return LoraSpec(path=path, scale=scale, expert=expert)
+
+
+def parse_loras(flags: Mapping[str, Any], task: TaskSpec, *, check_paths: bool = True) -> tuple[LoraSpec, ...]:
+    """Every LoRA flag in the order given per flag: --lora first, then --lora-high, then --lora-low."""
+    out: list[LoraSpec] = []
+    for flag, expert in LORA_FLAGS.items():
+        for value in flags.get(flag) or ():
+            out.append(parse_lora(value, expert, task, check_paths=check_paths))
+    return tuple(out)
+
+
 #: MagCacheOptions field <- the flag it comes from (the defaults live with the flags, in options.py);
 #: `thresh` and `target_speedup` are settled together in `MagCacheOptions.from_flags`
 _MAGCACHE_FLAGS = {"K": "magcache_K", "retention_ratio": "retention_ratio", "split": "magcache_split",
@@ -186,6 +239,8 @@ class RunConfig:
     overwrite: bool
     dist_timeout_s: float
     magcache: MagCacheOptions
+    #: LoRAs merged into the DiT weights at load time, in the order they are applied
+    loras: tuple[LoraSpec, ...]
 
     @property
     def max_area(self) -> int:
@@ -340,4 +395,5 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         guide_scale=parse_guide_scale(f["sample_guide_scale"], spec),
         offload_model=parse_bool(f["offload_model"], "--offload_model"),
         dist_timeout_s=f["dist_timeout"], magcache=magcache, **outputs, **passthrough,
+        loras=parse_loras(f, spec, check_paths=check_paths),
     )

@@ -45,6 +45,9 @@ def model_params(
     dtype: Annotated[Optional[str], _opt("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on CUDA, float32 on CPU)")] = None,
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,
     dist_timeout: Annotated[float, _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
+    lora: Annotated[Optional[list[str]], _opt("--lora", help="FILE[:SCALE] LoRA merged into every expert at load time (repeatable; scale 1 by default)")] = None,
+    lora_high: Annotated[Optional[list[str]], _opt("--lora-high", "--lora_high", help="FILE[:SCALE] LoRA for the high-noise A14B expert only (repeatable)")] = None,
+    lora_low: Annotated[Optional[list[str]], _opt("--lora-low", "--lora_low", help="FILE[:SCALE] LoRA for the low-noise A14B expert only (repeatable)")] = None,
 ) -> None:
     """Flags that choose and place the model (shared by every command that loads it)."""
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from launcher.checkpoint import CheckpointInfo
+from launcher.checkpoint.lora import plan_loras, sha256_of
 from launcher.config import RunConfig
 from launcher.engine.models import load_models
 from launcher.engine.planning import make_plan, make_schedule
@@ -24,7 +25,8 @@ from launcher.wan.pipeline import Request, Result, WanPipeline
 
 def calibration_settings(config: RunConfig) -> dict[str, Any]:
     """What a ratio table depends on beyond task, steps and shift; `generate` warns when a run differs."""
-    return {"sample_solver": config.sample_solver, "loras": []}
+    return {"sample_solver": config.sample_solver,
+            "loras": [{"file": str(s.path), "scale": s.scale, "expert": s.expert} for s in config.loras]}
 
 
 class GenerationSession:
@@ -32,13 +34,18 @@ class GenerationSession:
         self.config = config
         self.info = info
         self.world = world
+        # every LoRA resolved from its header before any weight is read: a bad one exits 2 on every rank
+        self.loras = plan_loras(config.loras, {e: info.transformer_weights[e].shapes for e in config.task.experts},
+                                config.task.name)
+        self.lora_json = ([r.to_json(sha256_of(r.file)) for r in self.loras.reports]
+                          if world.is_output_rank else [])
         if world.is_output_rank:
             from launcher.outputs.report import log
 
             log(f"{config.task.name}: loading the {info.layout}-layout checkpoint {info.root} "
                 f"on {world.world_size} rank(s), {world.placement.device}")
         t0 = time.perf_counter()
-        self.models, self.parallel = load_models(config, info, world.placement, world.mesh)
+        self.models, self.parallel = load_models(config, info, world.placement, world.mesh, self.loras)
         self.load_seconds = time.perf_counter() - t0
         self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank)
         self.last_calibration_records: list[Any] = []
@@ -108,7 +115,7 @@ class GenerationSession:
         return build_manifest(
             config=config, info=self.info, world=self.world.describe(), seed=seed, result=result, decisions=decisions, table=table,
             files=files, peak_memory=peak, load_seconds=self.load_seconds, calibration=calibration,
-            warnings=warnings,
+            warnings=warnings, loras=self.lora_json,
         )
 
     def _calibration(self, config: RunConfig, recorder, result: Result, outputs: Outputs) -> dict[str, Any] | None:
