@@ -11,6 +11,8 @@ from launcher.config import (
     MagCacheOptions,
     UsageError,
     check_output_location,
+    cond_only_experts,
+    parse_guide_scale,
     resolve_sampling,
     run_config_from_flags,
 )
@@ -83,7 +85,8 @@ def calibrate(
 
 
 #: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
-SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "use_magcache",
+SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "sample_guide_scale",
+                            "use_magcache",
                             "magcache_thresh", "magcache_target_speedup", "magcache_K", "retention_ratio",
                             "magcache_split", "magcache_reset_at_switch", "magcache_ratios"})
 
@@ -108,8 +111,12 @@ def plan(
     spec, steps, shift, solver = resolve_sampling(flags)
     mc = MagCacheOptions.from_flags(flags, enabled=True)
     with_image = flags.get("image") is not None
-    mc, target = resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
-    the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
+    # guidance 1 runs one forward per step of that expert: the plan has no uncond forward there
+    cond_only = cond_only_experts(spec, parse_guide_scale(flags.get("sample_guide_scale"), spec))
+    mc, target = resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc,
+                                cond_only=cond_only)
+    the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc,
+                         cond_only=cond_only)
     if as_json:
         print(json.dumps(plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
                                       target=target)))

@@ -63,6 +63,19 @@ def parse_guide_scale(value: str | float | None, task: TaskSpec) -> tuple[float,
     raise UsageError(f"--sample_guide_scale {value!r}: give one number or LOW,HIGH")
 
 
+def cond_only_experts(task: TaskSpec, guide_scale: tuple[float, float]) -> tuple[str, ...]:
+    """Experts whose guidance scale is exactly 1: their steps run the cond forward alone.
+
+    Official runs both and combines `uncond + 1*(cond - uncond)`, which equals cond up to float
+    rounding (one subtraction and one addition in float32); the one-branch path returns cond itself,
+    as Wan2.2-Lightning's `use_cfg` does (`wan/utils/utils.py`, |g - 1| <= 1e-6 there, exactly 1 here).
+    """
+    low, high = guide_scale
+    if task.boundary is None:
+        return ("single",) if low == 1 else ()
+    return tuple(e for e, g in (("high", high), ("low", low)) if g == 1)
+
+
 def parse_bool(value: str | bool | None, flag: str) -> bool | None:
     """Official `str2bool` semantics for flags that take a value (`--offload_model True`)."""
     if value is None or isinstance(value, bool):
@@ -265,6 +278,11 @@ class RunConfig:
         return out
 
     @property
+    def cond_only_experts(self) -> tuple[str, ...]:
+        """Experts at guidance 1, run with the cond forward alone (see `cond_only_experts`)."""
+        return cond_only_experts(self.task, self.guide_scale)
+
+    @property
     def ratio_table_key(self) -> str:
         """Which bundled table applies: ti2v has one for text mode and one for image mode."""
         if self.task.name == "ti2v-5B":
@@ -387,12 +405,18 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
             check_output_location(Path.cwd() / "video.mp4", "the default output folder (the working directory)")
         if outputs["save_file"] is not None and outputs["save_file"].exists() and not f["overwrite"]:
             raise UsageError(f"--save_file {outputs['save_file']} exists; pass --overwrite or choose another name")
+    guide_scale = parse_guide_scale(f["sample_guide_scale"], spec)
+    one_branch = cond_only_experts(spec, guide_scale)
+    if f["cfg_parallel"] and one_branch and not calibration:
+        raise UsageError(f"--cfg-parallel with guidance scale 1 ({', '.join(one_branch)} expert): such steps run the "
+                         "cond forward alone, so half the ranks would idle; drop --cfg-parallel and give those ranks "
+                         f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
     passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
                                      "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite")}
     return RunConfig(
         task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
         image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,
-        guide_scale=parse_guide_scale(f["sample_guide_scale"], spec),
+        guide_scale=guide_scale,
         offload_model=parse_bool(f["offload_model"], "--offload_model"),
         dist_timeout_s=f["dist_timeout"], magcache=magcache, **outputs, **passthrough,
         loras=parse_loras(f, spec, check_paths=check_paths),

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
-                mesh: ParallelMesh | None = None, loras: LoraPlan | None = None) -> tuple[Models, ParallelWan]:
+                mesh: "ParallelMesh | None" = None, loras: LoraPlan | None = None) -> tuple[Models, ParallelWan]:
     """Every module of the task on this rank, ready for `WanPipeline`, and how they were split.
 
     `loras` are merged into each expert's tensors as they are read (after sharding: an FSDP rank

@@ -60,6 +60,8 @@ class GenerationSession:
             prompt=config.prompt, negative_prompt=config.negative_or_default, seed=seed, width=config.width,
             height=config.height, max_area=config.max_area, frame_num=config.frame_num, steps=config.sample_steps,
             shift=config.sample_shift, solver=config.sample_solver, guide_scale=config.guide_scale, image=image,
+            # a calibration records both branches whatever the guidance (a ratio table has both)
+            cond_only=() if config.magcache.calibration else config.cond_only_experts,
         )
 
     def block_runner(self, config: RunConfig):
@@ -77,7 +79,8 @@ class GenerationSession:
             with_image=config.uses_image, options=config.magcache,
         )
         warnings = list(make_plan(task=config.task.name, steps=config.sample_steps, shift=config.sample_shift,
-                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache).warnings)
+                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache,
+                                  cond_only=config.cond_only_experts).warnings)
         return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
 
     def generate(self, config: RunConfig, seed: int, outputs: Outputs) -> dict[str, Any] | None:
