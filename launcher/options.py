@@ -57,10 +57,12 @@ def sampling_params(
     frame_num: Annotated[Optional[int], _opt("--frame-num", "--frame_num", help="frames, 4n+1")] = None,
     negative_prompt: Annotated[str, _opt("--negative-prompt", "--negative_prompt", help="'' = the official default")] = "",
     base_seed: Annotated[int, _opt("--base-seed", "--base_seed", help="-1 draws a random seed (recorded in the manifest)")] = -1,
-    sample_solver: Annotated[str, _opt("--sample-solver", "--sample_solver", help="unipc or dpm++")] = "unipc",
+    sample_solver: Annotated[str, _opt("--sample-solver", "--sample_solver", help="unipc, dpm++ or euler (flow-matching Euler, the step-distilled recipe)")] = "unipc",
     sample_steps: Annotated[Optional[int], _opt("--sample-steps", "--sample_steps", help="denoising steps (task default)")] = None,
     sample_shift: Annotated[Optional[float], _opt("--sample-shift", "--sample_shift", help="flow shift (task default)")] = None,
     sample_guide_scale: Annotated[Optional[str], _opt("--sample-guide-scale", "--sample_guide_scale", help="CFG scale, or LOW,HIGH per expert")] = None,
+    timesteps: Annotated[Optional[str], _opt("--timesteps", help="euler only: base timesteps before the shift, e.g. 1000,750,500,250 (one per step)")] = None,
+    distilled: Annotated[Optional[str], _opt("--distilled", help="step-distilled preset: 'lightning' = euler, 4 steps, shift 5, guidance 1 (Wan2.2-Lightning / LightX2V 4-step LoRAs)")] = None,
 ) -> None:
     """Flags of one generation that a batch line may override."""
 

@@ -25,8 +25,7 @@ from launcher.wan.pipeline import Request, Result, WanPipeline
 
 def calibration_settings(config: RunConfig) -> dict[str, Any]:
     """What a ratio table depends on beyond task, steps and shift; `generate` warns when a run differs."""
-    return {"sample_solver": config.sample_solver,
-            "loras": [{"file": str(s.path), "scale": s.scale, "expert": s.expert} for s in config.loras]}
+    return {"sample_solver": config.sample_solver, "loras": [s.label for s in config.loras]}
 
 
 class GenerationSession:
@@ -60,6 +59,7 @@ class GenerationSession:
             prompt=config.prompt, negative_prompt=config.negative_or_default, seed=seed, width=config.width,
             height=config.height, max_area=config.max_area, frame_num=config.frame_num, steps=config.sample_steps,
             shift=config.sample_shift, solver=config.sample_solver, guide_scale=config.guide_scale, image=image,
+            timesteps=config.timesteps,
             # a calibration records both branches whatever the guidance (a ratio table has both)
             cond_only=() if config.magcache.calibration else config.cond_only_experts,
         )
@@ -76,11 +76,13 @@ class GenerationSession:
             return ComputeAll(), None, []
         schedule, table = make_schedule(
             config.task, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
-            with_image=config.uses_image, options=config.magcache,
+            with_image=config.uses_image, options=config.magcache, timesteps=config.timesteps,
+            cond_only=config.cond_only_experts,
         )
         warnings = list(make_plan(task=config.task.name, steps=config.sample_steps, shift=config.sample_shift,
                                   solver=config.sample_solver, with_image=config.uses_image, options=config.magcache,
-                                  cond_only=config.cond_only_experts).warnings)
+                                  cond_only=config.cond_only_experts, timesteps=config.timesteps,
+                                  loras=tuple(s.label for s in config.loras)).warnings)
         return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
 
     def generate(self, config: RunConfig, seed: int, outputs: Outputs) -> dict[str, Any] | None:

@@ -58,13 +58,15 @@ class Request:
     image: Image.Image | None = None
     #: experts at guidance 1: their steps run the cond forward alone (`config.cond_only_experts`)
     cond_only: tuple[str, ...] = ()
+    #: euler: base timesteps before the shift (None: the solver's own list)
+    timesteps: tuple[float, ...] | None = None
 
 
 @dataclass
 class Result:
     latents: torch.Tensor  # [C,F,H,W] float32, before decode
     video: torch.Tensor | None  # [3,F,H,W] in [-1,1], on decoding ranks
-    timesteps: list[int]
+    timesteps: list[int] | list[float]
     experts_per_step: list[str]
     seq_len: int
     timings: dict[str, float] = field(default_factory=dict)
@@ -213,8 +215,8 @@ class WanPipeline:
             ctx = {0: pad_context(context, task.text_len), 1: pad_context(context_null, task.text_len)}
         with timer.phase("prepare"):
             latent, y, z, mask2, seq_len = self._prepare(req)
-            scheduler = make_scheduler(req.solver, req.steps, req.shift, device=self.m.device)
-        timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+            scheduler = make_scheduler(req.solver, req.steps, req.shift, device=self.m.device, timesteps=req.timesteps)
+        timesteps = scheduler.timesteps.tolist()  # ints (UniPC, DPM++) or Euler's float timesteps
         experts_per_step = [self.expert_for(t) for t in timesteps]
         text_states: dict[tuple[str, int], torch.Tensor] = {}
         amp = (torch.autocast(self.m.device.type, dtype=self.m.dit_dtype) if self.m.autocast
