@@ -31,7 +31,7 @@ def lora_runs(tiny_ckpt, tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_lora_on_n_ranks_equals_one(tiny_ckpt, lora_runs, tmp_path, layout):
-    base, flags, single = lora_runs
+    _, flags, single = lora_runs
     video = tmp_path / "mr.mp4"
     args = ["generate", "--task", TASK, "--size", "64*64", "--frame_num", "5", "--ckpt_dir", str(tiny_ckpt(TASK)),
             "--prompt", "a red car drives through a snowy city at night", "--base_seed", "7", "--sample_steps", "4",
