@@ -148,3 +148,17 @@ def test_generation_with_lora_equals_premerged_checkpoint(tiny_ckpt, info, tmp_p
 
     assert records[0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
     assert json.loads(json.dumps(with_lora["flags"]["loras"]))[1] == {"file": str(diff), "scale": 1.0, "expert": "low"}
+
+
+def test_ti2v_lora_merges_into_the_single_expert(tiny_ckpt, tmp_path):
+    task = "ti2v-5B"
+    info5 = inspect_checkpoint(tiny_ckpt(task), TASKS[task])
+    shapes = info5.transformer_weights["single"].shapes
+    lora = make_lora(tmp_path / "k.safetensors", "kohya", shapes, task, seed=7)
+    plan = plan_loras(parse_loras({"lora": [f"{lora}:1.25"]}, TASKS[task]), {"single": shapes}, task)
+    want = expected_deltas(lora, "kohya", 1.25, task)
+    with with_loras(transformer_source(info5, "single"), plan, "single") as src, \
+            transformer_source(info5, "single") as base:
+        for key, delta in want.items():
+            assert torch.equal(src.get(key), base.get(key).float() + delta), key
+    assert plan.reports[0].touched == {"single": len(want)}
