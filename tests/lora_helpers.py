@@ -21,7 +21,9 @@ LOWRANK_MODULES = ("blocks.0.attn1.to_q", "blocks.1.attn2.to_out.0", "blocks.0.f
                    "patch_embedding", "condition_embedder.time_proj")
 #: our parameter names a full-delta test LoRA changes (weights, biases, norms, a bare parameter)
 DIFF_PARAMS = ("blocks.0.norm2.weight", "blocks.0.norm2.bias", "blocks.1.attn1.to_v.bias",
-               "blocks.0.scale_shift_table", "blocks.1.ffn.net.2.weight")
+               "blocks.0.scale_shift_table", "blocks.1.ffn.net.2.weight", "blocks.1.scale_shift_table")
+#: written as LightX2V's extractor does: `blocks.N.diff_m` for `blocks.N.modulation`
+DIFF_M_PARAMS = ("blocks.1.scale_shift_table",)
 FORMATS = ("peft-official", "peft-diffusers", "kohya", "diff")
 
 
@@ -40,7 +42,8 @@ def make_lora(path: Path, fmt: str, shapes: dict[str, tuple[int, ...]], task: st
     if fmt == "diff":
         for p in DIFF_PARAMS:
             off = official[p]
-            name = off[: -len(".weight")] + ".diff" if off.endswith(".weight") else \
+            name = off[: -len(".modulation")] + ".diff_m" if p in DIFF_M_PARAMS else \
+                off[: -len(".weight")] + ".diff" if off.endswith(".weight") else \
                 off[: -len(".bias")] + ".diff_b" if off.endswith(".bias") else off + ".diff"
             state[f"diffusion_model.{name}"] = torch.randn(shapes[p], generator=g) * 0.1
     else:
@@ -75,6 +78,8 @@ def expected_deltas(path: Path, fmt: str, scale: float, task: str) -> dict[str, 
             name = key[len("diffusion_model."):]
             if name.endswith(".diff_b"):
                 target = by_official[name[: -len(".diff_b")] + ".bias"]
+            elif name.endswith(".diff_m"):
+                target = by_official[name[: -len(".diff_m")] + ".modulation"]
             elif name[: -len(".diff")] + ".weight" in by_official:
                 target = by_official[name[: -len(".diff")] + ".weight"]
             else:

@@ -11,9 +11,11 @@ Formats, detected per key from the names alone (the key sets are those diffusers
 - the same with diffusers module names, `transformer.` prefix: `transformer.blocks.N.attn1.to_q.lora_A.weight`;
 - kohya / musubi-tuner / ComfyUI: `lora_unet_blocks_N_self_attn_q.lora_down.weight` / `.lora_up.weight`
   / `.alpha`, dots of the official name written as underscores (`_convert_musubi_wan_lora_to_diffusers`);
-- full-weight deltas `<module>.diff` (weight) and `<module>.diff_b` (bias), as LightX2V's distill
-  LoRAs carry for norms, biases and the head (same converter; a `.diff` may also name a bare
-  parameter, e.g. `blocks.N.modulation.diff`).
+- full-weight deltas `<module>.diff` (weight), `<module>.diff_b` (bias) and `blocks.N.diff_m`
+  (`blocks.N.modulation`), as LightX2V's distill LoRAs carry for norms, biases, the head and the
+  modulation tables (same converter; LightX2V `docs/EN/source/deploy_guides/lora_deploy.md` and its
+  `tools/extract/lora_extractor.py`, which names `<key>.modulation` `<key>.diff_m`; a `.diff` may
+  also name a bare parameter, e.g. `blocks.N.modulation.diff`).
 
 Merge rule (every loader above, and Wan2.2-Lightning `wan/utils/utils.py::load_and_merge_lora_weight`):
 `W += scale * alpha/rank * (B @ A)` with rank = rows of A (alpha defaults to rank: factor 1), and
@@ -44,12 +46,14 @@ class LoraError(CheckpointError):
     """A LoRA file that cannot be applied: one line naming the file, exit 2, before the model loads."""
 
 
-Kind = Literal["down", "up", "alpha", "diff", "diff_b"]
+Kind = Literal["down", "up", "alpha", "diff", "diff_b", "diff_m"]
 #: key suffix -> role (longest first so `.diff_b` is not read as `.diff`)
 _SUFFIXES: tuple[tuple[str, Kind], ...] = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"),
-    (".lora_up.weight", "up"), (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
+    (".lora_up.weight", "up"), (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff_m", "diff_m"), (".diff", "diff"),
 )
+_DIFFS = ("diff", "diff_b", "diff_m")
 #: name prefix -> naming scheme of the module name that follows it
 _PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.diffusion_model.", "official"), ("diffusion_model.", "official"), ("transformer.", "diffusers"),
@@ -194,7 +198,8 @@ class _Names:
 
     def resolve(self, module: str, scheme: str, kind: Kind) -> tuple[str, str] | None:
         """(our parameter, naming scheme) for `module`'s weight (or bias for diff_b), else None."""
-        suffixes = (".bias",) if kind == "diff_b" else (".weight", "") if kind == "diff" else (".weight",)
+        suffixes = {"diff_b": (".bias",), "diff": (".weight", ""), "diff_m": (".modulation", ".scale_shift_table")
+                    }.get(kind, (".weight",))
         for suffix in suffixes:
             name = module + suffix
             if scheme == "kohya":
@@ -243,11 +248,11 @@ def _resolve_file(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]],
             unmatched.append(key)
             continue
         target, fmt = hit
-        kind = parts[2]
-        if kind in ("diff", "diff_b"):
-            fmt = "diff"
+        kind: Kind = parts[2]
+        if kind in _DIFFS:
+            fmt, kind = "diff", "diff"  # one full delta per tensor, whichever suffix named it
         formats.add(fmt)
-        slot = (target, "diff") if kind in ("diff", "diff_b") else (target, "lowrank")
+        slot = (target, "diff") if kind == "diff" else (target, "lowrank")
         entry = entries.setdefault(f"{slot[0]}\0{slot[1]}", _Entry())
         if kind in entry.keys:
             raise LoraError(f"{path}: keys {entry.keys[kind]!r} and {key!r} both change {target!r}; "
@@ -269,7 +274,7 @@ def _patch_for(path: Path, slot: str, entry: _Entry, header: Mapping[str, tuple[
     want = tuple(shapes[target])
     keys = entry.keys
     if kind == "diff":
-        key = keys.get("diff") or keys["diff_b"]
+        key = keys["diff"]
         if header[key][1] != want:
             raise _shape_error(path, key, header[key][1], target, want, "a full delta must match exactly")
         return target, Patch(file=path, kind="diff", up=key, down=None, factor=scale)
