@@ -243,7 +243,7 @@ class WanPipeline:
                         out = dit.run(step_in, text_states[(expert, b)], runner=runner, index=2 * i + b,
                                       expert=expert)
                         preds[b] = out.float()
-                if branches == (0,):  # guidance 1: official's uncond + 1*(cond - uncond) is cond up to rounding
+                if expert in req.cond_only:  # guidance 1: official's uncond + 1*(cond - uncond) is cond up to rounding
                     noise_pred = preds[0]
                 else:
                     pred_cond, pred_uncond = self.exchange.combine(preds)
