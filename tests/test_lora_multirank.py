@@ -43,3 +43,23 @@ def test_lora_on_n_ranks_equals_one(tiny_ckpt, lora_runs, tmp_path, layout):
     manifest = json.loads(video.with_suffix(".json").read_text())
     assert manifest["world"]["size"] == 2
     assert [(r["sha256"], r["touched"]) for r in manifest["loras"]] == [(r["sha256"], r["touched"]) for r in single["loras"]]
+
+
+def test_lightning_lora_pair_under_ulysses_fsdp_equals_one_rank(tiny_ckpt, lora_runs, tmp_path):
+    """The 4-step recipe (euler, guidance 1: one forward per step) with a high/low LoRA pair on
+    Ulysses 2 + FSDP gives the 1-rank latents (LightX2V #632: broken video under Ulysses)."""
+    base, _, _ = lora_runs
+    pair = ["--lora-high", f"{base / 'style.safetensors'}:0.9", "--lora-low", str(base / "delta.safetensors"),
+            "--distilled", "lightning"]
+    single = generate(tiny_ckpt(TASK), tmp_path / "single", TASK, *pair, steps=4)
+    video = tmp_path / "mr.mp4"
+    args = ["generate", "--task", TASK, "--size", "64*64", "--frame_num", "5", "--ckpt_dir", str(tiny_ckpt(TASK)),
+            "--prompt", "a red car drives through a snowy city at night", "--base_seed", "7", "--sample_steps", "4",
+            "--save_file", str(video), "--save-latents", str(tmp_path / "mr.safetensors"), *pair,
+            "--ulysses_size", "2", "--dit_fsdp"]
+    proc = torchrun(2, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(tmp_path / "mr.safetensors")["latents"], single["_latents"]
+    assert (a - b).abs().max().item() < 1e-6
+    manifest = json.loads(video.with_suffix(".json").read_text())
+    assert manifest["magcache"]["total_forwards"] == 4 and manifest["scheduler"]["solver"] == "euler"
