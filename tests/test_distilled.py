@@ -49,6 +49,7 @@ def test_euler_step_is_flow_matching_euler():
         assert torch.equal(x, want)
 
 
+@pytest.mark.slow
 def test_distilled_lightning_generation(tiny_ckpt, tmp_path):
     video = tmp_path / "v.mp4"
     assert main(["generate", "--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--ckpt_dir",

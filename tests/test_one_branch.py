@@ -21,6 +21,7 @@ from magcache.controller import ComputeAll
 STEPS = 4
 
 
+@pytest.mark.slow
 def test_guidance_one_runs_one_forward_per_step_and_matches_two_branches(tiny_ckpt):
     ckpt = tiny_ckpt("t2v-A14B")
     cfg = run_config_from_flags({"task": "t2v-A14B", "ckpt_dir": ckpt, "prompt": "a cat", "size": "64*64",
@@ -43,6 +44,7 @@ def test_guidance_one_runs_one_forward_per_step_and_matches_two_branches(tiny_ck
     assert rel < 1e-6, rel
 
 
+@pytest.mark.slow
 def test_plan_and_manifest_count_one_forward_per_guidance_one_step(tiny_ckpt, tmp_path):
     """Only the low-noise expert at guidance 1: its steps have no uncond forward, in plan and run alike."""
     mc = ["--use_magcache", "--magcache_thresh", "0.5", "--retention_ratio", "0.2"]
