@@ -15,7 +15,8 @@ from launcher.wan.tasks import TASKS
 pytestmark = pytest.mark.slow
 
 TASK = "t2v-A14B"
-LAYOUTS = {"u2": ["--ulysses_size", "2"], "u2-fsdp": ["--ulysses_size", "2", "--dit_fsdp"], "cfg": ["--cfg-parallel"]}
+#: Ulysses 2 with FSDP (covers the sequence split and row-wise merging at once) and CFG-parallel
+LAYOUTS = {"u2-fsdp": ["--ulysses_size", "2", "--dit_fsdp"], "cfg": ["--cfg-parallel"]}
 
 
 @pytest.fixture(scope="module")
