@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,7 +12,12 @@ from launcher.config import (
     MagCacheOptions,
     UsageError,
     check_output_location,
+    cond_only_experts,
+    distilled_magcache_warning,
+    parse_guide_scale,
+    parse_timesteps,
     resolve_sampling,
+    with_defaults,
     run_config_from_flags,
 )
 from launcher.errors import is_input_error
@@ -83,7 +89,8 @@ def calibrate(
 
 
 #: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
-SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "use_magcache",
+SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "sample_guide_scale",
+                            "timesteps", "distilled", "use_magcache",
                             "magcache_thresh", "magcache_target_speedup", "magcache_K", "retention_ratio",
                             "magcache_split", "magcache_reset_at_switch", "magcache_ratios"})
 
@@ -108,8 +115,16 @@ def plan(
     spec, steps, shift, solver = resolve_sampling(flags)
     mc = MagCacheOptions.from_flags(flags, enabled=True)
     with_image = flags.get("image") is not None
-    mc, target = resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
-    the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc)
+    # guidance 1 runs one forward per step of that expert: the plan has no uncond forward there
+    f = with_defaults(flags)  # with a --distilled preset's solver, steps, shift and guidance
+    cond_only = cond_only_experts(spec, parse_guide_scale(f["sample_guide_scale"], spec))
+    timesteps = parse_timesteps(f["timesteps"])
+    mc, target = resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc,
+                                cond_only=cond_only, timesteps=timesteps)
+    the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc,
+                         cond_only=cond_only, timesteps=timesteps)
+    if f["distilled"] is not None:
+        the_plan = replace(the_plan, warnings=(*the_plan.warnings, distilled_magcache_warning(f["distilled"], steps)))
     if as_json:
         print(json.dumps(plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
                                       target=target)))

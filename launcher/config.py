@@ -23,7 +23,14 @@ class UsageError(InputError):
     """A flag with a bad value. The CLI prints the message as one line and exits 2."""
 
 
-Solver = Literal["unipc", "dpm++"]
+Solver = Literal["unipc", "dpm++", "euler"]
+
+#: step-distilled presets: the flags each sets unless given (Wan2.2-Lightning configs and generate.py,
+#: github ModelTC/Wan2.2-Lightning: `sample_steps=4`, `sample_shift=5.0`, `sample_guide_scale=(1.0, 1.0)`
+#: for t2v-A14B, i2v-A14B and ti2v-5B, `--sample_solver euler`; launcher/wan/solvers.py has the schedule)
+DISTILLED_PRESETS: dict[str, dict[str, Any]] = {
+    "lightning": {"sample_solver": "euler", "sample_steps": 4, "sample_shift": 5.0, "sample_guide_scale": "1"},
+}
 DTypeName = Literal["bfloat16", "float16", "float32"]
 SplitMode = Literal["upstream", "scheduler"]
 
@@ -63,6 +70,25 @@ def parse_guide_scale(value: str | float | None, task: TaskSpec) -> tuple[float,
     raise UsageError(f"--sample_guide_scale {value!r}: give one number or LOW,HIGH")
 
 
+def distilled_magcache_warning(preset: str, steps: int) -> str:
+    """Why MagCache and a step-distilled model do not mix (`plan` and `generate` print it)."""
+    return (f"--distilled {preset}: a step-distilled model makes each of its {steps} steps count; MagCache finds "
+            "almost nothing to skip there and every skip costs quality: run it without --use_magcache")
+
+
+def cond_only_experts(task: TaskSpec, guide_scale: tuple[float, float]) -> tuple[str, ...]:
+    """Experts whose guidance scale is exactly 1: their steps run the cond forward alone.
+
+    Official runs both and combines `uncond + 1*(cond - uncond)`, which equals cond up to float
+    rounding (one subtraction and one addition in float32); the one-branch path returns cond itself,
+    as Wan2.2-Lightning's `use_cfg` does (`wan/utils/utils.py`, |g - 1| <= 1e-6 there, exactly 1 here).
+    """
+    low, high = guide_scale
+    if task.boundary is None:
+        return ("single",) if low == 1 else ()
+    return tuple(e for e, g in (("high", high), ("low", low)) if g == 1)
+
+
 def parse_bool(value: str | bool | None, flag: str) -> bool | None:
     """Official `str2bool` semantics for flags that take a value (`--offload_model True`)."""
     if value is None or isinstance(value, bool):
@@ -73,6 +99,64 @@ def parse_bool(value: str | bool | None, flag: str) -> bool | None:
     if v in ("0", "false", "f", "no", "n", "off"):
         return False
     raise UsageError(f"{flag} {value!r}: expected True or False")
+
+
+#: LoRA flag -> which experts it applies to
+LORA_FLAGS: dict[str, Literal["all", "high", "low"]] = {"lora": "all", "lora_high": "high", "lora_low": "low"}
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """One `--lora FILE[:SCALE]` (or `--lora-high` / `--lora-low`), checked before anything loads."""
+
+    path: Path
+    #: multiplies the LoRA's own alpha/rank: W += scale * alpha/rank * (B @ A)
+    scale: float
+    #: "all" (every expert), "high" or "low" (one A14B expert)
+    expert: Literal["all", "high", "low"]
+
+    @property
+    def flag(self) -> str:
+        return {"all": "--lora", "high": "--lora-high", "low": "--lora-low"}[self.expert]
+
+    def applies_to(self, expert: str) -> bool:
+        return self.expert == "all" or self.expert == expert
+
+    @property
+    def label(self) -> str:
+        """`file:scale` (`[high]`/`[low]` for one expert): how ratio files record the LoRAs they were made with."""
+        return f"{self.path}:{self.scale:g}" + ("" if self.expert == "all" else f"[{self.expert}]")
+
+
+def parse_lora(value: str, expert: Literal["all", "high", "low"], task: TaskSpec, *,
+               check_paths: bool = True) -> LoraSpec:
+    """`FILE[:SCALE]` -> LoraSpec; a missing file, a bad scale or an expert the task lacks exits 2."""
+    flag = {"all": "--lora", "high": "--lora-high", "low": "--lora-low"}[expert]
+    path_text, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path_text = head
+        except ValueError:
+            pass  # a ':' inside the file name
+    if not math.isfinite(scale):
+        raise UsageError(f"{flag} {value}: the scale must be a finite number (FILE[:SCALE], e.g. style.safetensors:0.8)")
+    if expert != "all" and task.boundary is None:
+        raise UsageError(f"{flag} {path_text}: {task.name} has one expert (no high/low-noise pair); use --lora")
+    path = Path(path_text).expanduser()
+    if check_paths and not path.is_file():
+        raise UsageError(f"{flag} {path}: file not found")
+    return LoraSpec(path=path, scale=scale, expert=expert)
+
+
+def parse_loras(flags: Mapping[str, Any], task: TaskSpec, *, check_paths: bool = True) -> tuple[LoraSpec, ...]:
+    """Every LoRA flag in the order given per flag: --lora first, then --lora-high, then --lora-low."""
+    out: list[LoraSpec] = []
+    for flag, expert in LORA_FLAGS.items():
+        for value in flags.get(flag) or ():
+            out.append(parse_lora(value, expert, task, check_paths=check_paths))
+    return tuple(out)
 
 
 #: MagCacheOptions field <- the flag it comes from (the defaults live with the flags, in options.py);
@@ -169,6 +253,10 @@ class RunConfig:
     sample_solver: Solver
     sample_steps: int
     sample_shift: float
+    #: euler: base timesteps before the shift (--timesteps); None = linspace(1000, 0, steps+1)[:-1]
+    timesteps: tuple[float, ...] | None
+    #: --distilled preset that filled the sampling flags, if any
+    distilled: str | None
     #: (low_noise, high_noise) as in the official tuple
     guide_scale: tuple[float, float]
     offload_model: bool | None
@@ -188,6 +276,8 @@ class RunConfig:
     overwrite: bool
     dist_timeout_s: float
     magcache: MagCacheOptions
+    #: LoRAs merged into the DiT weights at load time, in the order they are applied
+    loras: tuple[LoraSpec, ...]
     #: "auto": every rank of a generation decodes a band of rows (launcher.wan.vae_parallel); "off": one rank
     vae_parallel: Literal["auto", "off"] = "auto"
 
@@ -208,10 +298,17 @@ class RunConfig:
     def warnings(self) -> list[str]:
         """Accepted but unusual settings the user should know about (printed, and in the manifest)."""
         out = []
+        if self.distilled is not None and self.magcache.enabled:
+            out.append(distilled_magcache_warning(self.distilled, self.sample_steps))
         if self.size not in self.task.supported_sizes and self.size.replace("x", "*") not in self.task.supported_sizes:
             out.append(f"--size {self.size} is not one of {self.task.name}'s trained sizes "
                        f"({', '.join(self.task.supported_sizes)}); expect lower quality")
         return out
+
+    @property
+    def cond_only_experts(self) -> tuple[str, ...]:
+        """Experts at guidance 1, run with the cond forward alone (see `cond_only_experts`)."""
+        return cond_only_experts(self.task, self.guide_scale)
 
     @property
     def ratio_table_key(self) -> str:
@@ -262,12 +359,37 @@ def _check_image(image: Path, task: TaskSpec) -> None:
 
 
 def with_defaults(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """The flag dict completed with every flag's declared default; unknown names are a bug."""
+    """The flag dict completed with every flag's declared default; unknown names are a bug.
+
+    A `--distilled` preset fills the sampling flags it sets where they were not given (the solver
+    always: its default cannot be told apart from an explicit unipc).
+    """
     defaults = flag_defaults()
     unknown = sorted(set(flags) - set(defaults))
     if unknown:
         raise TypeError(f"unknown run flags {unknown}; declare them in launcher/options.py")
-    return {**defaults, **flags}
+    f = {**defaults, **flags}
+    preset = f.get("distilled")
+    if preset is not None:
+        if preset not in DISTILLED_PRESETS:
+            raise UsageError(f"--distilled {preset!r} is unknown; choose {', '.join(DISTILLED_PRESETS)}")
+        for name, value in DISTILLED_PRESETS[preset].items():
+            if name == "sample_solver" or f[name] is None:
+                f[name] = value
+    return f
+
+
+def parse_timesteps(value: str | None) -> tuple[float, ...] | None:
+    """`--timesteps 1000,750,500,250` -> base timesteps, strictly decreasing within (0, 1000]."""
+    if value is None:
+        return None
+    try:
+        out = tuple(float(p) for p in str(value).replace(" ", "").split(",") if p)
+    except ValueError:
+        raise UsageError(f"--timesteps {value!r}: give comma-separated numbers, e.g. 1000,750,500,250") from None
+    if not out or any(not 0 < t <= 1000 for t in out) or any(a <= b for a, b in zip(out, out[1:])):
+        raise UsageError(f"--timesteps {value}: give strictly decreasing numbers within (0, 1000], e.g. 1000,750,500,250")
+    return out
 
 
 def resolve_sampling(flags: Mapping[str, Any]) -> tuple[TaskSpec, int, float, Solver]:
@@ -276,14 +398,21 @@ def resolve_sampling(flags: Mapping[str, Any]) -> tuple[TaskSpec, int, float, So
     if f["task"] not in TASKS:
         raise UsageError(f"--task {f['task']!r} is unknown; choose one of {', '.join(TASKS)}")
     spec = TASKS[f["task"]]
-    steps = spec.sample_steps if f["sample_steps"] is None else f["sample_steps"]
+    timesteps = parse_timesteps(f["timesteps"])
+    default_steps = spec.sample_steps if timesteps is None else len(timesteps)
+    steps = default_steps if f["sample_steps"] is None else f["sample_steps"]
     if steps < 1:
         raise UsageError(f"--sample_steps {steps}: must be >= 1")
+    if timesteps is not None and len(timesteps) != steps:
+        raise UsageError(f"--timesteps has {len(timesteps)} values but --sample_steps is {steps}; give one per step")
     shift = spec.sample_shift if f["sample_shift"] is None else f["sample_shift"]
     if shift <= 0:
         raise UsageError(f"--sample_shift {shift}: must be > 0")
-    if f["sample_solver"] not in ("unipc", "dpm++"):
-        raise UsageError(f"--sample_solver {f['sample_solver']!r}: choose unipc or dpm++")
+    if f["sample_solver"] not in ("unipc", "dpm++", "euler"):
+        raise UsageError(f"--sample_solver {f['sample_solver']!r}: choose unipc, dpm++ or euler")
+    if timesteps is not None and f["sample_solver"] != "euler":
+        raise UsageError(f"--timesteps is read by --sample_solver euler only (got {f['sample_solver']}); "
+                         "add --sample_solver euler or drop --timesteps")
     return spec, steps, shift, f["sample_solver"]
 
 
@@ -338,13 +467,21 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
             check_output_location(Path.cwd() / "video.mp4", "the default output folder (the working directory)")
         if outputs["save_file"] is not None and outputs["save_file"].exists() and not f["overwrite"]:
             raise UsageError(f"--save_file {outputs['save_file']} exists; pass --overwrite or choose another name")
+    guide_scale = parse_guide_scale(f["sample_guide_scale"], spec)
+    one_branch = cond_only_experts(spec, guide_scale)
+    if f["cfg_parallel"] and one_branch and not calibration:
+        raise UsageError(f"--cfg-parallel with guidance scale 1 ({', '.join(one_branch)} expert): such steps run the "
+                         "cond forward alone, so half the ranks would idle; drop --cfg-parallel and give those ranks "
+                         f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
     passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
                                      "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite",
                                      "compile", "vae_parallel")}
     return RunConfig(
         task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
         image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,
-        guide_scale=parse_guide_scale(f["sample_guide_scale"], spec),
+        timesteps=parse_timesteps(f["timesteps"]), distilled=f["distilled"],
+        guide_scale=guide_scale,
         offload_model=parse_bool(f["offload_model"], "--offload_model"),
         dist_timeout_s=f["dist_timeout"], magcache=magcache, **outputs, **passthrough,
+        loras=parse_loras(f, spec, check_paths=check_paths),
     )

@@ -47,6 +47,9 @@ def model_params(
     dist_timeout: Annotated[float, _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
     compile: Annotated[bool, _opt("--compile", help="torch.compile the DiT block once, reused by every block of every expert (the first step pays the compile)")] = False,
     vae_parallel: Annotated[str, _opt("--vae-parallel", "--vae_parallel", help="auto: split the VAE decode by rows over every rank of a generation (equal to one rank); off: the output rank decodes alone")] = "auto",
+    lora: Annotated[Optional[list[str]], _opt("--lora", help="FILE[:SCALE] LoRA merged into every expert at load time (repeatable; scale 1 by default)")] = None,
+    lora_high: Annotated[Optional[list[str]], _opt("--lora-high", "--lora_high", help="FILE[:SCALE] LoRA for the high-noise A14B expert only (repeatable)")] = None,
+    lora_low: Annotated[Optional[list[str]], _opt("--lora-low", "--lora_low", help="FILE[:SCALE] LoRA for the low-noise A14B expert only (repeatable)")] = None,
 ) -> None:
     """Flags that choose and place the model (shared by every command that loads it)."""
 
@@ -56,10 +59,12 @@ def sampling_params(
     frame_num: Annotated[Optional[int], _opt("--frame-num", "--frame_num", help="frames, 4n+1")] = None,
     negative_prompt: Annotated[str, _opt("--negative-prompt", "--negative_prompt", help="'' = the official default")] = "",
     base_seed: Annotated[int, _opt("--base-seed", "--base_seed", help="-1 draws a random seed (recorded in the manifest)")] = -1,
-    sample_solver: Annotated[str, _opt("--sample-solver", "--sample_solver", help="unipc or dpm++")] = "unipc",
+    sample_solver: Annotated[str, _opt("--sample-solver", "--sample_solver", help="unipc, dpm++ or euler (flow-matching Euler, the step-distilled recipe)")] = "unipc",
     sample_steps: Annotated[Optional[int], _opt("--sample-steps", "--sample_steps", help="denoising steps (task default)")] = None,
     sample_shift: Annotated[Optional[float], _opt("--sample-shift", "--sample_shift", help="flow shift (task default)")] = None,
     sample_guide_scale: Annotated[Optional[str], _opt("--sample-guide-scale", "--sample_guide_scale", help="CFG scale, or LOW,HIGH per expert")] = None,
+    timesteps: Annotated[Optional[str], _opt("--timesteps", help="euler only: base timesteps before the shift, e.g. 1000,750,500,250 (one per step)")] = None,
+    distilled: Annotated[Optional[str], _opt("--distilled", help="step-distilled preset: 'lightning' = euler, 4 steps, shift 5, guidance 1 (Wan2.2-Lightning / LightX2V 4-step LoRAs)")] = None,
 ) -> None:
     """Flags of one generation that a batch line may override."""
 

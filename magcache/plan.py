@@ -126,17 +126,22 @@ def plan(
     experts: Sequence[str],
     *,
     calibrated_steps: int | None = None,
+    cond_only: Sequence[str] = (),
 ) -> Plan:
     """Run the schedule over the whole run as one process would (no agreement needed).
 
     `mag` is the per-forward list (`RatioTable.mag(steps)`); `calibrated_steps` is the step
-    count its table was calibrated at, for the interpolation warning.
+    count its table was calibrated at, for the interpolation warning. `cond_only`: experts whose
+    guidance scale is 1, so their steps run the cond forward alone; their uncond forwards are not
+    in the plan (the cond decisions keep their indices: state is per branch, so they are unchanged).
     """
     schedule = build_schedule(task_mode, steps, shift, boundary, params, mag, scheduler_timesteps)
     labels = expert_labels(experts, boundary, scheduler_timesteps, steps)
     forwards = []
     compared = []
     for index in range(2 * steps):
+        if index % 2 and labels[index // 2] in cond_only:
+            continue
         proposal = schedule.propose(index)
         if proposal.err is not None:
             compared.append(proposal.err)

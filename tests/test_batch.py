@@ -202,6 +202,8 @@ def test_invalid_items_are_recorded_without_loading_a_model(tiny_ckpt, tmp_path)
     (['{"prompt": ""}'], 'prompts.jsonl line 1: no "prompt"'),
     (['{"prompt": "a", "frames": 5}'], "prompts.jsonl line 1: unknown field(s) frames"),
     (['{"prompt": "a", "seed": "7"}'], "prompts.jsonl line 1: field 'seed' must be a int"),
+    (['{"prompt": "a", "lora_high": "style.safetensors"}'],
+     "prompts.jsonl line 1: field 'lora_high': one LoRA set per batch"),
     (['["a"]'], "prompts.jsonl line 1: expected a JSON object"),
     (['{"prompt": "a", "name": "x"}', "", '{"prompt": "b", "name": "X"}'],
      "prompts.jsonl line 3: name 'X' is already used by line 1"),

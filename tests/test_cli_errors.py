@@ -44,7 +44,7 @@ FLAG_CASES = [
     ({"--frame_num": "8"}, ["--frame_num 8", "4n+1"]),
     ({"--frame_num": "0"}, ["--frame_num 0"]),
     ({"--sample_steps": "0"}, ["--sample_steps 0"]),
-    ({"--sample_solver": "euler"}, ["--sample_solver"]),
+    ({"--sample_solver": "heun"}, ["--sample_solver"]),
     ({"--magcache_thresh": "-0.1"}, ["--magcache_thresh"]),
     ({"--magcache_K": "0"}, ["--magcache_K"]),
     ({"--retention_ratio": "1.5"}, ["--retention_ratio"]),

@@ -97,7 +97,7 @@ def test_official_timesteps_needs_no_torch():
 
 @pytest.mark.parametrize(
     ("args", "msg"),
-    [(("euler", 40, 5.0), "unknown solver"), (("unipc", 0, 5.0), "positive integer"),
+    [(("heun", 40, 5.0), "unknown solver"), (("unipc", 0, 5.0), "positive integer"),
      (("dpm++", 40, 0.0), "positive number"), (("unipc", 40, float("nan")), "positive number")],
 )
 def test_bad_arguments_are_one_line_errors(args, msg):

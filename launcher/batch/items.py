@@ -100,6 +100,11 @@ def _item_from_json(text: str, index: int, line: int, base: Path, where: str) ->
         raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise UsageError(f"{where}: expected a JSON object like {{\"prompt\": \"...\"}}")
+    loras = [k for k in ("lora", "lora_high", "lora_low") if k in obj]
+    if loras:
+        # LoRAs are merged into the weights at load time: a per-item set would reload the experts per item
+        raise UsageError(f"{where}: field {loras[0]!r}: one LoRA set per batch (merged into the weights once); "
+                         f"give --{loras[0].replace('_', '-')} on the batch command line and split the prompt file by LoRA")
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
         raise UsageError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")

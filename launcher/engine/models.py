@@ -21,6 +21,7 @@ from launcher.checkpoint.load import (
     t5_source,
     transformer_source,
 )
+from launcher.checkpoint.lora import LoraPlan, with_loras
 from launcher.config import RunConfig
 from launcher.engine.placement import Placement
 from launcher.wan.dit import compile_blocks
@@ -48,8 +49,12 @@ def _host_homes(par: ParallelWan, placement: Placement) -> dict[str, HostResiden
 
 
 def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
-                mesh: "ParallelMesh | None" = None) -> tuple[Models, ParallelWan]:
-    """Every module of the task on this rank, ready for `WanPipeline`, and how they were split."""
+                mesh: "ParallelMesh | None" = None, loras: LoraPlan | None = None) -> tuple[Models, ParallelWan]:
+    """Every module of the task on this rank, ready for `WanPipeline`, and how they were split.
+
+    `loras` are merged into each expert's tensors as they are read (after sharding: an FSDP rank
+    merges only the rows it holds), so the modules never carry an adapter.
+    """
     experts = {name: build_transformer_on_meta(info, name, placement.dit_param_dtype) for name in config.task.experts}
     text_encoder = build_text_encoder_on_meta(info, placement.text_dtype)
     half = placement.compute_dtype if placement.autocast else None
@@ -70,7 +75,7 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
     for name, dit in par.experts.items():
         # official init_on_cpu: created on the CPU, the active expert moves to the GPU at its first step
         device = placement.device if par.dit_sharded or memory.dit_load == "gpu" else cpu
-        load_module(dit.model, transformer_source(info, name), device=device)
+        load_module(dit.model, with_loras(transformer_source(info, name), loras, name), device=device)
         if par.dit_sharded:
             dit.model.rope.to(device)  # the non-persistent RoPE tables were built on the CPU
         else:

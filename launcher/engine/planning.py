@@ -42,32 +42,36 @@ def ratio_table(task: TaskSpec, *, with_image: bool, options: MagCacheOptions) -
     return bundled_table(table_key(task.name, with_image))
 
 
-def scheduler_timesteps(solver: str, steps: int, shift: float) -> list[int]:
-    """The timesteps the pipeline's scheduler will produce, computed without building it."""
+def scheduler_timesteps(solver: str, steps: int, shift: float,
+                        timesteps: tuple[float, ...] | None = None) -> list[int]:
+    """The timesteps the pipeline's scheduler will produce, computed without building it (Euler's
+    float timesteps truncated: the expert switch compares them with whole numbers)."""
     from launcher.wan.solvers import official_timesteps
 
-    return [int(t) for t in official_timesteps(solver, steps, shift)]
+    return [int(t) for t in official_timesteps(solver, steps, shift, timesteps)]
 
 
 def plan_builder(
     spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
-    table: RatioTable | None = None,
+    table: RatioTable | None = None, cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None,
 ) -> Callable[[float], Plan]:
     """`thresh -> Plan` with everything else fixed (table, timesteps, K, retention, split, reset);
-    `table`: the ratio table when the caller already read it."""
+    `table`: the ratio table when the caller already read it; `cond_only`: experts run at guidance 1
+    (one forward per step, `RunConfig.cond_only_experts`)."""
     if table is None:
         table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
-    mag, timesteps = table.mag(steps), scheduler_timesteps(solver, steps, shift)
+    mag, ts = table.mag(steps), scheduler_timesteps(solver, steps, shift, timesteps)
 
     def build(thresh: float) -> Plan:
-        return plan(spec.mode, steps, shift, spec.boundary, magcache_params(options, thresh), mag, timesteps,
-                    spec.experts, calibrated_steps=table.sample_steps)
+        return plan(spec.mode, steps, shift, spec.boundary, magcache_params(options, thresh), mag, ts,
+                    spec.experts, calibrated_steps=table.sample_steps, cond_only=cond_only)
 
     return build
 
 
 def resolve_target(
-    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
+    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
+    cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None,
 ) -> tuple[MagCacheOptions, TargetResult | None]:
     """Options with the threshold --magcache-target-speedup asks for, and the search's result.
 
@@ -76,7 +80,8 @@ def resolve_target(
     """
     if options.target_speedup is None:
         return options, None
-    build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
+    build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
+                         cond_only=cond_only, timesteps=timesteps)
     try:
         result = threshold_for_speedup(build, options.target_speedup)
     except TargetOutOfReach as e:
@@ -99,55 +104,64 @@ def resolve_config(config: RunConfig) -> RunConfig:
         return config
     thresh = _target_thresh(config.task.name, config.sample_steps, config.sample_shift, config.sample_solver,
                             config.uses_image, mc.K, mc.retention_ratio, mc.split, mc.reset_at_switch,
-                            None if mc.ratios_file is None else str(mc.ratios_file), mc.target_speedup)
+                            None if mc.ratios_file is None else str(mc.ratios_file), mc.target_speedup,
+                            config.cond_only_experts, config.timesteps)
     return replace(config, magcache=replace(mc, thresh=thresh))
 
 
 @lru_cache(maxsize=64)
 def _target_thresh(task: str, steps: int, shift: float, solver: str, with_image: bool, K: int, retention: float,
-                   split: SplitMode, reset: bool, ratios_file: str | None, target: float) -> float:
+                   split: SplitMode, reset: bool, ratios_file: str | None, target: float,
+                   cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None) -> float:
     """resolve_target's threshold, once per distinct setting: a batch's items mostly share one,
     and each search builds a few dozen plans (~30 ms)."""
     options = MagCacheOptions(enabled=True, thresh=None, K=K, retention_ratio=retention, split=split,
                               reset_at_switch=reset, ratios_file=None if ratios_file is None else Path(ratios_file),
                               target_speedup=target)
     resolved, _ = resolve_target(TASKS[task], steps=steps, shift=shift, solver=solver, with_image=with_image,
-                                 options=options)
+                                 options=options, cond_only=cond_only, timesteps=timesteps)
     assert resolved.thresh is not None
     return resolved.thresh
 
 
 def _resolved(spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool,
-              options: MagCacheOptions) -> MagCacheOptions:
+              options: MagCacheOptions, cond_only: tuple[str, ...] = (),
+              timesteps: tuple[float, ...] | None = None) -> MagCacheOptions:
     if options.thresh is not None:
         return options
-    return resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)[0]
+    return resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
+                          cond_only=cond_only, timesteps=timesteps)[0]
 
 
 def make_schedule(
-    task: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
+    task: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
+    timesteps: tuple[float, ...] | None = None, cond_only: tuple[str, ...] = (),
 ) -> tuple[MagCacheSchedule, RatioTable]:
-    options = _resolved(task, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
+    options = _resolved(task, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
+                        cond_only=cond_only, timesteps=timesteps)
     table = ratio_table(task, with_image=with_image, options=options)
-    timesteps = scheduler_timesteps(solver, steps, shift)
     schedule = build_schedule(
-        task.mode, steps, shift, task.boundary, magcache_params(options), table.mag(steps), timesteps
+        task.mode, steps, shift, task.boundary, magcache_params(options), table.mag(steps),
+        scheduler_timesteps(solver, steps, shift, timesteps),
     )
     return schedule, table
 
 
 def make_plan(
-    *, task: str, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions
+    *, task: str, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
+    cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None, loras: tuple[str, ...] = (),
 ) -> Plan:
     """The MagCache schedule, forward by forward, for resolved settings (`config.resolve_sampling`);
-    a threshold still to be chosen from --magcache-target-speedup is chosen here."""
+    a threshold still to be chosen from --magcache-target-speedup is chosen here. `cond_only`: the
+    experts at guidance 1, whose steps run one forward."""
     spec = TASKS[task]
-    options = _resolved(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options)
+    options = _resolved(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
+                        cond_only=cond_only, timesteps=timesteps)
     assert options.thresh is not None
     table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
     the_plan = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
-                            table=table)(options.thresh)
-    made_elsewhere = table_warnings(table, shift=shift, solver=solver)
+                            table=table, cond_only=cond_only, timesteps=timesteps)(options.thresh)
+    made_elsewhere = table_warnings(table, shift=shift, solver=solver, loras=loras)
     return replace(the_plan, warnings=the_plan.warnings + tuple(made_elsewhere)) if made_elsewhere else the_plan
 
 

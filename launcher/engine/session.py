@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from launcher.checkpoint import CheckpointInfo
+from launcher.checkpoint.lora import plan_loras, sha256_of
 from launcher.config import RunConfig
 from launcher.engine.models import load_models
 from launcher.engine.planning import make_plan, make_schedule
@@ -24,7 +25,7 @@ from launcher.wan.pipeline import Request, Result, WanPipeline
 
 def calibration_settings(config: RunConfig) -> dict[str, Any]:
     """What a ratio table depends on beyond task, steps and shift; `generate` warns when a run differs."""
-    return {"sample_solver": config.sample_solver, "loras": []}
+    return {"sample_solver": config.sample_solver, "loras": [s.label for s in config.loras]}
 
 
 class GenerationSession:
@@ -32,13 +33,18 @@ class GenerationSession:
         self.config = config
         self.info = info
         self.world = world
+        # every LoRA resolved from its header before any weight is read: a bad one exits 2 on every rank
+        self.loras = plan_loras(config.loras, {e: info.transformer_weights[e].shapes for e in config.task.experts},
+                                config.task.name)
+        self.lora_json = ([r.to_json(sha256_of(r.file)) for r in self.loras.reports]
+                          if world.is_output_rank else [])
         if world.is_output_rank:
             from launcher.outputs.report import log
 
             log(f"{config.task.name}: loading the {info.layout}-layout checkpoint {info.root} "
                 f"on {world.world_size} rank(s), {world.placement.device}")
         t0 = time.perf_counter()
-        self.models, self.parallel = load_models(config, info, world.placement, world.mesh)
+        self.models, self.parallel = load_models(config, info, world.placement, world.mesh, self.loras)
         self.load_seconds = time.perf_counter() - t0
         self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank,
                                     split_decode=world.vae_decoder(config.vae_parallel))
@@ -54,6 +60,9 @@ class GenerationSession:
             prompt=config.prompt, negative_prompt=config.negative_or_default, seed=seed, width=config.width,
             height=config.height, max_area=config.max_area, frame_num=config.frame_num, steps=config.sample_steps,
             shift=config.sample_shift, solver=config.sample_solver, guide_scale=config.guide_scale, image=image,
+            timesteps=config.timesteps,
+            # a calibration records both branches whatever the guidance (a ratio table has both)
+            cond_only=() if config.magcache.calibration else config.cond_only_experts,
         )
 
     def block_runner(self, config: RunConfig):
@@ -68,10 +77,13 @@ class GenerationSession:
             return ComputeAll(), None, []
         schedule, table = make_schedule(
             config.task, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
-            with_image=config.uses_image, options=config.magcache,
+            with_image=config.uses_image, options=config.magcache, timesteps=config.timesteps,
+            cond_only=config.cond_only_experts,
         )
         warnings = list(make_plan(task=config.task.name, steps=config.sample_steps, shift=config.sample_shift,
-                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache).warnings)
+                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache,
+                                  cond_only=config.cond_only_experts, timesteps=config.timesteps,
+                                  loras=tuple(s.label for s in config.loras)).warnings)
         return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
 
     def generate(self, config: RunConfig, seed: int, outputs: Outputs) -> dict[str, Any] | None:
@@ -114,7 +126,7 @@ class GenerationSession:
         return build_manifest(
             config=config, info=self.info, world=self.world.describe(), seed=seed, result=result, decisions=decisions, table=table,
             files=files, peak_memory=peak, load_seconds=self.load_seconds, calibration=calibration,
-            warnings=warnings, vae_decode=vae_decode,
+            warnings=warnings, vae_decode=vae_decode, loras=self.lora_json,
         )
 
     def _vae_decode(self, result: Result) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def flags_of(config: "RunConfig") -> dict[str, Any]:
             value = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(value).items()}
         elif isinstance(value, Path):
             value = str(value)
+        elif f.name == "loras":
+            value = [{"file": str(s.path), "scale": s.scale, "expert": s.expert} for s in value]
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
@@ -91,6 +93,7 @@ def build_manifest(
     calibration: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
     vae_decode: dict[str, Any] | None = None,
+    loras: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -109,6 +112,8 @@ def build_manifest(
         "world": world,
         "checkpoint": {"dir": str(info.root), "layout": info.layout, "num_heads": info.num_heads,
                        "in_channels": info.in_channels, "vae": info.vae_version},
+        #: each LoRA merged at load time: file, sha256, scale, expert, formats and weights touched per expert
+        "loras": loras or [],
         "magcache": magcache_section(config, decisions, table),
         "calibration": calibration,
         "timings_s": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in result.timings.items()}},

@@ -24,7 +24,7 @@ def _action(fwd: Any) -> str:
 
 def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None, out: Console | None = None) -> None:
     """The threshold a --magcache-target-speedup chose (if any), one row per step (cond and uncond
-    side by side), then the speedup and warnings."""
+    side by side; '-' where guidance 1 runs the cond forward alone), then the speedup and warnings."""
     out = out or Console(file=sys.stdout, highlight=False)
     if target is not None:
         where = ("threshold 0 already reaches it" if target.breakpoint is None else
@@ -34,10 +34,13 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
     table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps, split at forward {the_plan.split_forwards}")
     for col in ("step", "expert", "cond", "uncond"):
         table.add_column(col)
-    fwds = the_plan.forwards
-    for i in range(0, len(fwds), 2):
-        cond, uncond = fwds[i], fwds[i + 1]
-        table.add_row(str(cond.step), cond.expert, _action(cond), _action(uncond))
+    by_step: dict[int, dict[str, object]] = {}
+    for f in the_plan.forwards:
+        by_step.setdefault(f.step, {})[f.branch] = f
+    for step, pair in by_step.items():
+        cond, uncond = pair["cond"], pair.get("uncond")
+        # guidance 1: that step runs the cond forward alone (no uncond forward exists to skip)
+        table.add_row(str(step), cond.expert, _action(cond), _action(uncond) if uncond is not None else "[dim]-[/] (g=1)")
     out.print(table)
     skipped = len(the_plan.skipped_forwards)
     out.print(

@@ -1,7 +1,8 @@
 """The official Wan2.2 sampling loop (text2video / image2video / textimage2video), once for all tasks.
 
 Per step: pick the expert by `t >= boundary*1000`, run the cond then the uncond forward (or one
-of them per CFG half), combine `uncond + g*(cond - uncond)`, take a scheduler step; ti2v with an
+of them per CFG half), combine `uncond + g*(cond - uncond)` (at g = 1 only the cond forward runs:
+that sum is cond up to float rounding), take a scheduler step; ti2v with an
 image re-imposes the first-frame latent after every step. Each forward goes through the block
 runner (MagCache controller, calibration recorder or compute-all) with its global forward index.
 """
@@ -56,13 +57,17 @@ class Request:
     solver: str
     guide_scale: tuple[float, float]  # (low_noise, high_noise)
     image: Image.Image | None = None
+    #: experts at guidance 1: their steps run the cond forward alone (`config.cond_only_experts`)
+    cond_only: tuple[str, ...] = ()
+    #: euler: base timesteps before the shift (None: the solver's own list)
+    timesteps: tuple[float, ...] | None = None
 
 
 @dataclass
 class Result:
     latents: torch.Tensor  # [C,F,H,W] float32, before decode
     video: torch.Tensor | None  # [3,F,H,W] in [-1,1], on decoding ranks
-    timesteps: list[int]
+    timesteps: list[int] | list[float]
     experts_per_step: list[str]
     seq_len: int
     timings: dict[str, float] = field(default_factory=dict)
@@ -210,6 +215,14 @@ class WanPipeline:
             self.m.expert_to(name, self.m.device)
         return dit
 
+    def _branches(self, expert: str, req: Request) -> tuple[int, ...]:
+        """The CFG branches this rank computes at a step of `expert`: cond alone at guidance 1."""
+        if expert not in req.cond_only:
+            return self.exchange.branches
+        if self.exchange.branches != (0, 1):
+            raise ValueError("guidance 1 runs the cond forward alone; it cannot be split over CFG-parallel ranks")
+        return (0,)
+
     @torch.no_grad()
     def generate(self, req: Request, runner: BlockRunner) -> Result:
         timer = _Timer(self.m.device)
@@ -219,8 +232,8 @@ class WanPipeline:
             ctx = {0: pad_context(context, task.text_len), 1: pad_context(context_null, task.text_len)}
         with timer.phase("prepare"):
             latent, y, z, mask2, seq_len = self._prepare(req)
-            scheduler = make_scheduler(req.solver, req.steps, req.shift, device=self.m.device)
-        timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+            scheduler = make_scheduler(req.solver, req.steps, req.shift, device=self.m.device, timesteps=req.timesteps)
+        timesteps = scheduler.timesteps.tolist()  # ints (UniPC, DPM++) or Euler's float timesteps
         experts_per_step = [self.expert_for(t) for t in timesteps]
         text_states: dict[tuple[str, int], torch.Tensor] = {}
         amp = (torch.autocast(self.m.device.type, dtype=self.m.dit_dtype) if self.m.autocast
@@ -236,18 +249,22 @@ class WanPipeline:
                 else:
                     ts = t.reshape(1).to(self.m.device)
                 preds: dict[int, torch.Tensor] = {}
-                for b in self.exchange.branches:
+                branches = self._branches(expert, req)
+                for b in branches:
                     if (expert, b) not in text_states:
                         with amp:
                             text_states[(expert, b)] = dit.embed_text(ctx[b].to(dit.model.dtype))
                 with amp:
                     step_in = dit.embed(model_in, ts)
-                    for b in self.exchange.branches:
+                    for b in branches:
                         out = dit.run(step_in, text_states[(expert, b)], runner=runner, index=2 * i + b,
                                       expert=expert)
                         preds[b] = out.float()
-                pred_cond, pred_uncond = self.exchange.combine(preds)
-                noise_pred = pred_uncond + g * (pred_cond - pred_uncond)
+                if expert in req.cond_only:  # guidance 1: official's uncond + 1*(cond - uncond) is cond up to rounding
+                    noise_pred = preds[0]
+                else:
+                    pred_cond, pred_uncond = self.exchange.combine(preds)
+                    noise_pred = pred_uncond + g * (pred_cond - pred_uncond)
                 latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0][0]
                 if mask2 is not None:
                     latent = cond.ti2v_blend(z, latent, mask2)

@@ -10,6 +10,16 @@ Official (`wan/utils/fm_solvers*.py` @ 42bf4cf, docs/pipeline_facts.md #13, #30,
   `sigmas = get_sampling_sigmas(steps, shift)` (`linspace(1, 0, steps+1)[:steps]`, shifted).
 - Both: `shift*s/(1+(shift-1)*s)` in float64, sigmas stored float32 with a final 0,
   timesteps `(sigmas*1000)` truncated to int64 (what the DiT sees).
+- Euler, the step-distilled (4-step "Lightning") recipe of Wan2.2-Lightning (github
+  ModelTC/Wan2.2-Lightning, `wan/utils/fm_solvers_euler.py::EulerScheduler` and the `euler` branch
+  of `wan/text2video.py`; configs `sample_steps=4`, `sample_shift=5.0`, guidance `(1.0, 1.0)` for
+  all three tasks, `generate.py` default `--sample_solver euler`): base timesteps
+  `np.linspace(1000, 0, steps+1, dtype=float32)` (or a given list, LightX2V's
+  `denoising_step_list` [1000, 750, 500, 250], the same values), sigmas `t/1000` shifted in float32,
+  the DiT is fed the float timesteps `sigma*1000` (not truncated: 1000, 937.5, 833.33, 625), and each
+  step is `x + (sigma_next - sigma) * v`. diffusers' `FlowMatchEulerDiscreteScheduler(shift=1)` given
+  those sigmas computes exactly this. (LightX2V's own distill scheduler instead predicts x0 and
+  re-noises it with fresh noise; that stochastic sampler is not this one.)
 
 `official_timesteps` is numpy only so `magcache-launch plan` never imports torch.
 """
@@ -20,16 +30,18 @@ from typing import Literal, get_args
 
 import numpy as np
 
-Solver = Literal["unipc", "dpm++"]
-SOLVERS: tuple[str, ...] = get_args(Solver)
+Solver = Literal["unipc", "dpm++", "euler"]
+#: the official Wan2.2 solvers; "euler" is Wan2.2-Lightning's (step-distilled) addition
+SOLVERS: tuple[str, ...] = ("unipc", "dpm++")
+ALL_SOLVERS: tuple[str, ...] = get_args(Solver)
 NUM_TRAIN_TIMESTEPS = 1000
 #: sigma_max of the official UniPC: its float32 training table's first entry, 1 - 1/1000, read back.
 UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 
 
 def _validate(solver: str, steps: int, shift: float) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if solver not in ALL_SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(ALL_SOLVERS)}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"sample steps must be a positive integer, got {steps!r}")
     if not np.isfinite(shift) or shift <= 0:
@@ -39,6 +51,33 @@ def _validate(solver: str, steps: int, shift: float) -> None:
 def _shifted(sigmas: np.ndarray, shift: float) -> np.ndarray:
     # Same expression and operand order as official, so the float64 results are bit-identical.
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def euler_sigmas(steps: int, shift: float, timesteps: tuple[float, ...] | None = None) -> np.ndarray:
+    """Float32 sigmas of the Lightning Euler recipe, one per step (before the final 0).
+
+    `timesteps`: base (unshifted) timesteps in (0, 1000], e.g. LightX2V's [1000, 750, 500, 250];
+    None = `linspace(1000, 0, steps+1)[:-1]` as Wan2.2-Lightning's `get_timesteps`.
+    """
+    _validate("euler", steps, shift)
+    if timesteps is None:
+        base = np.linspace(NUM_TRAIN_TIMESTEPS, 0, steps + 1, dtype=np.float32)[:-1]
+    else:
+        base = np.asarray(timesteps, dtype=np.float32)
+        if len(base) != steps:
+            raise ValueError(f"{len(base)} timesteps given for {steps} steps")
+    sigmas = base / np.float32(NUM_TRAIN_TIMESTEPS)
+    return (np.float32(shift) * sigmas / (np.float32(1) + np.float32(shift - 1) * sigmas)).astype(np.float32)
+
+
+def sampling_timesteps(solver: Solver, steps: int, shift: float,
+                       timesteps: tuple[float, ...] | None = None) -> list[float]:
+    """The timesteps the DiT is fed, one per step: truncated ints (UniPC, DPM++) or Euler's floats."""
+    if solver == "euler":
+        return [float(t) for t in euler_sigmas(steps, shift, timesteps) * np.float32(NUM_TRAIN_TIMESTEPS)]
+    if timesteps is not None:
+        raise ValueError("a timestep list is only used by the euler solver")
+    return [float(t) for t in official_timesteps(solver, steps, shift)]
 
 
 def base_sigmas(solver: Solver, steps: int) -> np.ndarray:
@@ -54,13 +93,19 @@ def official_sigmas(solver: Solver, steps: int, shift: float) -> np.ndarray:
     return _shifted(base_sigmas(solver, steps), shift)
 
 
-def official_timesteps(solver: Solver, steps: int, shift: float) -> list[int]:
-    """The int timesteps the official pipeline feeds the DiT, one per step (numpy only)."""
+def official_timesteps(solver: Solver, steps: int, shift: float,
+                       timesteps: tuple[float, ...] | None = None) -> list[int]:
+    """The int timesteps the official pipeline feeds the DiT, one per step (numpy only); for Euler
+    the float timesteps truncated (what the expert switch `t >= boundary*1000` decides the same on,
+    the boundaries being whole numbers)."""
+    if solver == "euler":
+        return [int(t) for t in sampling_timesteps("euler", steps, shift, timesteps)]
     sigmas = official_sigmas(solver, steps, shift)
     return [int(t) for t in (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)]
 
 
-def make_scheduler(solver: Solver, steps: int, shift: float, device=None):
+def make_scheduler(solver: Solver, steps: int, shift: float, device=None,
+                   timesteps: tuple[float, ...] | None = None):
     """A diffusers scheduler whose timesteps and updates equal the official solver's.
 
     Exposes `.timesteps` (int64, on `device`) and `.step(model_output, t, sample,
@@ -74,6 +119,21 @@ def make_scheduler(solver: Solver, steps: int, shift: float, device=None):
     import torch  # deferred: this module must import without torch for `plan`
     from diffusers import UniPCMultistepScheduler
 
+    if solver == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+        sigmas = euler_sigmas(steps, shift, timesteps)
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+        scheduler.set_begin_index(0)
+        want = torch.from_numpy(np.append(sigmas, np.float32(0)))
+        if not torch.equal(scheduler.sigmas.cpu(), want) or not torch.equal(
+                scheduler.timesteps.cpu(), torch.from_numpy(sigmas * np.float32(NUM_TRAIN_TIMESTEPS))):
+            raise RuntimeError(f"diffusers' Euler schedule differs from Wan2.2-Lightning's for steps={steps}, "
+                               f"shift={shift}; use diffusers 0.42.x")
+        return scheduler
+    if timesteps is not None:
+        raise ValueError("a timestep list is only used by the euler solver")
     if solver == "unipc":
         scheduler = UniPCMultistepScheduler(
             num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
