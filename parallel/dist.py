@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.launch import LaunchEnv, LaunchError, detect_launch
+from parallel.netif import Route, choose_route, export_interface, resolve
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class DistContext:
     timeout: timedelta
     #: group for CPU-valued agreement over the whole world; None for a single process
     cpu_group: dist.ProcessGroup | None = None
+    #: the rendezvous and the interface this rank's collectives bind to; None for a single process
+    route: Route | None = None
     _groups: list[weakref.ref] = field(default_factory=list, repr=False)
     _releasers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
@@ -194,6 +197,42 @@ def _watch_for_survivors(refs: Iterable[weakref.ref]) -> None:
         _survivors.extend(weakref.ref(g) for g in alive)
 
 
+class RendezvousUnreachable(LaunchError):
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT) did not answer within the timeout."""
+
+
+def _join_store(env: LaunchEnv, limit: timedelta) -> dist.Store:
+    """Connect to (rank 0 of srun: host) the rendezvous store, or say in one line why it cannot be reached.
+
+    Opened here rather than by init_process_group so that a dead or wrong MASTER_ADDR:MASTER_PORT is
+    reported as what it is, not as a peer that "stopped answering" while joining.
+    """
+    resolve(env.master_addr or "", env.master_port or 0)  # one line for a name that does not resolve
+    try:
+        store, _, _ = next(dist.rendezvous(_init_method(env), env.rank, env.world_size, timeout=limit))
+    except (RuntimeError, OSError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RendezvousUnreachable(
+            f"rank {env.rank}: could not reach the rendezvous at {env.master_addr}:{env.master_port} within "
+            f"{limit.total_seconds():g} s (--dist-timeout) ({first}); check that rank 0's node is up, that "
+            "MASTER_ADDR/MASTER_PORT name it, and that the port is open from this host") from None
+    store.set_timeout(limit)
+    return store
+
+
+def _route(env: LaunchEnv, store: dist.Store, limit: timedelta) -> Route:
+    """Choose the interface (parallel.netif) with one address exchange through the store."""
+    prefix = dist.PrefixStore("magcache/route", store)
+
+    def exchange(mine: str) -> list[str]:
+        prefix.set(str(env.rank), mine)
+        keys = [str(r) for r in range(env.world_size)]
+        prefix.wait(keys, limit)
+        return [prefix.get(k).decode() for k in keys]
+
+    return choose_route(env.master_addr or "", env.master_port or 0, exchange=exchange)
+
+
 def init_distributed(
     env: LaunchEnv | None = None,
     *,
@@ -218,15 +257,19 @@ def init_distributed(
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
+    store = _join_store(env, limit)
+    route = _route(env, store, limit)
+    export_interface(route)
     dist.init_process_group(
         backend=backend,
-        init_method=_init_method(env),
+        store=dist.PrefixStore("default_pg", store),  # the prefix init_method= would have used
         rank=env.rank,
         world_size=env.world_size,
         timeout=limit,
         device_id=device if device.type == "cuda" else None,
     )
-    ctx = DistContext(env=env, device=device, backend=backend, timeout=limit, cpu_group=dist.group.WORLD)
+    ctx = DistContext(env=env, device=device, backend=backend, timeout=limit, cpu_group=dist.group.WORLD,
+                      route=route)
     ctx.adopt([dist.group.WORLD])
     return ctx
 
