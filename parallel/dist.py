@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.launch import LaunchEnv, LaunchError, detect_launch
-from parallel.netif import Route, choose_route, export_interface, resolve
+from parallel.netif import Route, choose_route, export_interface, resolve, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -197,25 +197,24 @@ def _watch_for_survivors(refs: Iterable[weakref.ref]) -> None:
         _survivors.extend(weakref.ref(g) for g in alive)
 
 
-class RendezvousUnreachable(LaunchError):
-    """The rendezvous store (MASTER_ADDR:MASTER_PORT) did not answer within the timeout."""
+def _store_is_remote(env: LaunchEnv) -> bool:
+    """Whether this rank connects to a store someone else hosts (rank 0 of a plain rendezvous hosts it)."""
+    import os
+
+    return env.rank != 0 or (env.kind == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 def _join_store(env: LaunchEnv, limit: timedelta) -> dist.Store:
-    """Connect to (rank 0 of srun: host) the rendezvous store, or say in one line why it cannot be reached.
+    """The rendezvous store, after checking in one line that MASTER_ADDR resolves and its port answers.
 
-    Opened here rather than by init_process_group so that a dead or wrong MASTER_ADDR:MASTER_PORT is
-    reported as what it is, not as a peer that "stopped answering" while joining.
+    Opened here rather than by init_process_group so that a wrong or dead MASTER_ADDR:MASTER_PORT
+    is reported as what it is, not as a peer that "stopped answering" while joining.
     """
-    resolve(env.master_addr or "", env.master_port or 0)  # one line for a name that does not resolve
-    try:
-        store, _, _ = next(dist.rendezvous(_init_method(env), env.rank, env.world_size, timeout=limit))
-    except (RuntimeError, OSError) as e:  # DistNetworkError / DistStoreError are RuntimeErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RendezvousUnreachable(
-            f"rank {env.rank}: could not reach the rendezvous at {env.master_addr}:{env.master_port} within "
-            f"{limit.total_seconds():g} s (--dist-timeout) ({first}); check that rank 0's node is up, that "
-            "MASTER_ADDR/MASTER_PORT name it, and that the port is open from this host") from None
+    host, port = env.master_addr or "", env.master_port or 0
+    address = resolve(host, port)
+    if _store_is_remote(env):
+        wait_for_port(host, address, port, limit.total_seconds())
+    store, _, _ = next(dist.rendezvous(_init_method(env), env.rank, env.world_size, timeout=limit))
     store.set_timeout(limit)
     return store
 

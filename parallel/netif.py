@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from parallel.launch import LaunchError
+from parallel.launch import LaunchError, RendezvousError
 
 #: the variables a user (or a cluster's module system) sets to choose the interface by hand
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -38,7 +38,7 @@ def resolve(host: str, port: int) -> str:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise LaunchError(f"MASTER_ADDR={host} does not resolve on host {socket.gethostname()} ({e}); "
+        raise RendezvousError(f"MASTER_ADDR={host} does not resolve on host {socket.gethostname()} ({e}); "
                           "set MASTER_ADDR to rank 0's host name or IP address as every node sees it") from None
     # prefer IPv4 like TCPStore does when a name has both
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
@@ -52,9 +52,35 @@ def route_source(address: str) -> str:
         try:
             s.connect((address, 9))
         except OSError as e:
-            raise LaunchError(f"no route from host {socket.gethostname()} to {address} ({e.strerror}); "
+            raise RendezvousError(f"no route from host {socket.gethostname()} to {address} ({e.strerror}); "
                               "check MASTER_ADDR and this node's network") from None
         return str(s.getsockname()[0])
+
+
+def wait_for_port(host: str, address: str, port: int, timeout_s: float) -> None:
+    """Return once `address:port` accepts a TCP connection; RendezvousError after `timeout_s`.
+
+    Our own probe before TCPStore's client: its retries print a C++ stack per attempt, and its
+    final error reads like a peer that died rather than a rendezvous nobody could reach.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((address, port), timeout=max(0.05, min(left, 2.0))):
+                return
+        except OSError as e:
+            last = e.strerror or type(e).__name__
+        if time.monotonic() + 0.2 >= deadline:
+            break
+        time.sleep(0.2)
+    shown = host if host == address else f"{host} ({address})"
+    raise RendezvousError(f"could not reach the rendezvous at {shown}:{port} from host {socket.gethostname()} "
+                          f"within {timeout_s:g} s (--dist-timeout): {last}; check that rank 0's node is up, that "
+                          "MASTER_ADDR/MASTER_PORT name it, and that the port is open from this host")
 
 
 def _ipv4_of(name: str) -> str | None:

@@ -60,7 +60,7 @@ class Host:
         return proc
 
     def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(argv), **kwargs)
+        return subprocess.run(self.argv(argv), check=False, **kwargs)
 
     def kill_all(self) -> list[int]:
         """SIGKILL every process in this host's namespace: the node "dies" (returns the PIDs killed)."""
