@@ -5,7 +5,7 @@ Topology: a "switch" namespace holding a bridge, and per host a namespace with o
 is a bridge port. Addresses come from a private test range (10.231.0.0/24) that exists only inside
 these namespaces; nothing touches the machine's own network stack.
 
-Each host's /etc/hosts (`ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts) maps its
+Each host's /etc/hosts (/etc/netns/<ns>/hosts, bind-mounted over /etc/hosts in a private mount namespace) maps its
 own name to 127.0.1.1, like a Debian/Ubuntu install, and the other hosts to their addresses: the
 usual case in which gloo, asked for "the hostname's address", binds to loopback.
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 SUBNET = "10.231.0"
 NETNS_ETC = Path("/etc/netns")
+_made = 0  # sets of hosts made by this process: a letter in the tag keeps them apart
 
 
 class NetnsUnavailable(RuntimeError):
@@ -49,9 +50,14 @@ class Host:
     procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        """`argv` run inside this host: its network namespace, /etc/hosts, and a UTS namespace named `name`."""
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--",
-                "sh", "-c", 'hostname "$0" && exec "$@"', self.name, *argv]
+        """`argv` run inside this host: its network namespace, /etc/hosts, and a UTS namespace named `name`.
+
+        nsenter + our own bind mount of /etc/hosts rather than `ip netns exec`, which also remounts
+        /sys for the namespace and so hides /sys/fs/cgroup (slurmd refuses to start without it).
+        """
+        script = 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "--",
+                "sh", "-c", script, self.name, str(NETNS_ETC / self.netns / "hosts"), *argv]
 
     def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
         """Start `argv` on this host in its own process group (so teardown can kill the whole tree)."""
@@ -62,9 +68,20 @@ class Host:
     def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(argv), check=False, **kwargs)
 
+    def pids(self) -> list[int]:
+        """Every process in this host's network namespace (started by the harness or its children)."""
+        return [int(p) for p in _ip("netns", "pids", self.netns, check=False).stdout.split()]
+
+    @staticmethod
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
     def kill_all(self) -> list[int]:
         """SIGKILL every process in this host's namespace: the node "dies" (returns the PIDs killed)."""
-        pids = [int(p) for p in _ip("netns", "pids", self.netns, check=False).stdout.split()]
+        pids = self.pids()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -94,7 +111,7 @@ def check_available() -> None:
         raise NetnsUnavailable("no Linux network namespaces on this system")
     if os.geteuid() != 0:
         raise NetnsUnavailable("creating network namespaces needs root (run the suite as root or in a privileged container)")
-    for tool in ("ip", "unshare"):
+    for tool in ("ip", "unshare", "nsenter", "mount"):
         if shutil.which(tool) is None:
             raise NetnsUnavailable(f"`{tool}` is not installed (iproute2 / util-linux)")
 
@@ -157,7 +174,9 @@ def hosts(n: int = 2, tag: str | None = None) -> Iterator[Hosts]:
     `tag` names the namespaces and links (unique per process by default, so parallel sessions never meet).
     """
     check_available()
-    tag = tag or f"mc{os.getpid() % 100000}"
+    global _made
+    _made += 1
+    tag = tag or f"mc{os.getpid() % 100000}{chr(ord('a') + _made % 26)}"
     made: Hosts | None = None
     try:
         made = _create(tag, n)
