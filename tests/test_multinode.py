@@ -29,7 +29,13 @@ from conftest import ROOT, cli_env
 from e2e_helpers import generate
 from netns_hosts import NetnsUnavailable, hosts
 from safetensors.torch import load_file
-from test_reliability_multirank import assert_nothing_written, error_lines, wait_for
+from test_reliability_multirank import (
+    assert_nothing_written,
+    error_lines,
+    gone,
+    is_launcher,
+    wait_for,
+)
 
 from parallel.launch import RendezvousError
 from parallel.netif import (
@@ -243,11 +249,15 @@ def test_node_lost_mid_denoise_ends_the_other_node(two_hosts, tiny_ckpt, tmp_pat
                  "rank 0 to start denoising", poll=0.2)
         assert job.procs[0].poll() is None, job.output()[-4000:]
         time.sleep(1.0)
+        ranks0 = [pid for pid in two_hosts[0].pids() if is_launcher(pid)]
+        assert len(ranks0) == 2, ranks0
         t0 = time.monotonic()
         if fault == "kill":
             assert two_hosts[1].kill_all()
         else:
             two_hosts[1].link(up=False)
+        ranks_gone = wait_for(lambda: all(gone(p) for p in ranks0) and time.monotonic() - t0, timeout + 30,
+                              "node0's ranks to exit")
         code0 = job.procs[0].wait(timeout + 60)
         seconds = time.monotonic() - t0
     finally:
@@ -258,7 +268,8 @@ def test_node_lost_mid_denoise_ends_the_other_node(two_hosts, tiny_ckpt, tmp_pat
             if p.poll() is None:
                 p.kill()
             p.wait(30)
-    print(f"node1 lost ({fault}): node0 done after {seconds:.1f} s (--dist-timeout {timeout})")
+    print(f"node1 lost ({fault}): node0's ranks gone after {ranks_gone:.1f} s, its torchrun after {seconds:.1f} s "
+          f"(--dist-timeout {timeout})")
     assert code0 == 1, job.output()[-4000:]
     assert seconds < timeout + 30
     want = "lost contact with another rank (it failed or was killed)" if fault == "kill" else \
