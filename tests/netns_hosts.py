@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -167,6 +168,26 @@ def _destroy(tag: str, hosts: list[Host]) -> None:
         shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
 
 
+_TAG = re.compile(r"^mc(\d+)[a-z]-")
+
+
+def _remove_stale() -> None:
+    """Namespaces left by a test process that was killed before its teardown ran (its PID is gone)."""
+    listing = _ip("netns", "list", check=False).stdout.split("\n")
+    names = [line.split()[0] for line in listing if line.strip()]
+    stale: dict[str, list[Host]] = {}
+    for name in names:
+        m = _TAG.match(name)
+        if m is None or Path(f"/proc/{m.group(1)}").exists():
+            continue
+        tag = name.split("-", 1)[0]
+        stale.setdefault(tag, [])
+        if not name.endswith("-sw"):
+            stale[tag].append(Host(name="", netns=name, addr="", ifname=""))
+    for tag, left in stale.items():
+        _destroy(tag, left)
+
+
 @contextlib.contextmanager
 def hosts(n: int = 2, tag: str | None = None) -> Iterator[Hosts]:
     """`n` hosts (node0..node{n-1} at 10.231.0.1..n) on one bridge; torn down on exit, also on failure.
@@ -176,7 +197,8 @@ def hosts(n: int = 2, tag: str | None = None) -> Iterator[Hosts]:
     check_available()
     global _made
     _made += 1
-    tag = tag or f"mc{os.getpid() % 100000}{chr(ord('a') + _made % 26)}"
+    _remove_stale()
+    tag = tag or f"mc{os.getpid()}{chr(ord('a') + _made % 26)}"
     made: Hosts | None = None
     try:
         made = _create(tag, n)
