@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -199,8 +200,6 @@ def _watch_for_survivors(refs: Iterable[weakref.ref]) -> None:
 
 def _store_is_remote(env: LaunchEnv) -> bool:
     """Whether this rank connects to a store someone else hosts (rank 0 of a plain rendezvous hosts it)."""
-    import os
-
     return env.rank != 0 or (env.kind == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
@@ -240,6 +239,10 @@ def init_distributed(
 ) -> DistContext:
     """Join the job's process group (none for a world of one) and pick this rank's device.
 
+    Before the group: the rendezvous store is reached (one-line RendezvousError when MASTER_ADDR
+    does not resolve or its port does not answer within `timeout`), and the interface the group
+    binds to is chosen and exported (parallel.netif), unless GLOO_SOCKET_IFNAME names one.
+
     Use as `with init_distributed(detect_launch()) as ctx:` so teardown always runs.
     """
     env = detect_launch() if env is None else env
@@ -261,7 +264,7 @@ def init_distributed(
     export_interface(route)
     dist.init_process_group(
         backend=backend,
-        store=dist.PrefixStore("default_pg", store),  # the prefix init_method= would have used
+        store=store,  # torch prefixes it with "default_pg", as it does the store init_method= would open
         rank=env.rank,
         world_size=env.world_size,
         timeout=limit,
