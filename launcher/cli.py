@@ -258,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"stopped by {name}; partial outputs removed", 128 + e.signum)
     except Exception as e:
         if is_input_error(e):
-            return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if getattr(e, "every_rank", False):  # true on some hosts only (the rendezvous): every rank says it
+                print(f"error: {_rank_label()}{line}", file=sys.stderr)
+                return 2
+            return _fail(line, 2)
         lost = peer_lost(e)  # a collective outside run_generate (batch) failed on a dead peer
         if lost is None:
             raise

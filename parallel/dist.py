@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.launch import LaunchEnv, LaunchError, detect_launch
+from parallel.netif import Route, choose_route, export_interface, resolve, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class DistContext:
     timeout: timedelta
     #: group for CPU-valued agreement over the whole world; None for a single process
     cpu_group: dist.ProcessGroup | None = None
+    #: the rendezvous and the interface this rank's collectives bind to; None for a single process
+    route: Route | None = None
     _groups: list[weakref.ref] = field(default_factory=list, repr=False)
     _releasers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
@@ -212,6 +215,39 @@ def nccl_failure_settings() -> dict[str, str]:
     return {key: os.environ[key] for key in NCCL_FAILURE_ENV}
 
 
+def _store_is_remote(env: LaunchEnv) -> bool:
+    """Whether this rank connects to a store someone else hosts (rank 0 of a plain rendezvous hosts it)."""
+    return env.rank != 0 or (env.kind == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def _join_store(env: LaunchEnv, limit: timedelta) -> dist.Store:
+    """The rendezvous store, after checking in one line that MASTER_ADDR resolves and its port answers.
+
+    Opened here rather than by init_process_group so that a wrong or dead MASTER_ADDR:MASTER_PORT
+    is reported as what it is, not as a peer that "stopped answering" while joining.
+    """
+    host, port = env.master_addr or "", env.master_port or 0
+    address = resolve(host, port)
+    if _store_is_remote(env):
+        wait_for_port(host, address, port, limit.total_seconds())
+    store, _, _ = next(dist.rendezvous(_init_method(env), env.rank, env.world_size, timeout=limit))
+    store.set_timeout(limit)
+    return store
+
+
+def _route(env: LaunchEnv, store: dist.Store, limit: timedelta) -> Route:
+    """Choose the interface (parallel.netif) with one address exchange through the store."""
+    prefix = dist.PrefixStore("magcache/route", store)
+
+    def exchange(mine: str) -> list[str]:
+        prefix.set(str(env.rank), mine)
+        keys = [str(r) for r in range(env.world_size)]
+        prefix.wait(keys, limit)
+        return [prefix.get(k).decode() for k in keys]
+
+    return choose_route(env.master_addr or "", env.master_port or 0, exchange=exchange)
+
+
 def init_distributed(
     env: LaunchEnv | None = None,
     *,
@@ -219,6 +255,10 @@ def init_distributed(
     timeout: timedelta | float = 600.0,
 ) -> DistContext:
     """Join the job's process group (none for a world of one) and pick this rank's device.
+
+    Before the group: the rendezvous store is reached (one-line RendezvousError when MASTER_ADDR
+    does not resolve or its port does not answer within `timeout`), and the interface the group
+    binds to is chosen and exported (parallel.netif), unless GLOO_SOCKET_IFNAME names one.
 
     Use as `with init_distributed(detect_launch()) as ctx:` so teardown always runs.
     """
@@ -237,15 +277,19 @@ def init_distributed(
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
+    store = _join_store(env, limit)
+    route = _route(env, store, limit)
+    export_interface(route)
     dist.init_process_group(
         backend=backend,
-        init_method=_init_method(env),
+        store=store,  # torch prefixes it with "default_pg", as it does the store init_method= would open
         rank=env.rank,
         world_size=env.world_size,
         timeout=limit,
         device_id=device if device.type == "cuda" else None,
     )
-    ctx = DistContext(env=env, device=device, backend=backend, timeout=limit, cpu_group=dist.group.WORLD)
+    ctx = DistContext(env=env, device=device, backend=backend, timeout=limit, cpu_group=dist.group.WORLD,
+                      route=route)
     ctx.adopt([dist.group.WORLD])
     return ctx
 

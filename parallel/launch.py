@@ -23,6 +23,16 @@ class LaunchError(ValueError):
     """The launch environment is inconsistent; the message says which variable and what to do."""
 
 
+class RendezvousError(LaunchError):
+    """This host cannot resolve or reach the rendezvous (MASTER_ADDR:MASTER_PORT).
+
+    Unlike other launch errors it may hold on some hosts only, so every rank that meets it says so
+    (`every_rank`), not rank 0 alone: rank 0's host usually reaches itself fine.
+    """
+
+    every_rank = True
+
+
 # --------------------------------------------------------------------------- launch detection
 
 

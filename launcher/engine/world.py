@@ -8,6 +8,7 @@ collectives themselves; they ask the World. Groups come from `parallel/`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,7 @@ class World:
         ctx = self._groups.ctx
         return {"size": self.world_size, "launch": self.launch_kind, "mesh": self.mesh_shape,
                 "backend": None if ctx is None else ctx.backend,
+                "rendezvous": None if ctx is None or ctx.route is None else ctx.route.as_dict(),
                 "device": str(self.placement.device), "dtype": str(self.placement.compute_dtype).replace("torch.", ""),
                 "memory": asdict(self.placement.memory)}
 
@@ -274,6 +276,9 @@ def _start_distributed(config: RunConfig, env: "LaunchEnv", dims: "ParallelDims"
     from parallel.dist import init_distributed
 
     ctx = init_distributed(env, device_preference=_device_preference(config.device), timeout=config.dist_timeout_s)
+    if ctx.route is not None and env.local_rank == 0:
+        # once per node: where this node met the others, and on which interface (multi-node debugging)
+        print(f"[rank {env.rank}] {ctx.route.describe()}", file=sys.stderr, flush=True)
     try:
         mesh = dims.build(ctx)
         groups = _Groups(ctx=ctx, mesh=mesh)
