@@ -82,6 +82,7 @@ def _serve_on(world: Any, base: Any, info: Any, options: ServeOptions, flags: di
     from launcher.outputs.report import log
     from launcher.serve.app import Health
     from launcher.serve.ranks import RankLoop
+    from launcher.serve.watchdog import Watchdog
 
     sock = _bind(options.host, options.port) if world.rank == 0 else None
     problem = world.all_gather_object(sock if isinstance(sock, str) else None)[0]
@@ -94,19 +95,16 @@ def _serve_on(world: Any, base: Any, info: Any, options: ServeOptions, flags: di
         assert isinstance(sock, socket.socket)
         store, server = _start_http(sock, options, flags, health)
     _install_stop(stop, lambda: _stopping(health, store))
+    watchdog = Watchdog(world.side_group(), lambda e: _fatal(e, world.rank, health, store, exit_now=True)).start()
     try:
         session = GenerationSession(base, info, world)
         health.state = "stopping" if stop.is_set() else "ready"
         if world.rank == 0:
             log(f"serving on {_url(sock)} ({world.world_size} rank(s), {world.dp_size} dp replica(s))")
         RankLoop(world, session, flags, store, stop).run()
+        watchdog.stop()
     except Exception as e:
-        lost = peer_lost(e, "while serving")
-        if store is not None:
-            message = str(lost) if lost is not None else f"the server failed: {e}"
-            health.state, health.error = "unhealthy", message
-            store.fail_running(message)
-            time.sleep(UNHEALTHY_GRACE_S)
+        _fatal(e, world.rank, health, store, exit_now=False)
         raise
     finally:
         if server is not None:
@@ -114,6 +112,30 @@ def _serve_on(world: Any, base: Any, info: Any, options: ServeOptions, flags: di
     if world.rank == 0:
         log("stopped: the running jobs finished; queued jobs stay in the jobs folder")
     return 0
+
+
+_fatal_lock = threading.Lock()
+
+
+def _fatal(exc: BaseException, rank: int, health: Any, store: Any, *, exit_now: bool) -> None:
+    """A rank died (or the loop failed): /health unhealthy, running jobs failed, then exit 1.
+
+    `exit_now` (from the watchdog thread, while the main thread may be deep in a denoise that no
+    longer has peers): end the process here with os._exit, after the grace period.
+    """
+    import os
+    import sys
+
+    lost = peer_lost(exc, "while serving")
+    message = str(lost) if lost is not None else f"the server failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+    with _fatal_lock:
+        if store is not None and health.state != "unhealthy":
+            health.state, health.error = "unhealthy", message
+            store.fail_running(message)
+            time.sleep(UNHEALTHY_GRACE_S)
+        if exit_now:
+            print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 def _pid() -> int:

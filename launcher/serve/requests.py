@@ -30,6 +30,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 #: fields that are run flags as they are (the rest go through the BatchItem)
 _FLAG_FIELDS = ("sample_steps", "sample_shift", "sample_solver", "sample_guide_scale", "use_magcache",
                 "magcache_thresh", "magcache_K", "retention_ratio", "magcache_target_speedup")
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 _IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
 
@@ -55,8 +56,8 @@ def _typed(obj: dict[str, Any]) -> dict[str, Any]:
             continue
         kinds = FIELDS[key]
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join("boolean" if k is bool else "number" if k is float else k.__name__ for k in kinds)
-            raise BadRequest(f"field {key!r} must be a {names}, got {json.dumps(value)[:60]}")
+            names = " or ".join(_KIND_NAMES[k] for k in kinds if k is not int or float not in kinds)
+            raise BadRequest(f"field {key!r} must be {names}, got {json.dumps(value)[:60]}")
         out[key] = value
     if not str(out.get("prompt", "")).strip():
         raise BadRequest("no \"prompt\": give the text to generate from")
