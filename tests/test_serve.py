@@ -211,3 +211,42 @@ def test_two_ranks_with_dp_replica(tiny_ckpt, tmp_path, reference_video):
         assert state["state"] == "failed" and "lost contact with another rank" in state["error"]
     finally:
         server.kill()
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        for folder in os.environ.get("PATH", "").split(os.pathsep):
+            if os.access(os.path.join(folder, name), os.X_OK):
+                return os.path.join(folder, name)
+    return None
+
+
+def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
+    """The page at / submits a prompt, shows progress and plays the video (Debian's Chromium)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium on PATH (apt-get install chromium)")
+    prompt, seed = PROMPTS[2]
+    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", token="page-token")
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"{server.url}/?token=page-token")
+            page.wait_for_function("document.getElementById('health').textContent.includes('ready')")
+            page.fill("#prompt", prompt)
+            page.fill("#seed", str(seed))
+            page.click("#submit")
+            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+            assert "step 4/4" in page.text_content("#status")
+            page.wait_for_function("document.getElementById('video').readyState >= 1", timeout=30_000)
+            duration = page.evaluate("document.getElementById('video').duration")
+            src = page.get_attribute("#video", "src")
+            browser.close()
+        assert duration > 0
+        job_id = src.split("/")[2]
+        assert server.call("GET", f"/jobs/{job_id}/video")[1] == reference_video(prompt, seed)
+        assert server.stop() == 0
+    finally:
+        server.kill()
