@@ -36,7 +36,7 @@ class Server:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                    "-m", "launcher", *args]
         self.log = log or self.jobs_dir.parent / f"{self.jobs_dir.name}-server.log"
-        self._log_file = open(self.log, "w")
+        self._log_file = open(self.log, "w")  # noqa: SIM115 - lives as long as the server process
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=cli_env(), cwd=ROOT,
                                      start_new_session=True)  # kill() takes torchrun's workers too
         self.url = self._wait_for_url()

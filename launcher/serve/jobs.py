@@ -26,7 +26,7 @@ from launcher.outputs.atomic import write_json
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
-_ID = re.compile(r"^[0-9]{14}-[0-9a-f]{8}$")
+_ID = re.compile(r"^[0-9]{20}-[0-9a-f]{8}$")
 
 
 class QueueFull(Exception):
@@ -65,8 +65,14 @@ class Job:
 
 
 def new_job_id() -> str:
-    """Sortable by submission time (restart keeps the queue order), unique without coordination."""
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    """Sortable by submission time to the microsecond (restart keeps the queue order), unique
+    without coordination (the random tail); the queue itself is ordered by `created`, then id."""
+    now = time.time()
+    return f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}{int(now % 1 * 1e6):06d}-{uuid.uuid4().hex[:8]}"
+
+
+def _order(job: Job) -> tuple[float, str]:
+    return job.created, job.id
 
 
 def is_job_id(text: str) -> bool:
@@ -151,7 +157,7 @@ class JobStore:
 
     def list(self) -> list[Job]:
         with self._lock:
-            return sorted(self._jobs.values(), key=lambda j: j.id)
+            return sorted(self._jobs.values(), key=_order)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -172,7 +178,7 @@ class JobStore:
         with self._lock:
             deadline = time.monotonic() + wait
             while not stop.is_set():
-                queued = sorted((j for j in self._jobs.values() if j.state == "queued"), key=lambda j: j.id)
+                queued = sorted((j for j in self._jobs.values() if j.state == "queued"), key=_order)
                 if queued:
                     taken = queued[:n]
                     for replica, job in enumerate(taken):
