@@ -1,10 +1,10 @@
-"""The HTTP API (Starlette), served by uvicorn on a thread of rank 0.
+"""The HTTP API (Starlette), served by uvicorn in the HTTP process beside rank 0 (`front.py`).
 
 Starlette rather than FastAPI: requests are validated by the same code as batch lines (one-line
 reasons), so pydantic models would only duplicate them; Starlette is FastAPI's own core, small,
 and has what we need (routing, streaming for server-sent events, file responses).
 Handlers are plain functions (Starlette runs them in its thread pool) that read or write the
-JobStore; none of them waits for the ranks, so polling never slows the denoise.
+JobStore; none of them waits for the ranks, and none runs in a rank's interpreter.
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@
     JOBS_DIR/<id>/progress.json  denoise step, written by the output rank of a replica other than rank 0's
     JOBS_DIR/<id>/image.*        an uploaded first frame
 
-A job folder appears whole: it is built under `.staging/` and renamed into place. Only rank 0
-(HTTP thread and rank loop) touches the store; the lock makes each transition one step.
+A job folder appears whole: it is built under `.staging/` and renamed into place. Only the HTTP
+process (`front.py`) holds the store (rank 0 asks it over a pipe); the lock makes each
+transition one step among its request threads.
 """
 from __future__ import annotations
 
@@ -173,11 +174,11 @@ class JobStore:
             return job
 
     # -- rank-loop side -----------------------------------------------------------------------
-    def take(self, n: int, *, wait: float, stop: threading.Event) -> list[Job]:
+    def take(self, n: int, *, wait: float, stop: threading.Event | None = None) -> list[Job]:
         """Up to `n` queued jobs, oldest first, marked running; waits up to `wait` s for the first."""
         with self._lock:
             deadline = time.monotonic() + wait
-            while not stop.is_set():
+            while stop is None or not stop.is_set():
                 queued = sorted((j for j in self._jobs.values() if j.state == "queued"), key=_order)
                 if queued:
                     taken = queued[:n]

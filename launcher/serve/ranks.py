@@ -20,7 +20,8 @@ from typing import Any
 from launcher.batch.results import one_line
 from launcher.config import RunConfig
 from launcher.errors import peer_lost
-from launcher.serve.jobs import Job, JobStore, write_progress
+from launcher.serve.front import Front
+from launcher.serve.jobs import Job, write_progress
 from launcher.serve.requests import job_config
 
 #: seconds between heartbeats while the queue is empty (also the latency of picking up a new job)
@@ -50,9 +51,9 @@ class Outcome:
 
 
 class RankLoop:
-    """Runs on every rank's main thread; `store` and `stop` exist on rank 0 only."""
+    """Runs on every rank's main thread; `store` (the HTTP process's Front) is rank 0's only."""
 
-    def __init__(self, world: Any, session: Any, flags: dict[str, Any], store: JobStore | None,
+    def __init__(self, world: Any, session: Any, flags: dict[str, Any], store: Front | None,
                  stop: threading.Event) -> None:
         self.world = world
         self.session = session
@@ -65,9 +66,13 @@ class RankLoop:
         assert self.store is not None
         if self.stop.is_set():
             return Turn("stop")
-        jobs = self.store.take(self.world.dp_size, wait=HEARTBEAT_S, stop=self.stop)
+        jobs = self.store.take(self.world.dp_size, wait=HEARTBEAT_S)
+        if self.stop.is_set():  # SIGTERM while waiting: these jobs have not started
+            for job in jobs:
+                self.store.requeue(job.id)
+            return Turn("stop")
         if not jobs:
-            return Turn("stop" if self.stop.is_set() else "idle")
+            return Turn("idle")
         assignments: list[Assignment | None] = [None] * self.world.dp_size
         for replica, job in enumerate(jobs):
             assignments[replica] = self._assign(job)
