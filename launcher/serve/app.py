@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -59,7 +57,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(store: JobStore, settings: ServeSettings, health: Health, *, token: str | None = None) -> Starlette:
+def create_app(store: JobStore, settings: ServeSettings, health: Health, *, token: str | None = None) -> Any:
     def authorized(request: Request) -> bool:
         if token is None:
             return True
@@ -72,10 +70,10 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         job = store.get(job_id) if is_job_id(job_id) else None
         return job
 
-    def page(request: Request) -> Response:
+    async def page(request: Request) -> Response:
         return Response(PAGE.read_text(encoding="utf-8"), media_type="text/html; charset=utf-8")
 
-    def get_health(request: Request) -> JSONResponse:
+    async def get_health(request: Request) -> JSONResponse:
         body = {"ok": health.ok, "world": health.world, "dp": health.dp, "state": health.state,
                 "error": health.error, "jobs": store.counts(), "pids": health.pids,
                 "uptime_s": round(time.time() - health.started, 1)}
@@ -104,14 +102,14 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         return JSONResponse({"id": job.id, "state": job.state, "seed": request["seed"]}, status_code=202,
                             headers={"Location": f"/jobs/{job.id}"})
 
-    def list_jobs(request: Request) -> JSONResponse:
+    async def list_jobs(request: Request) -> JSONResponse:
         return JSONResponse({"jobs": [j.public() for j in store.list()]})
 
-    def get_job(request: Request) -> JSONResponse:
+    async def get_job(request: Request) -> JSONResponse:
         job = job_or_404(request)
         return _error(404, "no such job") if job is None else JSONResponse(job.public())
 
-    def delete_job(request: Request) -> JSONResponse:
+    async def delete_job(request: Request) -> JSONResponse:
         job = job_or_404(request)
         if job is None:
             return _error(404, "no such job")
@@ -164,10 +162,21 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         Route("/jobs/{job_id}/video", get_video), Route("/jobs/{job_id}/manifest", get_manifest),
         Route("/jobs/{job_id}/events", events),
     ]
-    async def bearer_token(request: Request, call_next: Any) -> Response:
-        if not authorized(request):
-            return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer T)"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    return _BearerToken(Starlette(routes=routes), authorized)
 
-    return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=bearer_token)])
+
+class _BearerToken:
+    """401 for any request without the token. Plain ASGI (not BaseHTTPMiddleware): a status poll
+    costs one header check, not an extra task and stream per request."""
+
+    def __init__(self, app: Any, authorized: Any) -> None:
+        self.app = app
+        self.authorized = authorized
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.authorized(Request(scope)):
+            response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer T)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -156,6 +156,8 @@ def _serve(conn: Connection, listen_fd: int) -> None:
 def main(argv: list[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    # the ranks come first: where CPUs are short, the scheduler serves a poll only after them
+    os.nice(10)
     _serve(Connection(int(argv[0])), int(argv[1]))
 
 
