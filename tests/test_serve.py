@@ -249,3 +249,34 @@ def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+def _undecodable_png() -> str:
+    """A PNG whose structure and checksums are valid (PIL's verify passes, so the request is
+    accepted) but whose pixel data does not inflate: it fails on the ranks, when the job loads it."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buf, format="PNG")
+    png = buf.getvalue()
+    at = png.index(b"IDAT") - 4
+    size = struct.unpack(">I", png[at:at + 4])[0]
+    bad = b"\x78\x9c" + b"\xff" * (size - 2)
+    chunk = struct.pack(">I", len(bad)) + b"IDAT" + bad + struct.pack(">I", zlib.crc32(b"IDAT" + bad))
+    return base64.b64encode(png[:at] + chunk + png[at + 12 + size:]).decode()
+
+
+def test_failed_job_leaves_server_running(tiny_ckpt, tmp_path):
+    """A job that fails on the ranks is "failed" with its one-line reason; the next job still runs."""
+    server = Server(tiny_ckpt("ti2v-5B"), tmp_path / "jobs", "--task", "ti2v-5B")
+    try:
+        broken = server.submit({"prompt": "a cat", "image": _undecodable_png(), "seed": 1})
+        job = server.wait(broken)
+        assert job["state"] == "failed" and "broken data stream" in job["error"] and "\n" not in job["error"]
+        fine = server.submit({"prompt": "a cat", "seed": 1})
+        assert server.wait(fine)["state"] == "done"
+        assert server.call("GET", "/health")[1]["ok"] is True
+        assert server.stop() == 0
+    finally:
+        server.kill()

@@ -30,6 +30,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 #: fields that are run flags as they are (the rest go through the BatchItem)
 _FLAG_FIELDS = ("sample_steps", "sample_shift", "sample_solver", "sample_guide_scale", "use_magcache",
                 "magcache_thresh", "magcache_K", "retention_ratio", "magcache_target_speedup")
+_IMAGE_PATH = re.compile(r"(?!data:)[^\n]{1,4096}\.(png|jpe?g|webp|bmp)", re.IGNORECASE)
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 _IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
@@ -90,9 +91,7 @@ def _image_format(raw: bytes) -> str:
 
 def _place_image(value: str, settings: ServeSettings, staged: Path) -> Path:
     """The image file the job will read: an upload saved in the job folder, or an allowed path."""
-    looks_like_path = not value.startswith("data:") and ("/" in value or value.rsplit(".", 1)[-1].lower() in
-                                                         ("png", "jpg", "jpeg", "webp", "bmp"))
-    if looks_like_path:
+    if _IMAGE_PATH.fullmatch(value):  # base64 has no '.', so it never ends in an image suffix
         if settings.image_dir is None:
             raise BadRequest("field 'image': paths are not accepted by this server (start it with --image-dir); "
                              "send the image as base64")
