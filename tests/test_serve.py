@@ -147,7 +147,7 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
         assert first.call("GET", "/jobs")[1] == {"jobs": []}  # the 401 POST queued nothing
         assert first.call("GET", "/?token=s3cret", token=None)[0] == 200  # the page passes it in the URL
 
-        long_job = {"prompt": "a long ride", "seed": 1, "sample_steps": 400}
+        long_job = {"prompt": "a long ride", "seed": 1, "sample_steps": 150}
         running = first.submit(long_job)
         first.wait(running, states=("running",))
         replies = [first.call("POST", "/jobs", {"prompt": PROMPTS[i][0], "seed": PROMPTS[i][1]}) for i in range(3)]

@@ -7,7 +7,7 @@ loaded session, concurrently with the others; its output rank writes the video a
 The round ends with a gather of the replicas' results on the patient group (a replica that
 finishes first waits for the slowest, however long its video takes).
 
-The HTTP thread never calls a collective: it only reads and writes the JobStore.
+The HTTP process (front.py) never calls a collective: rank 0 asks it for jobs and reports back.
 """
 from __future__ import annotations
 
