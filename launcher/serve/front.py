@@ -7,7 +7,8 @@ the API (uvicorn + Starlette), the JobStore and /health never touch the ranks' i
 rank 0 only makes a few small calls (take jobs, report a step, finish) over a socketpair.
 
 The front owns the jobs folder. It exits when rank 0 closes the pipe (or dies: end of file),
-and ignores SIGINT/SIGTERM, which are rank 0's to act on (stop intake, finish, exit 0).
+and ignores SIGINT/SIGTERM (a Ctrl-C reaches the whole process group), which are rank 0's to
+act on (stop intake, finish, exit 0). It runs at nice 10: where CPUs are short, the ranks first.
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def start_front(sock: socket.socket, options: Any, flags: dict[str, Any], health
     """Spawn the HTTP process on the bound socket; returns once it answers requests."""
     ours, theirs = socket.socketpair()
     cmd = [sys.executable, "-m", "launcher.serve.front", str(theirs.fileno()), str(sock.fileno())]
-    proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(), sock.fileno()), start_new_session=True)
+    # same session as rank 0: with Linux's autogroup scheduling a new session would be a new
+    # group with a full CPU share of its own, and the front's nice 10 would not yield to the rank
+    proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(), sock.fileno()))
     theirs.close()
     sock.close()  # the front accepts on its copy
     conn = Connection(ours.detach())
