@@ -4,6 +4,7 @@ The folder tree is the architecture; each layer imports only those below it (pyp
 import-linter contracts, checked by scripts/test.sh):
 
     cli.py          the Typer commands; bad input -> one line, exit 2 (one place)
+    serve/          the HTTP server: API process, job store, the rank loop in step, heartbeat
     batch/          many prompts, one model load: items, resume, dp replicas, summary
     engine/         a run: the World of ranks, placement, model assembly, the session, planning
     quality/        `compare`: PSNR, SSIM, flicker, LPIPS between two outputs (beside engine/)

@@ -179,6 +179,58 @@ def sweep(
 
 
 @app.command()
+@compose_params(model_params, sampling_params, magcache_params)
+def serve(
+    host: Annotated[str, typer.Option("--host", help="address to listen on (default: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port; the URL goes to JOBS_DIR/server.json)")] = 8000,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="MAGCACHE_TOKEN", help="require 'Authorization: Bearer TOKEN' on every request (or env MAGCACHE_TOKEN)")] = None,
+    jobs_dir: Annotated[Path, typer.Option("--jobs-dir", "--jobs_dir", help="requests, states and videos; a restart resumes its queue")] = Path("magcache-jobs"),
+    max_queue: Annotated[int, typer.Option("--max-queue", "--max_queue", help="queued jobs beyond this get HTTP 429")] = 100,
+    image_dir: Annotated[Optional[Path], typer.Option("--image-dir", "--image_dir", help="requests may name image files under this folder (else base64 only)")] = None,
+    **flags: Any,
+) -> None:
+    """Keep the models loaded and generate jobs posted over HTTP (single process, torchrun or srun).
+
+    Rank 0 serves the JSON API and a web page at /; every rank runs the queued jobs in step, spare
+    ranks as data-parallel replicas. SIGTERM stops intake, finishes the running jobs and exits 0.
+    """
+    from launcher.serve import ServeOptions, run_serve
+
+    options = ServeOptions(host=host, port=port, token=token, jobs_dir=jobs_dir, max_queue=max_queue, image_dir=image_dir)
+    raise typer.Exit(run_serve(options, flags))
+
+
+@app.command()
+def submit(
+    server: Annotated[str, typer.Option("--server", help="the server's URL, e.g. http://127.0.0.1:8000")],
+    prompt: Annotated[str, typer.Option("--prompt", help="what to generate")],
+    image: Annotated[Optional[Path], typer.Option("--image", help="first frame (sent as base64)")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "--negative_prompt")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "--base-seed", "--base_seed", help="seed (default: the server's --base_seed)")] = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="WIDTH*HEIGHT")] = None,
+    frame_num: Annotated[Optional[int], typer.Option("--frame-num", "--frame_num")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option("--sample-steps", "--sample_steps")] = None,
+    use_magcache: Annotated[Optional[bool], typer.Option("--use-magcache/--no-magcache", help="override the server's MagCache on/off")] = None,
+    magcache_thresh: Annotated[Optional[float], typer.Option("--magcache-thresh", "--magcache_thresh")] = None,
+    magcache_K: Annotated[Optional[int], typer.Option("--magcache-k", "--magcache-K", "--magcache_K")] = None,
+    retention_ratio: Annotated[Optional[float], typer.Option("--retention-ratio", "--retention_ratio")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="where to save the mp4 (default: JOB_ID.mp4)")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="MAGCACHE_TOKEN", help="bearer token (or env MAGCACHE_TOKEN)")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job and download the video")] = True,
+) -> None:
+    """Send one job to a `serve` server, show its progress and download the video."""
+    from launcher.serve.client import image_field, run_submit
+
+    if out is not None:
+        check_output_location(out, "--out")
+    fields = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "size": size, "frame_num": frame_num,
+              "sample_steps": sample_steps, "use_magcache": use_magcache, "magcache_thresh": magcache_thresh,
+              "magcache_K": magcache_K, "retention_ratio": retention_ratio,
+              "image": None if image is None else image_field(image)}
+    raise typer.Exit(run_submit(server, fields, token=token, out=out, wait=wait))
+
+
+@app.command()
 def compare(
     a: Annotated[Path, typer.Argument(metavar="A", help="reference: an .mp4, a folder of PNG frames, or a --save-latents .safetensors")],
     b: Annotated[Path, typer.Argument(metavar="B", help="the video measured against A: same kind and shape")],

@@ -6,6 +6,7 @@ gets a fresh block runner (MagCache state is per video), its own seed and its ow
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ from launcher.wan.pipeline import Request, Result, WanPipeline
 def calibration_settings(config: RunConfig) -> dict[str, Any]:
     """What a ratio table depends on beyond task, steps and shift; `generate` warns when a run differs."""
     return {"sample_solver": config.sample_solver, "loras": [s.label for s in config.loras]}
+
+
+def _both(a: Callable[[int, int], None] | None, b: Callable[[int, int], None] | None) -> Callable[[int, int], None] | None:
+    if a is None or b is None:
+        return a or b
+
+    def call(done: int, total: int) -> None:
+        a(done, total)
+        b(done, total)
+
+    return call
 
 
 class GenerationSession:
@@ -86,8 +98,12 @@ class GenerationSession:
                                   loras=tuple(s.label for s in config.loras)).warnings)
         return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
 
-    def generate(self, config: RunConfig, seed: int, outputs: Outputs) -> dict[str, Any] | None:
-        """Run one request; the output rank writes files and returns the manifest."""
+    def generate(self, config: RunConfig, seed: int, outputs: Outputs,
+                 on_step: Callable[[int, int], None] | None = None) -> dict[str, Any] | None:
+        """Run one request; the output rank writes files and returns the manifest.
+
+        `on_step(done, total)`: called after each denoise step on every rank (the server's progress).
+        """
         from launcher.outputs.report import progress_bar
 
         if self.world.placement.device.type == "cuda":  # each request's peak is its own (host RSS peaks are per process)
@@ -110,8 +126,8 @@ class GenerationSession:
             split = self.pipeline.split_decode
             where = "" if split is None else f" on {split.size} ranks (--vae-parallel auto)"
             self.pipeline.on_decode = lambda: log(f"decoding{where}")
-        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as on_step:
-            self.pipeline.on_step = on_step
+        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as bar:
+            self.pipeline.on_step = _both(bar, on_step)
             result = self.pipeline.generate(request, runner)
         decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])
         calibration = self._calibration(config, runner, result, outputs) if config.magcache.calibration else None

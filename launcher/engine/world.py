@@ -166,6 +166,19 @@ class World:
         group = g.patient if patient and g.patient is not None else g.ctx.cpu_group
         return self._gather_in(group, obj)
 
+    def side_group(self) -> "dist.ProcessGroup | None":
+        """A new whole-world gloo group for a side thread's collectives (the server's liveness
+        heartbeat), apart from the groups the main thread uses; None in one process. Every rank
+        calls it, in the same order; the caller drops its reference before teardown."""
+        g = self._groups
+        if g.ctx is None or not g.ctx.is_distributed:
+            return None
+        import torch.distributed as dist
+
+        group = dist.new_group(backend="gloo", timeout=g.ctx.timeout)
+        g.ctx.adopt([group])
+        return group
+
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
         self.all_gather_object(None)

@@ -1,0 +1,168 @@
+"""`POST /jobs` bodies -> validated requests, or one line saying what is wrong (HTTP 400).
+
+A request carries a batch line's fields (prompt, negative_prompt, seed, size, frame_num, image) plus
+per-video sampling and MagCache settings. It is checked exactly as a batch item is, by building
+its RunConfig with `item_config`, so nothing the ranks would reject ever reaches them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.batch import item_config
+from launcher.batch.items import BatchItem
+from launcher.config import RunConfig
+from launcher.errors import InputError
+
+#: field -> accepted JSON types (bool is never an int/float here)
+FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "negative_prompt": (str,), "seed": (int,), "size": (str,), "frame_num": (int,),
+    "sample_steps": (int,), "sample_shift": (int, float), "sample_solver": (str,), "sample_guide_scale": (str, int, float),
+    "image": (str,), "use_magcache": (bool,), "magcache_thresh": (int, float), "magcache_K": (int,),
+    "retention_ratio": (int, float), "magcache_target_speedup": (int, float),
+}
+#: fields that are run flags as they are (the rest go through the BatchItem)
+_FLAG_FIELDS = ("sample_steps", "sample_shift", "sample_solver", "sample_guide_scale", "use_magcache",
+                "magcache_thresh", "magcache_K", "retention_ratio", "magcache_target_speedup")
+_IMAGE_PATH = re.compile(r"(?!data:)[^\n]{1,4096}\.(png|jpe?g|webp|bmp)", re.IGNORECASE)
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
+
+
+class BadRequest(Exception):
+    """The request is malformed or asks for something invalid (HTTP 400, one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """What every request is checked against: the server's flags and where images may come from."""
+
+    flags: dict[str, Any]
+    image_dir: Path | None = None
+
+
+def _typed(obj: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(obj) - set(FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if value is None:
+            continue
+        kinds = FIELDS[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(_KIND_NAMES[k] for k in kinds if k is not int or float not in kinds)
+            raise BadRequest(f"field {key!r} must be {names}, got {json.dumps(value)[:60]}")
+        out[key] = value
+    if not str(out.get("prompt", "")).strip():
+        raise BadRequest("no \"prompt\": give the text to generate from")
+    return out
+
+
+def _decode_image(value: str) -> bytes:
+    """`data:image/...;base64,XXXX` or bare base64 -> bytes that PIL reads as an image."""
+    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("field 'image': not base64 (send a data: URL or base64 of a PNG/JPEG)") from None
+    return raw
+
+
+def _image_format(raw: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.verify()
+            fmt = im.format or ""
+    except Exception:  # noqa: BLE001 - PIL raises many types for broken data
+        raise BadRequest("field 'image': not an image PIL can read; send a PNG or JPEG") from None
+    if fmt not in _IMAGE_TYPES:
+        raise BadRequest(f"field 'image': {fmt or 'unknown'} images are not accepted; send a PNG or JPEG")
+    return _IMAGE_TYPES[fmt]
+
+
+def _place_image(value: str, settings: ServeSettings, staged: Path) -> Path:
+    """The image file the job will read: an upload saved in the job folder, or an allowed path."""
+    if _IMAGE_PATH.fullmatch(value):  # base64 has no '.', so it never ends in an image suffix
+        if settings.image_dir is None:
+            raise BadRequest("field 'image': paths are not accepted by this server (start it with --image-dir); "
+                             "send the image as base64")
+        path = Path(value)
+        path = (path if path.is_absolute() else settings.image_dir / path).resolve()
+        if not path.is_relative_to(settings.image_dir.resolve()):
+            raise BadRequest(f"field 'image': {value} is outside --image-dir")
+        if not path.is_file():
+            raise BadRequest(f"field 'image': {value} not found under --image-dir")
+        _image_format(path.read_bytes())
+        return path
+    raw = _decode_image(value)
+    target = staged / f"image{_image_format(raw)}"
+    target.write_bytes(raw)
+    return target
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise BadRequest('expected a JSON object like {"prompt": "..."}')
+    return _typed(obj)
+
+
+def job_config(request: dict[str, Any], flags: dict[str, Any], job_dir: Path) -> RunConfig:
+    """The RunConfig of a stored request: the server's flags with the request's fields over them.
+
+    A batch item with the same fields gets the same config, hence the same video as `generate`.
+    """
+    item = BatchItem(index=0, line=0, prompt=request["prompt"], name="video",
+                     image=None if request.get("image") is None else Path(request["image"]),
+                     seed=request["seed"], size=request.get("size"), frame_num=request.get("frame_num"),
+                     negative_prompt=request.get("negative_prompt"))
+    overrides = {k: request[k] for k in _FLAG_FIELDS if k in request}
+    if "sample_guide_scale" in overrides:
+        overrides["sample_guide_scale"] = str(overrides["sample_guide_scale"])
+    return item_config(dict(flags, **overrides), item, Path(job_dir))
+
+
+def _as_fields(message: str) -> str:
+    """Config errors name flags (`--frame_num 6: ...`); a request names fields (`frame_num 6: ...`)."""
+    return re.sub(r"--([a-zA-Z][\w-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, Any]:
+    """The stored form of a request (seed drawn, image placed in `staged`); BadRequest if invalid."""
+    from launcher.engine.generate import draw_seed
+
+    request = parse_body(body)
+    if "image" in request:
+        request["image"] = str(_place_image(request["image"], settings, staged))
+    seed = request.get("seed", int(settings.flags.get("base_seed", -1)))
+    if seed < 0:
+        seed = draw_seed(-1)
+    request["seed"] = seed
+    try:
+        config = job_config(request, settings.flags, staged)
+    except InputError as e:
+        raise BadRequest(_as_fields(str(e).splitlines()[0])) from None
+    request["sample_steps"] = config.sample_steps
+    return request
+
+
+def relocate(request: dict[str, Any], staged: Path, job_dir: Path) -> dict[str, Any]:
+    """An uploaded image moves with the job folder: rewrite its path."""
+    image = request.get("image")
+    if image is not None and Path(image).parent == staged:
+        return dict(request, image=str(job_dir / Path(image).name))
+    return request
