@@ -212,7 +212,7 @@ def test_two_ranks_with_dp_replica(tiny_ckpt, tmp_path, reference_video):
         server.kill()
 
 
-def _chromium() -> str | None:
+def _find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         for folder in os.environ.get("PATH", "").split(os.pathsep):
             if os.access(os.path.join(folder, name), os.X_OK):
@@ -220,12 +220,29 @@ def _chromium() -> str | None:
     return None
 
 
+def _chromium() -> str | None:
+    """Chromium on PATH, else Debian's package installed as the Slurm tests install Slurm (root +
+    apt-get; a clean CI machine has neither browser nor Slurm until then). None when that fails."""
+    import shutil
+    import subprocess
+
+    found = _find_chromium()
+    if found is not None or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return found
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        subprocess.run(install, capture_output=True, env=env, timeout=600)
+    return _find_chromium()
+
+
 def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
     """The page at / submits a prompt, shows progress and plays the video (Debian's Chromium)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
     browser_path = _chromium()
     if browser_path is None:
-        pytest.skip("no Chromium on PATH (apt-get install chromium)")
+        pytest.skip("no Chromium on PATH and apt-get could not install it (run: apt-get install chromium)")
     prompt, seed = PROMPTS[2]
     server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", token="page-token")
     try:
