@@ -207,7 +207,7 @@ def recommend(layouts: list[dict[str, Any]], *, magcache: bool) -> tuple[int | N
               f"then memory headroom) of {len(fitting)} layouts that fit "
               f"({best['memory_gb_per_gpu']:.0f} GB/GPU), {where}")
     if len(ranked) > 1:
-        nxt = layouts[ranked[1]]
+        nxt = layouts[min(ranked[1:], key=lambda i: total(layouts[i]))]  # the runner-up on time alone
         reason += f"; next: {nxt['flags']} at {total(nxt):.0f} s"
     return ranked[0], reason
 

@@ -80,10 +80,11 @@ class Efficiency:
     #: element-wise passes over S x dim bf16 activations per block (read + write each): the official
     #: block runs its norms, modulation, RoPE and gates in float32, so a pass there counts double
     elementwise_passes: int = 96
-    #: VAE 2.1 / 2.2 decode, multiply-adds x 2 per output pixel (counted from the decoders' conv
-    #: stacks, rounded); the i2v conditioning encode costs `vae_encode_fraction` of a decode
-    vae_decode_flops_per_pixel: dict[str, float] = field(default_factory=lambda: {"2.1": 10e6, "2.2": 14e6})
-    vae_encode_fraction: float = 0.5
+    #: VAE 2.1 / 2.2 FLOPs per video pixel, counted with torch's FlopCounterMode on diffusers'
+    #: AutoencoderKLWan built on the meta device from shared/reference's configs (480x832, 9 frames)
+    vae_decode_flops_per_pixel: dict[str, float] = field(default_factory=lambda: {"2.1": 8.75e6, "2.2": 18.9e6})
+    #: the i2v conditioning encode (official: the whole frame_num video, image then zeros)
+    vae_encode_flops_per_pixel: dict[str, float] = field(default_factory=lambda: {"2.1": 5.24e6, "2.2": 3.62e6})
     #: CUDA context, allocator slack, workspace (GB per GPU)
     reserve_gb: float = 3.0
 
@@ -253,10 +254,11 @@ def fixed_costs(dims: DitDims, work: Workload, place: Placement, gpu: GpuSpec, e
     split = gen_ranks if place.vae_parallel else 1
     out = {"t5_s": t5, "vae_decode_s": vae_flops / split / (peak * eff.vae)}
     if work.image_conditioned:
-        out["vae_encode_s"] = eff.vae_encode_fraction * vae_flops / (peak * eff.vae)
+        out["vae_encode_s"] = eff.vae_encode_flops_per_pixel[work.vae_version] * work.pixels / (peak * eff.vae)
     if place.offload:
-        # each expert comes onto the GPU once and leaves once; T5 leaves after encoding
-        moved = 2 * dims.experts * dims.params * 2 + dims.t5_params * 2
+        # official offload: each expert comes onto the GPU once and leaves once (at the switch, at
+        # the end); T5 comes on to encode and leaves
+        moved = 2 * (dims.experts * dims.params + dims.t5_params) * 2
         out["offload_s"] = moved / (gpu.pcie_gbps * GB * eff.pcie)
     return out
 
