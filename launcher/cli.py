@@ -112,6 +112,10 @@ def plan(
     With --gpus N it also prices every layout of N GPUs with a roofline model and recommends one.
     """
     cluster = {k: flags.pop(k) for k in LAYOUT_FLAGS}
+    if cluster["gpus"] is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
     from launcher.engine.planning import make_plan, plan_to_json, resolve_target
     from launcher.options import cli_name, flag_defaults
     from launcher.outputs.report import console, print_layouts, print_plan

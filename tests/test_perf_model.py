@@ -213,6 +213,7 @@ def test_calibration_replaces_the_roofline_compute(tmp_path):
           "gpu": "h100", "nodes": None, "gpus_per_node": None, "magcache": False}
     plain, calibrated = plan_layouts(calibration_file=None, **kw), plan_layouts(calibration_file=path, **kw)
     assert calibrated["model"]["calibration"]["linear_scale"] == pytest.approx(1.5)
+    assert calibrated["model"]["calibration"]["device"] is None  # the synthetic record has no S0 step
     assert all(b["predicted"]["denoise_s"] > a["predicted"]["denoise_s"]
                for a, b in zip(plain["layouts"], calibrated["layouts"]))
 
@@ -231,3 +232,16 @@ def test_calibration_files_that_cannot_calibrate_exit_2(tmp_path):
 def test_bad_cluster_flags_exit_2():
     assert_one_line_error(run_cli("plan", "--gpus", "8", "--gpu", "v100"), "--gpu v100: unknown GPU")
     assert_one_line_error(run_cli("plan", "--gpus", "12", "--nodes", "5"), "--gpus 12 is not --nodes 5 x")
+    assert_one_line_error(run_cli("plan", "--nodes", "2"), "--nodes price layouts: add --gpus N")
+
+
+def test_across_nodes_ring_beats_ulysses(capsys):
+    """16 H100 as 4 nodes x 4: the recommended layout keeps its Ulysses all-to-alls inside a node and
+    sends ring K/V (hidden behind attention) and CFG's one exchange per step over the network; every
+    layout whose all-to-alls cross nodes is predicted slower."""
+    assert main(["plan", "--gpus", "16", "--nodes", "4", "--task", "t2v-A14B", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    best = p["layouts"][p["recommended"]]
+    assert best["dp"] == 1 and best["ulysses"] > 1 and best["links"]["ulysses"] == "intra"
+    assert best["predicted"]["total_s"] < min(x["predicted"]["total_s"] for x in p["layouts"]
+                                              if x["links"]["ulysses"] == "inter" and x["ulysses"] > 1)

@@ -247,7 +247,8 @@ def load_calibration(path: Path, gpu: GpuSpec, eff: Efficiency) -> Calibration:
             a2, b2 = (m1 * y2 - m2 * y1) / det, (x1 * m2 - x2 * m1) / det
             if a2 > 0 and b2 > 0:
                 a, b = a2, b2
-    return Calibration(source=str(path), linear_scale=a, attention_scale=b, points=points)
+    device = record["figures"].get("S0", {}).get("figures", {}).get("name") if isinstance(record["figures"], dict) else None
+    return Calibration(source=str(path), linear_scale=a, attention_scale=b, points=points, device=device)
 
 
 def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: Plan, gpus: int, gpu: str,

@@ -150,6 +150,9 @@ class Calibration:
     linear_scale: float
     attention_scale: float
     points: tuple[tuple[int, float], ...]  # (tokens, measured ms per block)
+    #: the GPU gpu_check.py ran on (its S0 step); the fitted scales reproduce the measured times
+    #: whatever --gpu says, while communication and HBM terms still use --gpu's figures
+    device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
