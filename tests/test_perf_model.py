@@ -232,6 +232,9 @@ def test_calibration_files_that_cannot_calibrate_exit_2(tmp_path):
 def test_bad_cluster_flags_exit_2():
     assert_one_line_error(run_cli("plan", "--gpus", "8", "--gpu", "v100"), "--gpu v100: unknown GPU")
     assert_one_line_error(run_cli("plan", "--gpus", "12", "--nodes", "5"), "--gpus 12 is not --nodes 5 x")
+    with pytest.raises(UsageError, match="give --nodes M or --gpus-per-node K"):
+        Cluster.of(12, "h100", None, None)
+    assert (Cluster.of(12, "h100", None, 4).nodes, Cluster.of(16, "h100", None, None).gpus_per_node) == (3, 8)
     assert_one_line_error(run_cli("plan", "--nodes", "2"), "--nodes price layouts: add --gpus N")
 
 

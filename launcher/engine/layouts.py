@@ -59,6 +59,9 @@ class Cluster:
             raise UsageError(f"--gpu {gpu}: unknown GPU; choose one of {', '.join(GPUS)}")
         if nodes is not None and nodes < 1 or gpus_per_node is not None and gpus_per_node < 1:
             raise UsageError("--nodes and --gpus-per-node must be 1 or more")
+        if nodes is None and gpus_per_node is None and gpus > 8 and gpus % 8:
+            raise UsageError(f"--gpus {gpus} spans more than one 8-GPU node unevenly: give --nodes M or "
+                             "--gpus-per-node K")
         if gpus_per_node is None:
             gpus_per_node = gpus // nodes if nodes else min(gpus, 8)
         if nodes is None:
