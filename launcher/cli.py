@@ -140,10 +140,13 @@ def plan(
 
         width, height = parse_size(f["size"] or spec.supported_sizes[0], spec)
         frames = spec.frame_num if f["frame_num"] is None else f["frame_num"]
+        given = {"ulysses": f["ulysses_size"], "ring": f.get("ring_size", 1), "cfg": 2 if f["cfg_parallel"] else 1,
+                 "dit_fsdp": bool(f["dit_fsdp"])}
         layouts = plan_layouts(task=spec.name, width=width, height=height, frames=frames, the_plan=the_plan,
                                gpus=cluster["gpus"], gpu=cluster["gpu"], nodes=cluster["nodes"],
                                gpus_per_node=cluster["gpus_per_node"], calibration_file=cluster["calibration"],
-                               magcache=bool(f["use_magcache"]))
+                               magcache=bool(f["use_magcache"]),
+                               given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None)
     if as_json:
         print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
                                          target=target), **(layouts or {})}))

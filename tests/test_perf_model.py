@@ -155,8 +155,18 @@ def test_plan_cli_recommends_a_layout_in_one_line(capsys):
     assert main(["plan", "--gpus", "8", "--gpu", "h100", "--task", "t2v-A14B", "--size", "1280*720"]) == 0
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.startswith("recommended (model): ")]
-    assert len(lines) == 1 and "lowest predicted end-to-end time" in lines[0]
+    assert len(lines) == 1 and "s predicted end-to-end (model), within 2% of the fastest" in lines[0]
     assert "MODEL predictions" in out and "measured" not in out.replace("not measurements", "")
+
+
+def test_plan_marks_the_command_lines_own_layout(capsys):
+    args = ["plan", "--gpus", "8", "--task", "t2v-A14B", "--ulysses_size", "4", "--cfg-parallel", "--dit_fsdp"]
+    assert main([*args, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    mine = p["layouts"][p["given"]]
+    assert (mine["ulysses"], mine["ring"], mine["cfg"], mine["dp"], mine["dit_fsdp"]) == (4, 1, 2, 1, True)
+    assert main(args) == 0
+    assert "your flags: layout " + str(p["given"]) in capsys.readouterr().out
 
 
 def test_plan_json_layouts(capsys):

@@ -205,13 +205,13 @@ def recommend(layouts: list[dict[str, Any]], *, magcache: bool) -> tuple[int | N
     best = layouts[ranked[0]]
     crosses = _crosses(best)
     where = f"{', '.join(crosses)} across nodes" if crosses else "all traffic inside a node"
-    reason = (f"{best['flags']}: lowest predicted end-to-end time ({total(best):.0f} s"
-              f"{' with MagCache' if magcache else ''}, model; ties within {TIE:.0%} go to on-node traffic, "
-              f"then memory headroom) of {len(fitting)} layouts that fit "
-              f"({best['memory_gb_per_gpu']:.0f} GB/GPU), {where}")
+    reason = (f"{best['flags']}: {total(best):.0f} s predicted end-to-end{' with MagCache' if magcache else ''} "
+              f"(model), within {TIE:.0%} of the fastest of {len(fitting)} layouts that fit; of those, "
+              f"on-node traffic first, then the most memory headroom ({best['memory_gb_per_gpu']:.0f} GB/GPU); "
+              f"{where}")
     if len(ranked) > 1:
         nxt = layouts[min(ranked[1:], key=lambda i: total(layouts[i]))]  # the runner-up on time alone
-        reason += f"; next: {nxt['flags']} at {total(nxt):.0f} s"
+        reason += f"; next fastest: {nxt['flags']} at {total(nxt):.0f} s"
     return ranked[0], reason
 
 
@@ -254,10 +254,19 @@ def load_calibration(path: Path, gpu: GpuSpec, eff: Efficiency) -> Calibration:
     return Calibration(source=str(path), linear_scale=a, attention_scale=b, points=points, device=device)
 
 
+def given_layout(layouts: list[dict[str, Any]], *, ulysses: int, ring: int, cfg: int, dit_fsdp: bool) -> int | None:
+    """The index of the layout the command line's own parallel flags describe (dp: the spare ranks)."""
+    for i, lay in enumerate(layouts):
+        if (lay["ulysses"], lay["ring"], lay["cfg"], lay["dit_fsdp"]) == (ulysses, ring, cfg, dit_fsdp):
+            return i
+    return None
+
+
 def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: Plan, gpus: int, gpu: str,
                  nodes: int | None, gpus_per_node: int | None, calibration_file: Path | None,
-                 magcache: bool) -> dict[str, Any]:
-    """`plan --gpus N`: {"layouts", "recommended", "reason", "model"}; every figure a model's."""
+                 magcache: bool, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`plan --gpus N`: {"layouts", "recommended", "reason", "given", "model"}; every figure a model's.
+    `given`: the command line's ulysses, ring, cfg, dit_fsdp, whose layout is marked (None if invalid)."""
     if frames < 1 or (frames - 1) % 4:
         raise UsageError(f"--frame_num {frames}: must be 4n+1 (1, 5, 9, ..., 81)")
     cluster = Cluster.of(gpus, gpu, nodes, gpus_per_node)
@@ -269,4 +278,5 @@ def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: P
     model = model_constants(cluster.gpu, eff, calibration)
     model.update({"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
                   "workload": asdict(work), "dims": asdict(DIMS[task])})
-    return {"layouts": layouts, "recommended": best, "reason": reason, "model": model}
+    mine = None if given is None else given_layout(layouts, **given)
+    return {"layouts": layouts, "recommended": best, "reason": reason, "given": mine, "model": model}
