@@ -45,7 +45,8 @@ def official_layout(gpus: int) -> Placement:
     """What official generate.py runs with the README's flags: Ulysses over every GPU with FSDP, or
     one GPU with the idle expert offloaded; the VAE decodes on one rank either way."""
     return Placement(ulysses=gpus, ring=1, cfg=1, dit_fsdp=gpus > 1, offload=gpus == 1, ulysses_link="intra",
-                     ring_link="intra", cfg_link="intra", fsdp_link="intra", vae_parallel=False)
+                     ring_link="intra", cfg_link="intra", fsdp_link="intra", vae_parallel=False,
+                     t5_offload=gpus == 1, park_dit_before_decode=gpus == 1)
 
 
 def official_plan(task: str):

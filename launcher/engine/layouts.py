@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import UsageError
+from launcher.engine.memory import memory_policy
 from launcher.engine.perf_model import (
     DIMS,
     GB,
@@ -93,12 +94,23 @@ def memory_gb(dims: DitDims, work: Workload, place: Placement, eff: Efficiency) 
     shard = place.sp if place.dit_fsdp else 1
     experts = 1 if place.offload else dims.experts
     dit = experts * dims.params * 2 / shard / GB
-    t5 = 0.0 if place.offload else dims.t5_params * 2 / (place.sp * place.cfg if place.dit_fsdp else 1) / GB
+    t5 = 0.0 if place.t5_offload else dims.t5_params * 2 / (place.sp * place.cfg if place.dit_fsdp else 1) / GB
     act = work.tokens / place.sp * (ACTIVATION_DIMS_PER_TOKEN * dims.dim + dims.ffn) * 2 / GB
     split = place.sp * place.cfg if place.vae_parallel else 1
     vae = work.width * work.height * VAE_DECODE_BYTES_PER_FRAME_PIXEL[work.vae_version] / split / GB
-    total = max(dit + t5 + act, dit + vae) + eff.reserve_gb
+    at_decode = 0.0 if place.park_dit_before_decode else dit
+    total = max(dit + t5 + act, at_decode + t5 + vae) + eff.reserve_gb
     return {"dit_params": dit, "t5": t5, "activations": act, "vae_decode_peak": vae, "total": total}
+
+
+def with_memory_policy(place: Placement, *, world_size: int, offload_model: bool | None) -> Placement:
+    """The residency the launcher itself chooses for this layout (`engine.memory.memory_policy`, the
+    official rules): one GPU offloads by default, and ranks without sequence parallelism or FSDP swap
+    experts (only the active one on the GPU)."""
+    pol = memory_policy(on_gpu=True, offload_model=offload_model, world_size=world_size, sp=place.sp,
+                        dit_fsdp=place.dit_fsdp, t5_fsdp=place.dit_fsdp, t5_cpu=False)
+    return replace(place, offload=pol.swap_experts, t5_offload=pol.t5_home == "cpu",
+                   park_dit_before_decode=pol.park_dit_before_decode)
 
 
 def layout_flags(place: Placement) -> str:
@@ -111,7 +123,7 @@ def layout_flags(place: Placement) -> str:
         parts.append("--cfg-parallel")
     if place.dit_fsdp:
         parts.append("--dit_fsdp --t5_fsdp")
-    if place.offload:
+    if place.offload_flag:
         parts.append("--offload_model True")
     return " ".join(parts) or "(one GPU, no parallel flags)"
 
@@ -124,9 +136,11 @@ def evaluate(cluster: Cluster, task: str, work: Workload, place: Placement, dp: 
              plain: list[tuple[bool, bool | None]], cached: list[tuple[bool, bool | None]],
              calibration: Calibration | None) -> dict[str, Any]:
     dims = DIMS[task]
+    place = with_memory_policy(place, world_size=cluster.gpus, offload_model=None)
     mem = memory_gb(dims, work, place, eff)
-    if not place.dit_fsdp and dims.experts == 2 and mem["total"] > cluster.gpu.memory_gb:
-        place = replace(place, offload=True)  # the official way to fit both experts: idle one on the CPU
+    if not place.offload and not place.dit_fsdp and dims.experts == 2 and mem["total"] > cluster.gpu.memory_gb:
+        # both experts do not fit: --offload_model True keeps only the active one on the GPU
+        place = replace(with_memory_policy(place, world_size=cluster.gpus, offload_model=True), offload_flag=True)
         mem = memory_gb(dims, work, place, eff)
     fwd = forward_cost(dims, work, place, cluster.gpu, eff, calibration)
     per_step = 1 if place.cfg == 2 else 2

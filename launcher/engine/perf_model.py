@@ -163,6 +163,7 @@ class Placement:
     ring: int
     cfg: int
     dit_fsdp: bool
+    #: only the active expert on the GPU, the other on the CPU (launcher.engine.memory's swap_experts)
     offload: bool
     ulysses_link: str  # "intra" | "inter"
     ring_link: str
@@ -170,6 +171,11 @@ class Placement:
     fsdp_link: str
     #: the VAE decode split by rows over the generation's ranks (ours); False: one rank (official)
     vae_parallel: bool = True
+    #: T5 parked on the CPU between encodes (offload_model), and the DiTs parked before VAE decode
+    t5_offload: bool = False
+    park_dit_before_decode: bool = False
+    #: the layout needs `--offload_model True` given explicitly (both experts would not fit otherwise)
+    offload_flag: bool = False
 
     @property
     def sp(self) -> int:
@@ -259,9 +265,9 @@ def fixed_costs(dims: DitDims, work: Workload, place: Placement, gpu: GpuSpec, e
     if work.image_conditioned:
         out["vae_encode_s"] = eff.vae_encode_flops_per_pixel[work.vae_version] * work.pixels / (peak * eff.vae)
     if place.offload:
-        # official offload: each expert comes onto the GPU once and leaves once (at the switch, at
-        # the end); T5 comes on to encode and leaves
-        moved = 2 * (dims.experts * dims.params + dims.t5_params) * 2
+        # only the active expert on the GPU: each comes on once and leaves once (at the switch, at
+        # the end); with offload_model T5 also comes on to encode and leaves
+        moved = 2 * (dims.experts * dims.params + (dims.t5_params if place.t5_offload else 0)) * 2
         out["offload_s"] = moved / (gpu.pcie_gbps * GB * eff.pcie)
     return out
 
