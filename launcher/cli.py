@@ -146,7 +146,8 @@ def plan(
                                gpus=cluster["gpus"], gpu=cluster["gpu"], nodes=cluster["nodes"],
                                gpus_per_node=cluster["gpus_per_node"], calibration_file=cluster["calibration"],
                                magcache=bool(f["use_magcache"]),
-                               given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None)
+                               given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
+                               vae_parallel=f["vae_parallel"] != "off")
     if as_json:
         print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
                                          target=target), **(layouts or {})}))

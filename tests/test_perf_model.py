@@ -186,6 +186,21 @@ def test_plan_json_layouts(capsys):
     assert lay["predicted"]["total_s"] <= fastest * 1.02
 
 
+def test_guidance_1_rules_out_cfg_parallel_and_vae_parallel_off_is_priced(capsys):
+    """generate refuses --cfg-parallel when an expert runs at guidance 1; the planner never offers it."""
+    base = ["plan", "--gpus", "8", "--task", "t2v-A14B", "--json"]
+    assert main([*base, "--sample_guide_scale", "1,4"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["layouts"] and all(x["cfg"] == 1 for x in p["layouts"])
+    assert main(base) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert main([*base, "--vae-parallel", "off"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    one = next(i for i, x in enumerate(auto["layouts"]) if x["ulysses"] == 8 and x["dit_fsdp"])
+    assert (off["layouts"][one]["predicted"]["fixed_s"]["vae_decode_s"]
+            == pytest.approx(8 * auto["layouts"][one]["predicted"]["fixed_s"]["vae_decode_s"], rel=0.01))
+
+
 def test_small_gpus_do_not_fit_everything(capsys):
     assert main(["plan", "--gpus", "2", "--gpu", "4090", "--task", "t2v-A14B", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)

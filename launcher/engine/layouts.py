@@ -168,16 +168,17 @@ def evaluate(cluster: Cluster, task: str, work: Workload, place: Placement, dp: 
 
 
 def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Plan, eff: Efficiency,
-                      calibration: Calibration | None = None) -> list[dict[str, Any]]:
+                      calibration: Calibration | None = None, vae_parallel: bool = True) -> list[dict[str, Any]]:
     """Every valid (dp, cfg, ring, ulysses, dit_fsdp) for the cluster, priced."""
     dims = DIMS[task]
     plain, cached = step_pattern(the_plan, magcache=False), step_pattern(the_plan, magcache=True)
-    has_uncond = any(u is not None for _, u in plain)
+    # generate refuses --cfg-parallel when any expert runs at guidance 1 (its steps have no uncond)
+    cfg_ok = all(u is not None for _, u in plain)
     out = []
     for dp in divisors(cluster.gpus):
         gen = cluster.gpus // dp
         for cfg in (1, 2):
-            if gen % cfg or (cfg == 2 and not has_uncond):
+            if gen % cfg or (cfg == 2 and not cfg_ok):
                 continue
             sp = gen // cfg
             for u in divisors(sp):
@@ -187,7 +188,8 @@ def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Pla
                 for fsdp in ((False, True) if sp > 1 else (False,)):
                     place = Placement(ulysses=u, ring=r, cfg=cfg, dit_fsdp=fsdp, offload=False,
                                       ulysses_link=cluster.link(u), ring_link=cluster.link(u * r),
-                                      cfg_link=cluster.link(sp * cfg), fsdp_link=cluster.link(sp))
+                                      cfg_link=cluster.link(sp * cfg), fsdp_link=cluster.link(sp),
+                                      vae_parallel=vae_parallel)
                     out.append(evaluate(cluster, task, work, place, dp, eff, plain, cached, calibration))
     return out
 
@@ -278,7 +280,7 @@ def given_layout(layouts: list[dict[str, Any]], *, ulysses: int, ring: int, cfg:
 
 def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: Plan, gpus: int, gpu: str,
                  nodes: int | None, gpus_per_node: int | None, calibration_file: Path | None,
-                 magcache: bool, given: dict[str, Any] | None = None) -> dict[str, Any]:
+                 magcache: bool, given: dict[str, Any] | None = None, vae_parallel: bool = True) -> dict[str, Any]:
     """`plan --gpus N`: {"layouts", "recommended", "reason", "given", "model"}; every figure a model's.
     `given`: the command line's ulysses, ring, cfg, dit_fsdp, whose layout is marked (None if invalid)."""
     if frames < 1 or (frames - 1) % 4:
@@ -287,7 +289,7 @@ def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: P
     eff = Efficiency()
     calibration = None if calibration_file is None else load_calibration(calibration_file, cluster.gpu, eff)
     work = Workload.of(TASKS[task], width, height, frames)
-    layouts = enumerate_layouts(cluster, task, work, the_plan, eff, calibration)
+    layouts = enumerate_layouts(cluster, task, work, the_plan, eff, calibration, vae_parallel)
     best, reason = recommend(layouts, magcache=magcache)
     model = model_constants(cluster.gpu, eff, calibration)
     model.update({"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
