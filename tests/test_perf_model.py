@@ -201,6 +201,12 @@ def test_guidance_1_rules_out_cfg_parallel_and_vae_parallel_off_is_priced(capsys
             == pytest.approx(8 * auto["layouts"][one]["predicted"]["fixed_s"]["vae_decode_s"], rel=0.01))
 
 
+def test_plan_without_gpus_is_the_schedule_alone(capsys):
+    assert main(["plan", "--task", "t2v-A14B", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert "forwards" in p and not {"layouts", "recommended", "model"} & set(p)
+
+
 def test_small_gpus_do_not_fit_everything(capsys):
     assert main(["plan", "--gpus", "2", "--gpu", "4090", "--task", "t2v-A14B", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
