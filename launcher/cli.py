@@ -22,7 +22,9 @@ from launcher.config import (
 )
 from launcher.errors import is_input_error
 from launcher.options import (
+    LAYOUT_FLAGS,
     compose_params,
+    layout_params,
     magcache_params,
     model_params,
     output_params,
@@ -96,7 +98,7 @@ SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sa
 
 
 @app.command()
-@compose_params(request_params, model_params, sampling_params, magcache_params, output_params)
+@compose_params(request_params, model_params, sampling_params, magcache_params, output_params, layout_params)
 def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="also name the given flags that do not change the schedule")] = False,
@@ -107,10 +109,16 @@ def plan(
 
     Takes the same flags as `generate` (swap the verb): the schedule is the one MagCache would
     follow, whether or not --use_magcache is given; flags that do not change it are ignored.
+    With --gpus N it also prices every layout of N GPUs with a roofline model and recommends one.
     """
+    cluster = {k: flags.pop(k) for k in LAYOUT_FLAGS}
+    if cluster["gpus"] is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
     from launcher.engine.planning import make_plan, plan_to_json, resolve_target
     from launcher.options import cli_name, flag_defaults
-    from launcher.outputs.report import console, print_plan
+    from launcher.outputs.report import console, print_layouts, print_plan
 
     spec, steps, shift, solver = resolve_sampling(flags)
     mc = MagCacheOptions.from_flags(flags, enabled=True)
@@ -125,11 +133,28 @@ def plan(
                          cond_only=cond_only, timesteps=timesteps)
     if f["distilled"] is not None:
         the_plan = replace(the_plan, warnings=(*the_plan.warnings, distilled_magcache_warning(f["distilled"], steps)))
+    layouts = None
+    if cluster["gpus"] is not None:
+        from launcher.config import parse_size
+        from launcher.engine.layouts import plan_layouts
+
+        width, height = parse_size(f["size"] or spec.supported_sizes[0], spec)
+        frames = spec.frame_num if f["frame_num"] is None else f["frame_num"]
+        given = {"ulysses": f["ulysses_size"], "ring": f.get("ring_size", 1), "cfg": 2 if f["cfg_parallel"] else 1,
+                 "dit_fsdp": bool(f["dit_fsdp"])}
+        layouts = plan_layouts(task=spec.name, width=width, height=height, frames=frames, the_plan=the_plan,
+                               gpus=cluster["gpus"], gpu=cluster["gpu"], nodes=cluster["nodes"],
+                               gpus_per_node=cluster["gpus_per_node"], calibration_file=cluster["calibration"],
+                               magcache=bool(f["use_magcache"]),
+                               given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
+                               vae_parallel=f["vae_parallel"] != "off")
     if as_json:
-        print(json.dumps(plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
-                                      target=target)))
+        print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
+                                         target=target), **(layouts or {})}))
     else:
         print_plan(the_plan, task=spec.name, target=target)
+        if layouts is not None:
+            print_layouts(layouts)
     if verbose:
         defaults = flag_defaults()
         ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]

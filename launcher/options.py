@@ -91,6 +91,20 @@ def output_params(
     """Where one generation's outputs go."""
 
 
+def layout_params(
+    gpus: Annotated[Optional[int], _opt("--gpus", help="plan: also price every layout (dp x cfg x ring x ulysses, FSDP) on this many GPUs (a model, not a measurement)")] = None,
+    gpu: Annotated[str, _opt("--gpu", help="plan --gpus: h100, h200, a100, h20, l20 or 4090")] = "h100",
+    nodes: Annotated[Optional[int], _opt("--nodes", help="plan --gpus: nodes the GPUs are spread over (default: 8 GPUs per node)")] = None,
+    gpus_per_node: Annotated[Optional[int], _opt("--gpus-per-node", "--gpus_per_node", help="plan --gpus: GPUs per node")] = None,
+    calibration: Annotated[Optional[Path], _opt("--calibration", help="plan --gpus: a scripts/gpu_check.py result; its measured A14B block times replace the roofline's DiT compute")] = None,
+) -> None:
+    """`plan`'s layout planner: the cluster to price layouts for."""
+
+
+#: the flag names of `layout_params`, which `plan` takes out before reading the schedule flags
+LAYOUT_FLAGS = ("gpus", "gpu", "nodes", "gpus_per_node", "calibration")
+
+
 def compose_params(*sources: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give `fn(**kw)` the union of the sources' parameters (its own keyword params come first)."""
 

@@ -92,3 +92,37 @@ def progress_bar(total_steps: int, *, enabled: bool) -> Iterator[Callable[[int, 
             progress.update(task, completed=done)
 
         yield on_step
+
+
+def print_layouts(result: dict[str, Any], out: Console | None = None) -> None:
+    """`plan --gpus N`: one row per layout (predicted by the roofline model), then the recommendation.
+
+    Takes `plan --json`'s layout object, so the table and the JSON cannot disagree."""
+    out = out or Console(file=sys.stdout, highlight=False, width=200)
+    model = result["model"]
+    calib = " calibrated by " + model["calibration"]["source"] if model["calibration"] else ""
+    table = Table(title=f"Layouts on {result['layouts'][0]['gpus'] if result['layouts'] else 0} x "
+                        f"{model['gpu']['name']} ({model['nodes']} node(s) x {model['gpus_per_node']}): "
+                        f"MODEL predictions{calib}, not measurements")
+    for col in ("#", "dp", "cfg", "ring", "ulysses", "fsdp", "GB/GPU", "fits", "comm GB/step a2a|ring|fsdp",
+                "off-node", "step s", "denoise s", "total s", "total s MagCache"):
+        table.add_column(col, justify="right")
+    for i, lay in enumerate(result["layouts"]):  # * recommended, > the command line's own flags
+        comm = lay["comm_per_step_gb"]
+        active = {"ulysses": lay["ulysses"] > 1, "ring": lay["ring"] > 1, "cfg": lay["cfg"] > 1,
+                  "fsdp": lay["dit_fsdp"]}
+        off = ",".join(k for k, link in lay["links"].items() if active[k] and link == "inter") or "-"
+        p = lay["predicted"]
+        mark = ("[bold green]*[/]" if i == result["recommended"] else "") + ("[bold]>[/]" if i == result.get("given") else "")
+        table.add_row(f"{mark}{i}", str(lay["dp"]), str(lay["cfg"]), str(lay["ring"]), str(lay["ulysses"]),
+                      ("yes" if lay["dit_fsdp"] else "offload" if lay["offload"] else "no"),
+                      f"{lay['memory_gb_per_gpu']:.1f}", "yes" if lay["fits"] else "[red]no[/]",
+                      f"{comm['ulysses_all_to_all']:.1f}|{comm['ring_p2p']:.1f}|{comm['fsdp_all_gather']:.1f}",
+                      off, f"{p['step_s']:.2f}", f"{p['denoise_s']:.0f}", f"{p['total_s']:.0f}",
+                      f"{p['magcache']['total_s']:.0f}")
+    out.print(table)
+    out.print(f"recommended (model): {escape(result['reason'])}", soft_wrap=True)
+    if result.get("given") is not None:
+        lay = result["layouts"][result["given"]]
+        out.print(f"your flags: layout {result['given']} (marked >), {lay['predicted']['total_s']:.0f} s predicted "
+                  f"(model), {lay['memory_gb_per_gpu']:.0f} GB/GPU{'' if lay['fits'] else ', does not fit'}")
