@@ -144,3 +144,16 @@ def test_ring_generation_equals_single_process(tiny_ckpt, ring_reference, tmp_pa
     mesh = sharded["world"]["mesh"]
     assert (mesh["ring"], mesh["ulysses"], mesh["cfg"]) == (2, 2 if "u2" in layout else 1, 2 if "cfg" in layout else 1)
     assert sharded["world"]["size"] == nproc
+
+
+def test_ring_layout_that_does_not_match_the_ranks_exits_2(tiny_ckpt, tmp_path, capsys):
+    """One process asked for ring 2 x ulysses 2: the fix names the ranks to launch."""
+    from launcher.cli import main
+
+    code = main(["generate", "--task", "t2v-A14B", "--size", SIZE, "--frame_num", "1", "--ckpt_dir",
+                 str(tiny_ckpt("t2v-A14B")), "--prompt", "a cat", "--ring_size", "2", "--ulysses_size", "2",
+                 "--save_file", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--ring_size 2 x --ulysses_size 2 x config 1 = 4 ranks per video, but 1 were launched" in err
+    assert not (tmp_path / "v.mp4").exists()
