@@ -30,7 +30,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from parallel.mesh import check_heads
-from parallel.ulysses import AttentionBackend, _attend, _flash_attn, gather_heads, group_size, scatter_heads
+from parallel.ulysses import (
+    AttentionBackend,
+    _attend,
+    _flash_attn,
+    gather_heads,
+    group_size,
+    scatter_heads,
+)
 
 
 def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, backend: AttentionBackend = "auto") -> tuple[Tensor, Tensor]:

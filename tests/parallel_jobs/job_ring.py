@@ -8,13 +8,13 @@ consecutive).
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from spawn import emit
 
 from parallel.dist import init_distributed
 from parallel.launch import detect_launch
 from parallel.mesh import ParallelDims
 from parallel.ring import usp_attention
 from parallel.ulysses import gather_sequence, split_sequence
-from spawn import emit
 
 B, H, D = 2, 8, 16
 LENGTHS = (13, 16, 29)  # 16 divides every sequence group here; 13 and 29 need padding
@@ -30,12 +30,12 @@ def members(group):
 
 def main() -> None:
     with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
-        report = dict(rank=ctx.rank, cases=[], groups={})
+        report = {"rank": ctx.rank, "cases": [], "groups": {}}
         layouts = [(r, u) for r, u in ((2, 1), (4, 1), (2, 2)) if ctx.world_size % (r * u) == 0]
         for ring, uly in layouts:
             pm = ParallelDims.from_world(ctx.world_size, sp=uly, ring=ring).build(ctx)
-            report["groups"][f"{ring}x{uly}"] = dict(ring=members(pm.ring_group), ulysses=members(pm.ulysses_group),
-                                                    sp=members(pm.sp_group))
+            report["groups"][f"{ring}x{uly}"] = {"ring": members(pm.ring_group),
+                                                 "ulysses": members(pm.ulysses_group), "sp": members(pm.sp_group)}
             for length in LENGTHS:
                 gen = torch.Generator().manual_seed(length)
                 q, k, v = (torch.randn(B, length, H, D, generator=gen) for _ in range(3))
@@ -45,10 +45,9 @@ def main() -> None:
                 loose = usp_attention(*shards, pm.ulysses_group, pm.ring_group, valid_len=None)
                 loose_full = gather_sequence(loose, 1, pm.sp_group, length)
                 expected = reference(q, k, v)
-                report["cases"].append(dict(ring=ring, ulysses=uly, length=length,
-                                            pad=-length % (ring * uly),
-                                            max_err=(full - expected).abs().max().item(),
-                                            unmasked_err=(loose_full - expected).abs().max().item()))
+                report["cases"].append({"ring": ring, "ulysses": uly, "length": length, "pad": -length % (ring * uly),
+                                        "max_err": (full - expected).abs().max().item(),
+                                        "unmasked_err": (loose_full - expected).abs().max().item()})
         emit(report)
 
 
