@@ -9,9 +9,11 @@ the full attention, not an approximation.
 
 Why point-to-point and not an all-gather of k, v: an all-gather holds all S keys on every rank
 (the memory ring attention exists to avoid) and cannot overlap; the ring holds two blocks and
-sends the next while the current one is attended to. Why our own ring rather than yunchang's:
-its hybrid ring x Ulysses with the torch backend gave wrong results when measured
-(docs/pipeline_facts.md), and inference needs no backward, so the ring is a short loop.
+sends the next while the current one is attended to. Why our own ring rather than yunchang's
+(0.6.4, `yunchang.ring.ring_pytorch_attn_func`, the CPU-capable one): it takes no key mask or
+valid length, so the padding `split_sequence` appends would be attended to; it is an autograd
+Function that clones k and v for a backward inference never runs; it sends k and v as two
+messages. The loop below is the same algorithm with those three changed.
 
 Padding: `split_sequence` pads the end of the sequence. Padded keys are never attended to: each
 block is cut to its valid keys (a block of padding alone is skipped), so the result equals the
