@@ -447,8 +447,9 @@ def _setup_text(rows: list[dict[str, Any]]) -> str:
                     desc.append(f"{phase}: " + ", ".join(f"{k} {int(v[0])}" for k, v in sorted(kinds.items())))
         texts.setdefault("; ".join(desc) or "none", []).append(r["layout"]["name"])
     return " ".join(f"{', '.join(names)}: {text}." for text, names in texts.items()) + \
-        " Text encoding, latent preparation and VAE decode run no collective; `finish` is the manifest's " \
-        "peak-memory gather, `runtime` the seed agreement."
+        " Text encoding and latent preparation run no collective; `decode` is the row-split VAE decode's halo " \
+        "exchange (batch_isend_irecv, where the run has one); `finish` is the manifest's peak-memory gather, " \
+        "`runtime` the seed agreement."
 
 
 #: T5, VAE, tokenizer and one tensor in flight while loading
