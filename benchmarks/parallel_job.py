@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node N benchmarks/parallel_job.py --ckpt DIR --out DIR [--dit-fsdp]
 
 Runs the product's own path (`run_config_from_flags` -> `inspect_checkpoint` -> `start_world` ->
-`GenerationSession`) with `--ulysses_size N`, MagCache on, and writes `<out>/rank-<r>.json`:
+`GenerationSession`) with `--ulysses_size N` (or `--ring_size R --ulysses_size N/R`), MagCache on, and writes `<out>/rank-<r>.json`:
 
 - every torch.distributed collective this rank issued (the public `torch.distributed.<name>` functions
   are wrapped before any product module is imported, so module-level aliases see the wrapper too), with
@@ -47,8 +47,12 @@ PAYLOAD_ARG = {
     "broadcast_object_list": "object_list", "reduce": "tensor", "reduce_scatter": "input_list",
     "reduce_scatter_single": "input", "reduce_scatter_tensor": "input", "gather": "tensor", "scatter": "tensor",
     "gather_object": "obj", "scatter_object_list": "scatter_object_input_list", "send": "tensor",
-    "isend": "tensor", "recv": "tensor", "irecv": "tensor", "barrier": None, "monitored_barrier": None,
+    "recv": "tensor", "batch_isend_irecv": "p2p_op_list", "barrier": None, "monitored_barrier": None,
 }
+# isend/irecv stay unwrapped: `P2POp(dist.isend, ...)` must hand batch_isend_irecv the original
+# function (it tells send from receive by identity); the ring's batch is counted as one call whose
+# payload is what it sends; it runs one c10d op per P2POp (`CommCounter.p2p_ops` keeps how many, for
+# the dispatcher check: the ring's batches hold 2, the VAE halo exchange's 2 or 4).
 
 
 def _nbytes(value: Any) -> int:
@@ -58,6 +62,8 @@ def _nbytes(value: Any) -> int:
         return sum(_nbytes(v) for v in value)
     if value is None:
         return 0
+    if isinstance(value, list) and all(isinstance(v, dist.P2POp) for v in value):  # the bytes sent
+        return sum(_nbytes(op.tensor) for op in value if op.op is dist.distributed_c10d.isend)
     import pickle
 
     try:
@@ -75,6 +81,8 @@ class CommCounter:
         self.forward: int | None = None
         self.tag: str | None = None  # "sync" while the MagCache agreement runs
         self.records: list[list[Any]] = []
+        #: [generation, phase, P2POps in the batch] per batch_isend_irecv call
+        self.p2p_ops: list[list[Any]] = []
         self._depth = 0
 
     def install(self) -> None:
@@ -101,6 +109,8 @@ class CommCounter:
                 seconds = time.perf_counter() - t0
                 self._depth -= 1
                 kind = f"{name}:magcache_sync" if self.tag == "sync" else name
+                if name == "batch_isend_irecv":
+                    self.p2p_ops.append([self.generation, self.phase, len(bound.get(arg) or [])])
                 self.records.append([self.generation, self.phase, self.forward, kind, size, payload, seconds])
         counted.__wrapped__ = fn  # type: ignore[attr-defined]
         return counted
@@ -239,6 +249,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=3,
                    help="steps of generation 0 when there are several (3: both experts, computed and skipped)")
     p.add_argument("--dit-fsdp", action="store_true")
+    p.add_argument("--ring", type=int, default=1, help="--ring_size (the rest of the world is Ulysses)")
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16: CPU autocast, bf16 exchanges)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args()
@@ -444,7 +455,8 @@ def main() -> int:
         return run_config_from_flags({
             "task": args.task, "ckpt_dir": args.ckpt, "prompt": "a red fox runs through fresh snow at dawn",
             "size": args.size, "frame_num": args.frames, "sample_steps": steps, "base_seed": 42, "device": "cpu",
-            "ulysses_size": int(os.environ.get("WORLD_SIZE", "1")), "dit_fsdp": args.dit_fsdp, "use_magcache": True,
+            "ulysses_size": int(os.environ.get("WORLD_SIZE", "1")) // args.ring, "ring_size": args.ring,
+            "dit_fsdp": args.dit_fsdp, "use_magcache": True,
             "dtype": args.dtype,
             "magcache_thresh": args.thresh, "magcache_K": args.K, "retention_ratio": args.retention})
     cfg, warmup_cfg = config(args.steps), config(args.warmup_steps)
@@ -461,7 +473,7 @@ def main() -> int:
         rt.shutdown(clean=ok)
     import resource
 
-    payload.update(records=COUNTER.records, clock=clock.seconds,
+    payload.update(records=COUNTER.records, p2p_ops=COUNTER.p2p_ops, clock=clock.seconds,
                    ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank-{payload['rank']}.json").write_text(json.dumps(payload))

@@ -266,6 +266,8 @@ class RunConfig:
     dit_fsdp: bool
     ulysses_size: int
     cfg_parallel: bool
+    #: ring-attention degree (outer factor of the sequence group; 1: Ulysses alone)
+    ring_size: int = 1
     dtype: DTypeName | None
     device: str | None
     #: regional torch.compile of the DiT block (launcher.wan.dit.compile_blocks)
@@ -436,6 +438,8 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         raise UsageError(f"--dtype {f['dtype']!r}: choose bfloat16, float16 or float32")
     if f["ulysses_size"] < 1:
         raise UsageError(f"--ulysses_size {f['ulysses_size']}: must be >= 1")
+    if f["ring_size"] < 1:
+        raise UsageError(f"--ring_size {f['ring_size']}: must be >= 1")
     if f["vae_parallel"] not in ("auto", "off"):
         raise UsageError(f"--vae-parallel {f['vae_parallel']!r}: choose auto or off")
     magcache = MagCacheOptions.from_flags(f, calibration=calibration)
@@ -474,7 +478,7 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
                          "cond forward alone, so half the ranks would idle; drop --cfg-parallel and give those ranks "
                          f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
     passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
-                                     "dit_fsdp", "ulysses_size", "cfg_parallel", "dtype", "device", "overwrite",
+                                     "dit_fsdp", "ulysses_size", "ring_size", "cfg_parallel", "dtype", "device", "overwrite",
                                      "compile", "vae_parallel")}
     return RunConfig(
         task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,

@@ -41,6 +41,7 @@ def model_params(
     t5_fsdp: Annotated[bool, _opt("--t5-fsdp", "--t5_fsdp", help="shard T5 blocks with FSDP2")] = False,
     dit_fsdp: Annotated[bool, _opt("--dit-fsdp", "--dit_fsdp", help="shard DiT blocks with FSDP2 over the sequence group")] = False,
     ulysses_size: Annotated[int, _opt("--ulysses-size", "--ulysses_size", help="Ulysses sequence-parallel degree (divides the heads)")] = 1,
+    ring_size: Annotated[int, _opt("--ring-size", "--ring_size", help="ring-attention degree: the sequence group is ring x ulysses ranks, ring across nodes, Ulysses inside one")] = 1,
     cfg_parallel: Annotated[bool, _opt("--cfg-parallel", "--cfg_parallel", help="cond and uncond forwards on two halves of the world")] = False,
     dtype: Annotated[Optional[str], _opt("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on CUDA, float32 on CPU)")] = None,
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,

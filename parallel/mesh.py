@@ -2,7 +2,9 @@
 
 Nothing else in the project computes ranks: callers ask `ParallelMesh` for the sp group, the
 cfg group or this rank's cfg half. Rank order is dp-major, sp-minor, so the ranks of one
-Ulysses group are neighbours (same node, fastest links).
+sequence group are neighbours. Inside it (ring x Ulysses) the order is ring-major, Ulysses-minor:
+a Ulysses group is consecutive ranks (one node, fastest links, all-to-all) and a ring group strides
+over them (across nodes, where point-to-point to one neighbour suits the slower link).
 """
 from __future__ import annotations
 
@@ -44,40 +46,62 @@ class ParallelDims:
     dp: int
     #: 2 with CFG-parallel (cond on half 0, uncond on half 1), else 1
     cfg: int
-    #: Ulysses sequence-parallel size (also the FSDP shard group)
+    #: sequence-parallel size, ring x Ulysses (also the FSDP shard group and the MagCache agreement group)
     sp: int
     #: total number of ranks
     world_size: int
+    #: ring-attention degree, the outer factor of sp (1: Ulysses alone)
+    ring: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp", "cfg", "sp", "world_size"):
+        for name in ("dp", "cfg", "sp", "world_size", "ring"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ParallelConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if self.cfg not in (1, 2):
             raise ParallelConfigError(f"cfg degree must be 1 or 2 (cond/uncond halves), got {self.cfg}")
+        if self.sp % self.ring:
+            raise ParallelConfigError(f"ring size {self.ring} does not divide the sequence-parallel size {self.sp}")
         if self.dp * self.cfg * self.sp != self.world_size:
             raise ParallelConfigError(f"dp {self.dp} x cfg {self.cfg} x sp {self.sp} = "
                                       f"{self.dp * self.cfg * self.sp} ranks, but the world has {self.world_size}; "
                                       "make the product equal the number of launched ranks")
 
+    @property
+    def ulysses(self) -> int:
+        """Ulysses degree, the inner factor of sp."""
+        return self.sp // self.ring
+
     @classmethod
-    def from_world(cls, world_size: int, *, sp: int = 1, cfg: int = 1) -> ParallelDims:
-        """Whatever sp and cfg leave over becomes dp."""
+    def from_world(cls, world_size: int, *, sp: int = 1, cfg: int = 1, ring: int = 1) -> ParallelDims:
+        """Whatever the sequence group (ring x `sp`, `sp` being the Ulysses degree) and cfg leave over becomes dp."""
         if not isinstance(world_size, int) or world_size < 1:
             raise ParallelConfigError(f"world size must be an integer >= 1, got {world_size!r}")
         if sp < 1:
             raise ParallelConfigError(f"ulysses size must be >= 1, got {sp}")
+        if ring < 1:
+            raise ParallelConfigError(f"ring size must be >= 1, got {ring}")
         if cfg not in (1, 2):
             raise ParallelConfigError(f"cfg degree must be 1 or 2 (cond/uncond halves), got {cfg}")
-        if world_size % (sp * cfg):
-            raise ParallelConfigError(f"{world_size} ranks are not divisible by ulysses size {sp} x cfg {cfg} = "
-                                      f"{sp * cfg}; launch a multiple of {sp * cfg} ranks or change "
-                                      "--ulysses_size/--cfg-parallel")
-        return cls(dp=world_size // (sp * cfg), cfg=cfg, sp=sp, world_size=world_size)
+        per = ring * sp * cfg
+        if world_size % per:
+            ring_part = f"ring size {ring} x " if ring > 1 else ""
+            raise ParallelConfigError(f"{world_size} ranks are not divisible by {ring_part}ulysses size {sp} x cfg {cfg} = "
+                                      f"{per}; launch a multiple of {per} ranks or change "
+                                      f"{'--ring_size/' if ring > 1 else ''}--ulysses_size/--cfg-parallel")
+        return cls(dp=world_size // per, cfg=cfg, sp=ring * sp, world_size=world_size, ring=ring)
 
     def degree(self, name: DimName) -> int:
         return {"dp": self.dp, "cfg": self.cfg, "sp": self.sp}[name]
+
+    def sequence_groups(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Global ranks of every (Ulysses groups, ring groups) of the world, ring-major inside each sp group."""
+        u, r = self.ulysses, self.ring
+        ulysses, ring = [], []
+        for base in range(0, self.world_size, self.sp):
+            ulysses += [[base + i * u + j for j in range(u)] for i in range(r)]
+            ring += [[base + i * u + j for i in range(r)] for j in range(u)]
+        return ulysses, ring
 
     def build(self, ctx: DistContext) -> ParallelMesh:
         """Create the groups (collective: every rank calls it, in the same order)."""
@@ -104,6 +128,8 @@ class ParallelMesh:
         self._coords = {n: 0 for n in DIM_NAMES}
         self._released = False
         self._replica: dist.ProcessGroup | None = None
+        self._ulysses: dist.ProcessGroup | None = None
+        self._ring: dist.ProcessGroup | None = None
         if not ctx.is_distributed or not self._names:
             return
         shape = tuple(dims.degree(n) for n in self._names)
@@ -118,7 +144,27 @@ class ParallelMesh:
         for n in self._names:
             self._coords[n] = self._mesh.get_local_rank(n)
         self._replica = self._replica_group(ctx)
-        ctx.adopt([*self._all_groups(), self._replica], release=self.release)
+        self._ulysses, self._ring = self._sequence_subgroups(ctx)
+        extra = [g for g in (self._ulysses, self._ring) if g is not None and g is not self.group("sp")]
+        ctx.adopt([*self._all_groups(), self._replica, *extra], release=self.release)
+
+    def _sequence_subgroups(self, ctx: DistContext) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """(Ulysses group, ring group) of this rank on the compute backend; None where the degree is 1.
+
+        With one of the two degrees 1 the other is the whole sp group; only ring x Ulysses > 1 x > 1
+        builds new groups (collective: every rank builds every one).
+        """
+        d = self.dims
+        sp = self.group("sp")
+        if d.ring == 1:
+            return sp, None
+        if d.ulysses == 1:
+            return None, sp
+        backend = "gloo" if ctx.device.type == "cpu" else None
+        ulysses_ranks, ring_ranks = d.sequence_groups()
+        ulysses, _ = dist.new_subgroups_by_enumeration(ulysses_ranks, backend=backend)
+        ring, _ = dist.new_subgroups_by_enumeration(ring_ranks, backend=backend)
+        return ulysses, ring
 
     def _replica_group(self, ctx: DistContext) -> dist.ProcessGroup | None:
         """cfg x sp ranks of this dp replica on the compute backend (collective: every rank builds every one).
@@ -148,6 +194,7 @@ class ParallelMesh:
         self._mesh = None
         self._cpu_mesh = None
         self._replica = None
+        self._ulysses = self._ring = None
         self._released = True
 
     # ---- coordinates
@@ -189,6 +236,18 @@ class ParallelMesh:
         return self.group("sp")
 
     @property
+    def ulysses_group(self) -> dist.ProcessGroup | None:
+        """The Ulysses (all-to-all) part of the sequence group: consecutive ranks; None when its degree is 1."""
+        self._live(self._mesh)
+        return self._ulysses
+
+    @property
+    def ring_group(self) -> dist.ProcessGroup | None:
+        """The ring (point-to-point) part of the sequence group, strided over it; None when the ring is 1."""
+        self._live(self._mesh)
+        return self._ring
+
+    @property
     def cfg_group(self) -> dist.ProcessGroup | None:
         return self.group("cfg")
 
@@ -226,5 +285,5 @@ class ParallelMesh:
 
     def __repr__(self) -> str:
         d = self.dims
-        return (f"ParallelMesh(dp={d.dp}, cfg={d.cfg}, sp={d.sp}, rank={self.rank}, "
+        return (f"ParallelMesh(dp={d.dp}, cfg={d.cfg}, sp={d.sp} (ring {d.ring}), rank={self.rank}, "
                 f"coords=(dp={self.dp_rank}, cfg={self.cfg_rank}, sp={self.sp_rank}))")

@@ -109,8 +109,24 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup 
         raise ValueError(f"valid_len {valid_len} must be in 1..{seq} (the padded sequence length)")
     if n == 1:
         return _attend(q, k[:, :keep], v[:, :keep], backend)
+    qf, kf, vf = scatter_heads(q, k, v, group)                          # each [B, S, H/N, D]
+    out = _attend(qf, kf[:, :keep], vf[:, :keep], backend)              # padded queries kept: shapes stay even
+    return gather_heads(out, group)                                     # [B, S/N, H, D]
+
+
+def scatter_heads(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, Tensor]:
+    """First Ulysses all-to-all: [B, S/N, H, D] x3 -> [B, S, H/N, D] x3, q, k, v in one message.
+
+    The S gathered rows are the N ranks' chunks in group-rank order (shared with ring x Ulysses).
+    """
+    n = group_size(group)
+    b, s_local, h, d = q.shape
     packed = _pack_heads(torch.stack([q, k, v], dim=2), n)               # [B, S/N, 3H, D]
     full = SeqAllToAll4D.apply(group, packed, 2, 1)                     # [B, S, 3H/N, D]
-    qf, kf, vf = full.reshape(b, seq, 3, h // n, d).unbind(dim=2)       # each [B, S, H/N, D]
-    out = _attend(qf, kf[:, :keep], vf[:, :keep], backend)              # padded queries kept: shapes stay even
-    return SeqAllToAll4D.apply(group, out.contiguous(), 1, 2)           # [B, S/N, H, D]
+    qf, kf, vf = full.reshape(b, s_local * n, 3, h // n, d).unbind(dim=2)
+    return qf, kf, vf
+
+
+def gather_heads(out: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Second Ulysses all-to-all: [B, S, H/N, D] -> [B, S/N, H, D]."""
+    return SeqAllToAll4D.apply(group, out.contiguous(), 1, 2)

@@ -77,6 +77,9 @@ def layouts(worlds: list[int], malloc_compare: bool) -> list[dict[str, Any]]:
             out.append({"name": f"{n} ranks --dit_fsdp", "world": n, "fsdp": True, "malloc": "fixed"})
     if any(n > 1 for n in worlds):  # the exchanges in bf16: half the bytes of float32
         n = max(worlds)
+        for m in sorted({w for w in worlds if w > 1}):  # ring 2 (x Ulysses m/2): point-to-point k/v blocks
+            ring_name = f"{m} ranks ring 2" + (f" x ulysses {m // 2}" if m > 2 else "") + " --dit_fsdp"
+            out.append({"name": ring_name, "world": m, "fsdp": True, "malloc": "fixed", "ring": 2})
         out.append({"name": f"{n} ranks --dit_fsdp --dtype bfloat16", "world": n, "fsdp": True, "malloc": "fixed",
                     "dtype": "bfloat16"})
     if malloc_compare and any(n > 1 for n in worlds):
@@ -89,7 +92,7 @@ def layouts(worlds: list[int], malloc_compare: bool) -> list[dict[str, Any]]:
 def run_layout(layout: dict[str, Any], ckpt: Path, work: Path, args: argparse.Namespace,
                log) -> tuple[list[dict[str, Any]], float]:
     dtype = layout.get("dtype", "float32")
-    out = work / f"job-{layout['world']}-{int(layout['fsdp'])}-{layout['malloc']}-{dtype}"
+    out = work / f"job-{layout['world']}-{int(layout['fsdp'])}-{layout['malloc']}-{dtype}-r{layout.get('ring', 1)}"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                         "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")}
@@ -103,7 +106,8 @@ def run_layout(layout: dict[str, Any], ckpt: Path, work: Path, args: argparse.Na
            "--frames", str(args.frames), "--steps", str(args.steps), "--thresh", str(args.thresh),
            "--K", str(args.K), "--retention", str(args.retention), "--generations", str(args.generations),
            "--warmup-steps", str(args.warmup_steps),
-           "--threads", str(args.threads), "--dtype", dtype, *(["--dit-fsdp"] if layout["fsdp"] else [])]
+           "--threads", str(args.threads), "--dtype", dtype, "--ring", str(layout.get("ring", 1)),
+           *(["--dit-fsdp"] if layout["fsdp"] else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.job_timeout)
     wall = time.perf_counter() - t0
@@ -140,15 +144,24 @@ def model_facts(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": cond.seq_len(f, h, w, patch, 1), "experts": len(info.transformer_configs)}
 
 
-def formulas(m: dict[str, Any], n: int, fsdp: bool, dtype: str = "float32") -> dict[str, Any]:
-    """Per rank, per DiT forward, B = 1; exchanges in `dtype`'s bytes, the head output in float32."""
+def formulas(m: dict[str, Any], n: int, fsdp: bool, dtype: str = "float32", ring: int = 1) -> dict[str, Any]:
+    """Per rank, per DiT forward, B = 1; exchanges in `dtype`'s bytes, the head output in float32.
+
+    n = ring x ulysses ranks. The Ulysses all-to-all runs in the ulysses group on the same S/n-token
+    shard (its bytes do not depend on the split); the ring then passes R-1 k/v blocks of
+    (S/R tokens x H/U heads) = S/n x H elements each, k and v in one message.
+    """
     elem = EXCHANGE_ELEM[dtype]
     s_pad = -(-m["seq_len"] // n) * n
     local = s_pad // n
-    a2a = m["layers"] * (3 + 1) * local * m["heads"] * m["head_dim"] * elem if n > 1 else 0
+    uly = n // ring
+    a2a = m["layers"] * (3 + 1) * local * m["heads"] * m["head_dim"] * elem if uly > 1 else 0
     out = {
         "s_padded": s_pad,
-        "a2a_calls": 2 * m["layers"] if n > 1 else 0,
+        "ring": ring,
+        "ring_calls": m["layers"] * (ring - 1),
+        "ring_payload": m["layers"] * (ring - 1) * 2 * local * m["heads"] * m["head_dim"] * elem,
+        "a2a_calls": 2 * m["layers"] if uly > 1 else 0,
         "a2a_payload": a2a, "a2a_off_rank": a2a * (n - 1) // n,
         "gather_calls": 1 if n > 1 else 0,
         "gather_payload": local * m["out_per_token"] * ELEM if n > 1 else 0,
@@ -167,7 +180,9 @@ FORMULA_TEXT = (
     "**2·L all-to-alls**, (N−1)/N of which leave the rank; every forward (computed or skipped) gathers the "
     "head output once (all_gather of B·(S/N)·C_out·p_t·p_h·p_w·4 bytes); each non-retained forward adds one "
     "4-byte MagCache all-reduce; with `--dit_fsdp` each computed forward all-gathers every block once "
-    "(L calls, payload = this rank's block shards, output = N x that)."
+    "(L calls, payload = this rank's block shards, output = N x that). With ring R x Ulysses U (N = R·U; the "
+    "all-to-alls run in the U group, none when U = 1), each self-attention passes R−1 k/v blocks to the next "
+    "ring rank: **L·(R−1) batch_isend_irecv** per computed forward sending **L·(R−1)·2·(S/N)·H·D·4 bytes**."
 )
 
 
@@ -229,7 +244,7 @@ def analyse(layout: dict[str, Any], ranks: list[dict[str, Any]], facts: dict[str
     r0 = ranks[0]
     held = held_bytes(r0)
     fw = per_forward(r0, g)
-    expect = formulas(facts, n, r0["fsdp_active"], layout.get("dtype", "float32"))
+    expect = formulas(facts, n, r0["fsdp_active"], layout.get("dtype", "float32"), layout.get("ring", 1))
     comp = fw["computed"]["kinds"]
     measured_a2a = comp.get("all_to_all_single", {}).get("payload_max", 0)
     fsdp_ok = (not r0["fsdp_active"]) or (comp.get("all_gather_single", {}).get("payload_max") == expect["fsdp_payload"]
@@ -238,7 +253,11 @@ def analyse(layout: dict[str, Any], ranks: list[dict[str, Any]], facts: dict[str
     counts_by_gen = [[(k, v["calls_min"], v["calls_max"], v["payload_max"]) for k, v in
                       sorted(per_forward(r0, i)["computed"]["kinds"].items())] for i in range(args.generations)]
     # dispatcher cross-check: c10d ops seen in generation 0's denoise (+ decode) vs wrapper records there
-    wrapped0 = sum(1 for gen, phase, *_ in r0["records"] if gen == 0 and phase in ("denoise", "decode"))
+    # (a batch_isend_irecv is one wrapped call running one c10d op per P2POp: ring 2, VAE halo 2 or 4)
+    window = ("denoise", "decode")
+    wrapped0 = sum(1 for gen, phase, _i, kind, *_ in r0["records"]
+                   if gen == 0 and phase in window and kind != "batch_isend_irecv")
+    wrapped0 += sum(n for gen, phase, n in r0.get("p2p_ops", []) if gen == 0 and phase in window)
     dispatched0 = sum(r0["c10d_ops_denoise_gen0"].values())
     denoise_s = [r["clock"].get(f"{g}:denoise", 0.0) for r in ranks]
     sync_s = [r["sync"]["seconds"][g] for r in ranks]
@@ -276,6 +295,10 @@ def analyse(layout: dict[str, Any], ranks: list[dict[str, Any]], facts: dict[str
         "a2a_matches_formula": measured_a2a == expect["a2a_payload"]
         and fw["computed"]["kinds"].get("all_to_all_single", {}).get("calls_max", 0) == expect["a2a_calls"],
         "fsdp_matches_formula": fsdp_ok,
+        "ring_matches_formula": all(comp.get("batch_isend_irecv", {}).get(k, 0) == expect[f]
+                                    for k, f in (("calls_min", "ring_calls"), ("calls_max", "ring_calls"),
+                                                 ("payload_min", "ring_payload"), ("payload_max", "ring_payload")))
+        and "batch_isend_irecv" not in fw["skipped"]["kinds"],
         "gather_matches_formula": comp.get("all_gather", {}).get("payload_max", 0) == expect["gather_payload"],
         "counts_equal_across_generations": all(c == counts_by_gen[0] for c in counts_by_gen),
         "dispatcher_check": {"wrapped_calls_gen0": wrapped0, "c10d_ops_gen0": dispatched0,
@@ -335,6 +358,7 @@ def render(records: list[dict[str, Any]]) -> str:
             comp, skip, fo = r["per_forward"]["computed"]["kinds"], r["per_forward"]["skipped"]["kinds"], r["formula"]
             a2a_c, a2a_b = _calls(comp, "all_to_all_single")
             fs_c, fs_b = _calls(comp, "all_gather_single")
+            ri_c, ri_b = _calls(comp, "batch_isend_irecv")
             ga_c, ga_b = _calls(comp, "all_gather")
             sy_c = r["timing"]["sync_calls"]
             skip_desc = ", ".join(f"{k} {v['calls_max']}x {v['payload_max']} B" for k, v in sorted(skip.items())) or "—"
@@ -348,13 +372,15 @@ def render(records: list[dict[str, Any]]) -> str:
                 if ga_c else "—",
                 f"{fs_c} x, {_mib(fs_b)} MiB → {_mib(fs_b * r['world'])} "
                 + ("✓" if r["fsdp_matches_formula"] else "✗") if fs_c else "—",
+                (f"{ri_c} x, {_mib(ri_b)} MiB " if ri_c else "none ")
+                + ("✓" if r.get("ring_matches_formula", True) else "✗"),
                 f"{sy_c} x 4 B" if sy_c else "—", skip_desc,
                 "✓" if r["dispatcher_check"]["equal"] and r["counts_equal_across_generations"] else "✗",
             ])
         parts.append(markdown_table(
             ["layout", "computed / skipped forwards", "all-to-all per computed fwd", "Ulysses formula",
-             "output gather per fwd", "FSDP block all-gathers per computed fwd", "MagCache syncs (run)",
-             "per skipped fwd", "dispatcher check"], table, align="llrrrrrlc"))
+             "output gather per fwd", "FSDP block all-gathers per computed fwd", "ring k/v sends per computed fwd",
+             "MagCache syncs (run)", "per skipped fwd", "dispatcher check"], table, align="llrrrrrrlc"))
         parts.append(
             "\n\"dispatcher check\": the wrapped calls equal the c10d ops the dispatcher ran (TorchDispatchMode) in "
             "the warm-up's denoise loop, and per-forward counts are the same in both generations. Outside the "
@@ -421,8 +447,9 @@ def _setup_text(rows: list[dict[str, Any]]) -> str:
                     desc.append(f"{phase}: " + ", ".join(f"{k} {int(v[0])}" for k, v in sorted(kinds.items())))
         texts.setdefault("; ".join(desc) or "none", []).append(r["layout"]["name"])
     return " ".join(f"{', '.join(names)}: {text}." for text, names in texts.items()) + \
-        " Text encoding, latent preparation and VAE decode run no collective; `finish` is the manifest's " \
-        "peak-memory gather, `runtime` the seed agreement."
+        " Text encoding and latent preparation run no collective; `decode` is the row-split VAE decode's halo " \
+        "exchange (batch_isend_irecv, where the run has one); `finish` is the manifest's peak-memory gather, " \
+        "`runtime` the seed agreement."
 
 
 #: T5, VAE, tokenizer and one tensor in flight while loading
@@ -492,6 +519,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--no-malloc-compare", action="store_true",
                    help="skip the extra FSDP job under glibc's default mmap threshold")
+    p.add_argument("--only", default="", help="run only the layouts whose name contains this (e.g. 'ring')")
     p.add_argument("--job-timeout", type=float, default=300.0)
     p.add_argument("--name", default="parallel-cpu")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -518,6 +546,8 @@ def print_layout(r: dict[str, Any], log) -> None:
     log(f"  per skipped forward:  {fmt(skip)}")
     log(f"  Ulysses formula a2a {r['formula']['a2a_calls']}x/{r['formula']['a2a_payload']}B: "
         f"{'match' if r['a2a_matches_formula'] else 'MISMATCH'}; dispatcher check {r['dispatcher_check']}")
+    log(f"  ring formula {r['formula'].get('ring_calls', 0)}x/{r['formula'].get('ring_payload', 0)}B: "
+        f"{'match' if r.get('ring_matches_formula', True) else 'MISMATCH'}")
     log(f"  denoise {t['denoise_s_per_step'] * 1e3:.0f} ms/step, collectives {100 * t['comm_share_of_denoise']:.1f}%, "
         f"sync {t['sync_calls']}x {t['sync_us_per_call']:.0f} us = {100 * t['sync_share_of_denoise']:.3f}% "
         f"(back to back {t['sync_back_to_back_us']:.0f} us -> {100 * t['sync_intrinsic_share_of_denoise']:.3f}%) (noisy)")
@@ -546,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         facts = model_facts(ckpt, args)
         log(f"DiT {facts['dim']} x {facts['layers']} layers, {facts['heads']} heads; {facts['seq_len']} tokens; "
             f"{args.steps} steps x {args.generations} generations per job")
-        for layout in layouts(args.world_list, not args.no_malloc_compare):
+        for layout in [x for x in layouts(args.world_list, not args.no_malloc_compare) if args.only in x["name"]]:
             log(f"{layout['name']}: torchrun ...")
             ranks, wall = run_layout(layout, ckpt, work, args, log)
             row = analyse(layout, ranks, facts, args)

@@ -54,6 +54,8 @@ class World:
     dp_size: int = 1
     cfg_size: int = 1
     sp_size: int = 1
+    #: ring-attention degree, the outer factor of sp_size (1: Ulysses alone)
+    ring_size: int = 1
     dp_rank: int = 0
     #: writes this replica's outputs and decodes (rank 0 of each dp group's config x sp block)
     is_output_rank: bool = True
@@ -70,7 +72,10 @@ class World:
 
     @property
     def mesh_shape(self) -> dict[str, int]:
-        return {"dp": self.dp_size, "cfg": self.cfg_size, "sp": self.sp_size}
+        shape = {"dp": self.dp_size, "cfg": self.cfg_size, "sp": self.sp_size}
+        if self.ring_size > 1:  # sp = ring x ulysses; absent without a ring, as before
+            shape.update(ring=self.ring_size, ulysses=self.sp_size // self.ring_size)
+        return shape
 
     def describe(self) -> dict[str, Any]:
         ctx = self._groups.ctx
@@ -273,12 +278,20 @@ def start_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool 
                          "--device out (rank r takes cuda:LOCAL_RANK) or pick GPUs with CUDA_VISIBLE_DEVICES")
     if config.t5_fsdp and config.t5_cpu:
         raise UsageError("--t5_fsdp and --t5_cpu exclude each other: FSDP shards T5 on the GPUs")
-    dims = ParallelDims.from_world(env.world_size, sp=config.ulysses_size, cfg=cfg_degree)
+    ring = config.ring_size
+    if ring > 1 and env.world_size % (ring * config.ulysses_size * cfg_degree):
+        per = ring * config.ulysses_size * cfg_degree
+        raise UsageError(f"--ring_size {ring} x --ulysses_size {config.ulysses_size} x config {cfg_degree} = {per} "
+                         f"ranks per video, but {env.world_size} were launched; launch {per} ranks or change "
+                         "--ring_size/--ulysses_size so their product times config divides the launched ranks")
+    dims = ParallelDims.from_world(env.world_size, sp=config.ulysses_size, cfg=cfg_degree, ring=ring)
     if dims.dp > 1 and not allow_data_parallel:
+        ring_part = f"--ring_size {ring} x " if ring > 1 else ""
         raise UsageError(
-            f"{env.world_size} ranks but --ulysses_size {config.ulysses_size} x config {cfg_degree} uses "
-            f"{config.ulysses_size * cfg_degree}: one video needs exactly ulysses x config ranks "
-            "(pass --ulysses_size), or use `magcache-launch batch` to spread prompts over replicas"
+            f"{env.world_size} ranks but {ring_part}--ulysses_size {config.ulysses_size} x config {cfg_degree} uses "
+            f"{dims.sp * cfg_degree}: one video needs exactly {'ring x ' if ring > 1 else ''}ulysses x config ranks "
+            f"(pass --ulysses_size{' or --ring_size' if ring > 1 else ''}), or use `magcache-launch batch` to spread "
+            "prompts over replicas"
         )
     if env.world_size == 1:
         return World(placement=placement_for(config), launch_kind=env.kind)
@@ -306,6 +319,7 @@ def _start_distributed(config: RunConfig, env: "LaunchEnv", dims: "ParallelDims"
             placement=placement_for(config, local_rank=env.local_rank, world_size=env.world_size, sp=dims.sp,
                                     device=ctx.device),
             rank=env.rank, world_size=env.world_size, launch_kind=env.kind, dp_size=dims.dp, cfg_size=dims.cfg, sp_size=dims.sp,
+            ring_size=dims.ring,
             dp_rank=mesh.dp_rank, is_output_rank=mesh.cfg_rank == 0 and mesh.sp_rank == 0, _groups=groups,
         )
     except BaseException:

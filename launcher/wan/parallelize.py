@@ -1,7 +1,7 @@
 """Make a Wan model set parallel in one step, before any weight is loaded.
 
 The counterpart of torchtitan's `parallelize_<model>`: given the modules on meta and the mesh of
-this rank, install the sequence-sharded attention (Ulysses over the sp group), shard every DiT
+this rank, install the sequence-sharded attention (Ulysses, or ring x Ulysses, over the sp group), shard every DiT
 and T5 block with FSDP2 over the sp group when asked, and pick how the two CFG branches meet
 (serially on one rank, or one branch per config half). Loading then only loads: it reads the rows
 a sharded parameter holds. `parallel/` supplies the collectives and knows nothing of Wan.
@@ -53,6 +53,22 @@ class UlyssesSequence:
         return max(0, min(chunk, valid_len - self.rank * chunk))
 
 
+class RingUlyssesSequence(UlyssesSequence):
+    """The sequence split over ring x Ulysses ranks (ring outer); attention is USP: Ulysses
+    all-to-all inside the Ulysses group, then the k/v ring over the ring group."""
+
+    def __init__(self, group: "dist.ProcessGroup", rank: int, size: int, *,
+                 ulysses_group: "dist.ProcessGroup | None", ring_group: "dist.ProcessGroup") -> None:
+        super().__init__(group, rank, size)
+        self.ulysses_group = ulysses_group
+        self.ring_group = ring_group
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_len: int) -> torch.Tensor:
+        from parallel.ring import usp_attention
+
+        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, valid_len=valid_len, backend="auto")
+
+
 class CfgParallelBranches:
     """This rank computes one branch; the pair swaps predictions once per step."""
 
@@ -94,7 +110,11 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
     exchange: BranchExchange = SerialBranches()
     fsdp_mesh = None
     if mesh is not None and mesh.dims.sp > 1:
-        sharding = UlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp)
+        if mesh.dims.ring > 1:
+            sharding = RingUlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp,
+                                           ulysses_group=mesh.ulysses_group, ring_group=mesh.ring_group)
+        else:
+            sharding = UlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp)
         if dit_fsdp or t5_fsdp:
             fsdp_mesh = mesh.submesh("sp")
     if mesh is not None and mesh.dims.cfg > 1:
