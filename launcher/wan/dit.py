@@ -13,7 +13,7 @@ the half dtype, and the head in float32. Matmuls and convolutions run in the aut
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,6 +134,26 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).float()
 
 
+def _projections(attn: WanAttention, x: torch.Tensor, context: torch.Tensor):
+    """q from `x`, k and v from `context`, [B, S, H, D]; q and k through official's RMS norm."""
+    q = _official_rms_norm(attn.norm_q, attn.to_q(x)).unflatten(2, (attn.heads, -1))
+    k = _official_rms_norm(attn.norm_k, attn.to_k(context)).unflatten(2, (attn.heads, -1))
+    v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+    return q, k, v
+
+
+def _attend_in_half(attn: WanAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Official flash attention's dtype contract, then the output projection: q, k, v in the half
+    dtype (`half()`), the result back in q's dtype (`x.type(out_dtype)`)."""
+    out_dtype = q.dtype
+    half = _half_dtype(q, k, v)
+    if half is not None:
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    out = attend(q, k, v).flatten(2, 3).to(out_dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 class ShardedSelfAttnProcessor:
     """Self-attention of a Wan block whose tokens are sharded; the exchange is the sharding's job.
 
@@ -155,19 +175,12 @@ class ShardedSelfAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        q = _official_rms_norm(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = _official_rms_norm(attn.norm_k, attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = _projections(attn, hidden_states, hidden_states)
         if rotary_emb is not None:
             q = _apply_rotary(q, *rotary_emb)
             k = _apply_rotary(k, *rotary_emb)
-        out_dtype = q.dtype
-        half = _half_dtype(q, k, v)
-        if half is not None:
-            q, k, v = q.to(half), k.to(half), v.to(half)
-        out = self.sharding.attention(q, k, v, self.state.valid_len)
-        out = out.flatten(2, 3).to(out_dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        return _attend_in_half(attn, q, k, v,
+                               lambda q, k, v: self.sharding.attention(q, k, v, self.state.valid_len))
 
 
 class CrossAttnProcessor:
@@ -187,15 +200,7 @@ class CrossAttnProcessor:
         if attn.add_k_proj is not None:
             raise ValueError("Wan2.2 cross-attention has no image context; this checkpoint has one")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = _official_rms_norm(attn.norm_q, attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = _official_rms_norm(attn.norm_k, attn.to_k(context)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(context).unflatten(2, (attn.heads, -1))
-        out_dtype = q.dtype
-        half = _half_dtype(q, k, v)
-        if half is not None:
-            q, k, v = q.to(half), k.to(half), v.to(half)
-        out = _attend_local(q, k, v).flatten(2, 3).to(out_dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        return _attend_in_half(attn, *_projections(attn, hidden_states, context), _attend_local)
 
 
 def _modulation(table: torch.Tensor, e: torch.Tensor, parts: int) -> list[torch.Tensor]:
