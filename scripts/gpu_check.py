@@ -324,36 +324,34 @@ def step_s4(args: argparse.Namespace) -> dict[str, Any]:
     half = torch.bfloat16
     results: dict[str, Any] = {"dim": dim, "heads": cfg["num_attention_heads"], "ffn": cfg["ffn_dim"],
                                "blocks": cfg["num_layers"]}
-    for label, grid in grids.items():
-        tokens = grid[0] * grid[1] * grid[2]
+    def inputs(grid: tuple[int, int, int]):
         g = torch.Generator(device=device).manual_seed(1)
+        tokens = grid[0] * grid[1] * grid[2]
         x = torch.randn(1, tokens, dim, generator=g, device=device)
         context = torch.randn(1, 512, dim, generator=g, device=device) * 0.5
         tproj = torch.randn(1, 6, dim, generator=g, device=device) * 0.1
-        cos, sin = rope_angles(grid, cfg["attention_head_dim"], device=device)
-        rope_diffusers = ours_model.rope(torch.zeros(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device=device))
+        return x, context, tproj, rope_angles(grid, cfg["attention_head_dim"], device=device)
 
-        def ours_blocks(model_blocks, amp: bool):
-            def run():
-                with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=amp):
-                    h = x
-                    for block in model_blocks:
-                        h = block(h, context, tproj, (cos, sin))
-                    return h.float()
-            return run
+    def runner(blocks, inp, *, amp: bool = True, rotary=None):
+        """The blocks one after another on `inp` (our rotary unless diffusers' is given)."""
+        x, context, tproj, rope = inp
 
-        def diffusers_blocks():
-            with torch.no_grad(), torch.autocast(device.type, dtype=half):
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=amp):
                 h = x
-                for block in diffusers_model.blocks:
-                    h = block(h, context, tproj, rope_diffusers)
+                for block in blocks:
+                    h = block(h, context, tproj, rope if rotary is None else rotary)
                 return h.float()
+        return run
 
-        reference_dit = WanDiT(fp32)
-        with torch.no_grad():
-            ref = ours_blocks(reference_dit.blocks, amp=False)()
-        ours_s, ours_out = _timed(ours_blocks(ours.blocks, amp=True), device)
-        diff_s, diff_out = _timed(diffusers_blocks, device)
+    reference_dit = WanDiT(fp32)
+    for label, grid in grids.items():
+        inp = inputs(grid)
+        tokens = inp[0].shape[1]
+        rope_diffusers = ours_model.rope(torch.zeros(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device=device))
+        ref = runner(reference_dit.blocks, inp, amp=False)()
+        ours_s, ours_out = _timed(runner(ours.blocks, inp), device)
+        diff_s, diff_out = _timed(runner(diffusers_model.blocks, inp, rotary=rope_diffusers), device)
         flops = _block_flops(dim, cfg["ffn_dim"], tokens) * cfg["num_layers"]
         entry = {"tokens": tokens,
                  "ours_ms_per_block": round(ours_s / cfg["num_layers"] * 1e3, 3),
@@ -368,21 +366,10 @@ def step_s4(args: argparse.Namespace) -> dict[str, Any]:
     compiled.model.load_state_dict(fp32.state_dict())
     compiled.model.to(device)
     compile_blocks([compiled])
-    tokens = grid[0] * grid[1] * grid[2]
-    g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(1, tokens, dim, generator=g, device=device)
-    context = torch.randn(1, 512, dim, generator=g, device=device) * 0.5
-    tproj = torch.randn(1, 6, dim, generator=g, device=device) * 0.1
-    cos, sin = rope_angles(grid, cfg["attention_head_dim"], device=device)
+    inp = inputs(grid)
 
     def run_with(dit):
-        def run():
-            with torch.no_grad(), torch.autocast(device.type, dtype=half):
-                h = x
-                for block in dit.blocks:
-                    h = block(h, context, tproj, (cos, sin))
-                return h.float()
-        return run
+        return runner(dit.blocks, inp)
 
     t0 = time.perf_counter()
     run_with(compiled)()
