@@ -327,8 +327,9 @@ def step_s4(args: argparse.Namespace) -> dict[str, Any]:
     def inputs(grid: tuple[int, int, int]):
         g = torch.Generator(device=device).manual_seed(1)
         tokens = grid[0] * grid[1] * grid[2]
-        x = torch.randn(1, tokens, dim, generator=g, device=device)
-        context = torch.randn(1, 512, dim, generator=g, device=device) * 0.5
+        # bf16-valued tokens and text states, as the autocast patch and text embeddings hand them over
+        x = torch.randn(1, tokens, dim, generator=g, device=device).to(half).float()
+        context = (torch.randn(1, 512, dim, generator=g, device=device) * 0.5).to(half).float()
         tproj = torch.randn(1, 6, dim, generator=g, device=device) * 0.1
         return x, context, tproj, rope_angles(grid, cfg["attention_head_dim"], device=device)
 
@@ -351,7 +352,10 @@ def step_s4(args: argparse.Namespace) -> dict[str, Any]:
         rope_diffusers = ours_model.rope(torch.zeros(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device=device))
         ref = runner(reference_dit.blocks, inp, amp=False)()
         ours_s, ours_out = _timed(runner(ours.blocks, inp), device)
-        diff_s, diff_out = _timed(runner(diffusers_model.blocks, inp, rotary=rope_diffusers), device)
+        # what diffusers' own forward hands its blocks under autocast: the patch embedding's bf16 output
+        # and time projection cast to the text dtype (its policy: residual stream in bf16)
+        as_diffusers = tuple(t.to(half) for t in inp[:3]) + (inp[3],)
+        diff_s, diff_out = _timed(runner(diffusers_model.blocks, as_diffusers, rotary=rope_diffusers), device)
         flops = _block_flops(dim, cfg["ffn_dim"], tokens) * cfg["num_layers"]
         entry = {"tokens": tokens,
                  "ours_ms_per_block": round(ours_s / cfg["num_layers"] * 1e3, 3),
