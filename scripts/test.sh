@@ -8,4 +8,5 @@ bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 # the layer and no-cycle contracts in pyproject.toml ([tool.importlinter]); fails fast, before the suite
 lint-imports --no-cache
-exec python -m pytest -q "$@"
+# --durations: the slowest tests, to keep the suite well under its CI limit
+exec python -m pytest -q --durations=25 "$@"
