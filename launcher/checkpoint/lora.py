@@ -25,7 +25,6 @@ so an FSDP2 rank merges only the rows it holds. Only safetensors are read: a pic
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -172,14 +171,6 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 def _source(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]]) -> SafetensorsSource:
     return SafetensorsSource(WeightFiles(kind="safetensors", locations={k: (path, k) for k in header},
                                          shapes={k: shape for k, (_, shape) in header.items()}))
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- names -> our parameters ------------------------------------------------------------------

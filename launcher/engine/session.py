@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 from launcher.checkpoint import CheckpointInfo
-from launcher.checkpoint.lora import plan_loras, sha256_of
+from launcher.checkpoint.lora import plan_loras
 from launcher.config import RunConfig
 from launcher.engine.models import load_models
 from launcher.engine.planning import make_plan, make_schedule
 from launcher.engine.world import World
+from launcher.outputs.atomic import sha256_of
 from launcher.outputs.files import Outputs
 from launcher.outputs.manifest import build_manifest
 from launcher.wan.pipeline import Request, Result, WanPipeline
