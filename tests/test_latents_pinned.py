@@ -4,9 +4,10 @@ changed (issue 11: "no behaviour may change").
 The references in tests/reference/latents/ were written by this file's `write` mode from the
 flat-layout code (commit 9b4979d), and rewritten once for issue 12's official precision policy
 (float64 sinusoid and RoPE, official q/k RMS-norm rounding: latents moved by <= 3.7e-5 absolute,
-identical skips). They are compared bit for bit: any change to numerics, seed
-handling, scheduling, MagCache decisions or loading shows up here. One thread per process, so
-float reductions run in one fixed order. Regenerate only for an intended numeric change:
+identical skips). The skipped forwards are compared exactly (they are integers); the latents
+within `LATENT_TOL` (below), tight enough that any change to numerics, seed handling, scheduling,
+MagCache decisions or loading shows up here. One thread per process, so float reductions run in one
+fixed order on a given machine. Regenerate only for an intended numeric change:
 `python tests/test_latents_pinned.py write` (and say why in the commit).
 """
 from __future__ import annotations
@@ -21,6 +22,24 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "reference" / "latents"
+
+#: Largest absolute latent difference from the pins that still counts as "the same numerics".
+#: Machine noise sits below it: the same code and library versions on a 2-core AVX2 machine without
+#: AVX-512 (torch and its BLAS pick other kernels, so float sums round differently) differed by
+#: 3.7e-6..5.5e-6. A real numerical change sits above it: issue 12's precision policy (float64
+#: sinusoid and RoPE, official q/k RMS-norm rounding) moved the pins by 3.7e-5. 1.5e-5 is ~3x the
+#: noise and ~2.5x below that smallest real change seen.
+LATENT_TOL = 1.5e-5
+#: The initial noise must be the pinning machine's: torch.randn picks its kernel by CPU capability,
+#: and without a vectorized one (ATEN_CPU_CAPABILITY=default, as on CPUs without AVX2) its
+#: Box-Muller uses other sin/log roundings, so the same seed draws noise up to 1.7e-6 away, which the
+#: tiny random-weight DiT amplifies to ~1e-3 in the latents: another input, not another rounding.
+#: AVX2 and AVX-512 draw identical noise. `noise.safetensors` holds 4096 draws of seed 11.
+NOISE_DRAWS, NOISE_SEED = 4096, 11
+
+
+def _noise() -> torch.Tensor:
+    return torch.randn(NOISE_DRAWS, generator=torch.Generator().manual_seed(NOISE_SEED))
 
 #: name -> (task, extra flags); together they cover both MoE experts, i2v and ti2v image modes,
 #: both solvers and MagCache skipping
@@ -71,11 +90,17 @@ def run_case(name: str, ckpt: Path, work: Path) -> tuple[torch.Tensor, dict]:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_latents_equal_the_pinned_reference(tiny_ckpt, tmp_path, name):
+    pinned_noise = load_file(REF / "noise.safetensors")["noise"]
+    if not torch.equal(_noise(), pinned_noise):  # the subprocess inherits this process's capability
+        pytest.skip(f"torch.randn on this CPU ({torch.backends.cpu.get_cpu_capability()}) draws other noise than the "
+                    f"pinning machine (max diff {(_noise() - pinned_noise).abs().max().item():.1e}): the pins do not apply")
     latents, manifest = run_case(name, tiny_ckpt(CASES[name][0]), tmp_path)
     ref = load_file(REF / f"{name}.safetensors")
     assert manifest["magcache"]["skipped_forwards"] == ref["skipped"].tolist()
+    assert latents.shape == ref["latents"].shape and latents.dtype == ref["latents"].dtype
     diff = (latents - ref["latents"]).abs().max().item()
-    assert torch.equal(latents, ref["latents"]), f"{name}: latents differ from the pinned reference by {diff}"
+    print(f"{name}: max abs diff from the pinned latents {diff:.2e} (tolerance {LATENT_TOL:.1e})")
+    assert diff <= LATENT_TOL, f"{name}: latents differ from the pinned reference by {diff:.2e} > {LATENT_TOL:.1e}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["write"]:
@@ -88,6 +113,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["write"]:
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)  # type: ignore[union-attr]
     REF.mkdir(parents=True, exist_ok=True)
+    save_file({"noise": _noise()}, REF / "noise.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (task, _) in sorted(CASES.items()):
             ckpt = Path(tmp) / task
