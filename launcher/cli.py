@@ -22,12 +22,14 @@ from launcher.config import (
 )
 from launcher.errors import is_input_error
 from launcher.options import (
-    LAYOUT_FLAGS,
+    Role,
     compose_params,
+    flags_where,
     layout_params,
     magcache_params,
     model_params,
     output_params,
+    per_video_params,
     request_params,
     sampling_params,
 )
@@ -90,11 +92,9 @@ def calibrate(
     calibrate_prompt_file(prompts, seeds, flags, out)
 
 
-#: the flags that decide the MagCache schedule; `plan` accepts every other flag of `generate` too
-SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sample_solver", "sample_guide_scale",
-                            "timesteps", "distilled", "use_magcache",
-                            "magcache_thresh", "magcache_target_speedup", "magcache_K", "retention_ratio",
-                            "magcache_split", "magcache_reset_at_switch", "magcache_ratios"})
+#: the flags that decide the MagCache schedule (declared in options.py); `plan` accepts every other
+#: flag of `generate` too
+SCHEDULE_FLAGS = frozenset(flags_where(schedule=True))
 
 
 @app.command()
@@ -111,7 +111,7 @@ def plan(
     follow, whether or not --use_magcache is given; flags that do not change it are ignored.
     With --gpus N it also prices every layout of N GPUs with a roofline model and recommends one.
     """
-    cluster = {k: flags.pop(k) for k in LAYOUT_FLAGS}
+    cluster = {k: flags.pop(k) for k in flags_where(role=Role.CLUSTER)}
     if cluster["gpus"] is None:
         given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
         if given:
@@ -226,33 +226,27 @@ def serve(
 
 
 @app.command()
+@compose_params(per_video_params(exclude=("prompt",)))
 def submit(
     server: Annotated[str, typer.Option("--server", help="the server's URL, e.g. http://127.0.0.1:8000")],
     prompt: Annotated[str, typer.Option("--prompt", help="what to generate")],
-    image: Annotated[Optional[Path], typer.Option("--image", help="first frame (sent as base64)")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "--negative_prompt")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", "--base-seed", "--base_seed", help="seed (default: the server's --base_seed)")] = None,
-    size: Annotated[Optional[str], typer.Option("--size", help="WIDTH*HEIGHT")] = None,
-    frame_num: Annotated[Optional[int], typer.Option("--frame-num", "--frame_num")] = None,
-    sample_steps: Annotated[Optional[int], typer.Option("--sample-steps", "--sample_steps")] = None,
-    use_magcache: Annotated[Optional[bool], typer.Option("--use-magcache/--no-magcache", help="override the server's MagCache on/off")] = None,
-    magcache_thresh: Annotated[Optional[float], typer.Option("--magcache-thresh", "--magcache_thresh")] = None,
-    magcache_K: Annotated[Optional[int], typer.Option("--magcache-k", "--magcache-K", "--magcache_K")] = None,
-    retention_ratio: Annotated[Optional[float], typer.Option("--retention-ratio", "--retention_ratio")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="where to save the mp4 (default: JOB_ID.mp4)")] = None,
     token: Annotated[Optional[str], typer.Option("--token", envvar="MAGCACHE_TOKEN", help="bearer token (or env MAGCACHE_TOKEN)")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the job and download the video")] = True,
+    **fields: Any,
 ) -> None:
-    """Send one job to a `serve` server, show its progress and download the video."""
+    """Send one job to a `serve` server, show its progress and download the video.
+
+    Every per-video field a server accepts is an option here (options.py declares which); one not
+    given takes the server's setting. --image is sent as base64.
+    """
     from launcher.serve.client import image_field, run_submit
 
     if out is not None:
         check_output_location(out, "--out")
-    fields = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "size": size, "frame_num": frame_num,
-              "sample_steps": sample_steps, "use_magcache": use_magcache, "magcache_thresh": magcache_thresh,
-              "magcache_K": magcache_K, "retention_ratio": retention_ratio,
-              "image": None if image is None else image_field(image)}
-    raise typer.Exit(run_submit(server, fields, token=token, out=out, wait=wait))
+    if fields.get("image") is not None:
+        fields["image"] = image_field(fields["image"])
+    raise typer.Exit(run_submit(server, {"prompt": prompt, **fields}, token=token, out=out, wait=wait))
 
 
 @app.command()

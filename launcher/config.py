@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,7 +276,7 @@ class RunConfig:
     save_frames: Path | None
     save_latents: Path | None
     overwrite: bool
-    dist_timeout_s: float
+    dist_timeout_s: float = field(metadata={"flag": "dist_timeout"})
     magcache: MagCacheOptions
     #: LoRAs merged into the DiT weights at load time, in the order they are applied
     loras: tuple[LoraSpec, ...]
@@ -318,6 +318,12 @@ class RunConfig:
         if self.task.name == "ti2v-5B":
             return "ti2v-5B/i2v" if self.uses_image else "ti2v-5B/t2v"
         return self.task.name
+
+
+def config_fields(flags: tuple[str, ...] | list[str]) -> set[str]:
+    """The RunConfig fields these flags set as they are (most share the flag's name; `magcache`,
+    `loras` and `guide_scale` are made from several flags or parsed, and are not among them)."""
+    return {_FIELD_OF_FLAG[flag] for flag in flags if flag in _FIELD_OF_FLAG}
 
 
 def check_output_location(path: Path, flag: str, *, directory: bool = False) -> None:
@@ -477,15 +483,17 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         raise UsageError(f"--cfg-parallel with guidance scale 1 ({', '.join(one_branch)} expert): such steps run the "
                          "cond forward alone, so half the ranks would idle; drop --cfg-parallel and give those ranks "
                          f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
-    passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
-                                     "dit_fsdp", "ulysses_size", "ring_size", "cfg_parallel", "dtype", "device", "overwrite",
-                                     "compile", "vae_parallel")}
-    return RunConfig(
-        task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
-        image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,
-        timesteps=parse_timesteps(f["timesteps"]), distilled=f["distilled"],
-        guide_scale=guide_scale,
-        offload_model=parse_bool(f["offload_model"], "--offload_model"),
-        dist_timeout_s=f["dist_timeout"], magcache=magcache, **outputs, **passthrough,
-        loras=parse_loras(f, spec, check_paths=check_paths),
-    )
+    # every flag that names a RunConfig field goes in as given; then the values resolved above
+    as_given = {fld: f[flag] for flag, fld in _FIELD_OF_FLAG.items() if flag in f}
+    return RunConfig(**{
+        **as_given,
+        "task": spec, "ckpt_dir": ckpt, "prompt": prompt, "size": size, "width": width, "height": height,
+        "frame_num": frame_num, "image": img, "sample_solver": solver, "sample_steps": steps, "sample_shift": shift,
+        "timesteps": parse_timesteps(f["timesteps"]), "guide_scale": guide_scale,
+        "offload_model": parse_bool(f["offload_model"], "--offload_model"), "magcache": magcache, **outputs,
+        "loras": parse_loras(f, spec, check_paths=check_paths),
+    })
+
+
+#: flag name -> the RunConfig field it sets (the same name, except where the field says otherwise)
+_FIELD_OF_FLAG = {f.metadata.get("flag", f.name): f.name for f in fields(RunConfig)}

@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import UsageError
+from launcher.options import LINE, declarations, flags_where, value_type
 
-#: JSONL fields a line may carry, with their type; anything not given falls back to the flags.
+#: JSONL fields a line may carry, with their type: its name, and every flag options.py lets a batch
+#: line set (by the name a line uses: `seed` for --base-seed); anything not given falls back to the flags.
 FIELDS: dict[str, type] = {
-    "prompt": str, "name": str, "image": str, "seed": int, "size": str, "frame_num": int, "negative_prompt": str,
+    "name": str,
+    **{declarations()[flag].field or flag: (str if value_type(flag) is Path else value_type(flag))
+       for flag in flags_where(per_video=(LINE,))},
 }
 #: `\w` is Unicode-aware: names in any script are fine; separators, leading dots and controls are not.
 _SAFE_NAME = re.compile(r"^\w[\w.-]{0,127}$")

@@ -11,19 +11,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.config import RunConfig
+from launcher.config import RunConfig, config_fields
+from launcher.options import Role, flags_where
 from launcher.outputs.manifest import flags_of
 from launcher.outputs.atomic import manifest_path_for, sha256_of, write_json
 
 Status = Literal["ok", "failed", "skipped"]
 SUMMARY_VERSION = 1
 
-#: Flags that choose where files go or how the work is spread, not what the video is: a batch
-#: resumed on another layout (more ranks, --offload_model...) keeps the videos it already has.
-LAYOUT_FLAGS = frozenset({
-    "save_file", "save_frames", "save_latents", "overwrite", "dist_timeout_s", "offload_model", "t5_cpu",
-    "t5_fsdp", "dit_fsdp", "ulysses_size", "cfg_parallel", "base_seed", "vae_parallel",
-})
+#: RunConfig fields left out of the resume key: where files go and how the work is spread (the
+#: PLACEMENT and OUTPUT flags of options.py), not what the video is, so a batch resumed on another
+#: layout (more ranks, --ring_size, --offload_model...) keeps the videos it already has; and the
+#: seed, which `verified_manifest` compares on its own (a drawn seed is recorded, not given).
+NOT_IN_RESUME_KEY = frozenset(config_fields(flags_where(role=Role.PLACEMENT) + flags_where(role=Role.OUTPUT))
+                              | {"base_seed"})
 
 
 @dataclass(slots=True)
@@ -61,9 +62,11 @@ def one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _comparable_flags(flags: dict[str, Any]) -> dict[str, Any]:
+def resume_key(flags: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a finished video to count as this item's: a manifest's `flags` (or
+    `flags_of(config)`) without the fields that do not change the video."""
     plain = json.loads(json.dumps(flags, default=str))  # as the manifest stores them
-    return {k: v for k, v in plain.items() if k not in LAYOUT_FLAGS}
+    return {k: v for k, v in plain.items() if k not in NOT_IN_RESUME_KEY}
 
 
 def verified_manifest(config: RunConfig, seed: int | None) -> dict[str, Any] | None:
@@ -85,7 +88,7 @@ def verified_manifest(config: RunConfig, seed: int | None) -> dict[str, Any] | N
         return None
     if seed is not None and manifest.get("seed") != seed:
         return None
-    if _comparable_flags(manifest["flags"]) != _comparable_flags(flags_of(config)):
+    if resume_key(manifest["flags"]) != resume_key(flags_of(config)):
         return None
     return manifest
 

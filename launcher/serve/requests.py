@@ -19,17 +19,20 @@ from launcher.batch import item_config
 from launcher.batch.items import BatchItem
 from launcher.config import RunConfig
 from launcher.errors import InputError
+from launcher.options import LINE, REQUEST_ONLY, declarations, flags_where, value_type
 
-#: field -> accepted JSON types (bool is never an int/float here)
+#: a flag's value type -> the JSON types a request may give it as (bool is never an int/float here)
+_JSON_TYPES: dict[type, tuple[type, ...]] = {str: (str,), Path: (str,), int: (int,), float: (int, float),
+                                             bool: (bool,)}
+#: field -> accepted JSON types: every flag options.py lets a request set per video (a guidance
+#: scale, `LOW,HIGH` text on the command line, may also be one number)
 FIELDS: dict[str, tuple[type, ...]] = {
-    "prompt": (str,), "negative_prompt": (str,), "seed": (int,), "size": (str,), "frame_num": (int,),
-    "sample_steps": (int,), "sample_shift": (int, float), "sample_solver": (str,), "sample_guide_scale": (str, int, float),
-    "image": (str,), "use_magcache": (bool,), "magcache_thresh": (int, float), "magcache_K": (int,),
-    "retention_ratio": (int, float), "magcache_target_speedup": (int, float),
+    declarations()[flag].field or flag:
+        (str, int, float) if flag == "sample_guide_scale" else _JSON_TYPES[value_type(flag)]
+    for flag in flags_where(per_video=(LINE, REQUEST_ONLY))
 }
-#: fields that are run flags as they are (the rest go through the BatchItem)
-_FLAG_FIELDS = ("sample_steps", "sample_shift", "sample_solver", "sample_guide_scale", "use_magcache",
-                "magcache_thresh", "magcache_K", "retention_ratio", "magcache_target_speedup")
+#: fields that are run flags as they are (a batch line's fields go through the BatchItem)
+_FLAG_FIELDS = flags_where(per_video=(REQUEST_ONLY,))
 _IMAGE_PATH = re.compile(r"(?!data:)[^\n]{1,4096}\.(png|jpe?g|webp|bmp)", re.IGNORECASE)
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 _IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
