@@ -285,6 +285,26 @@ def _multi_rank_refused(stderr: str) -> bool:
 
 
 @pytest.mark.slow
+def test_a_batch_resumed_under_torchrun_with_ring_size_2_keeps_its_videos(first_run, tmp_path):
+    """The placement flags do not change a video (tests/test_flag_roles.py checks each against the
+    resume key); this is one of them end to end: two ranks, a ring of 2, nothing regenerated."""
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    shutil.copy(first_run["work"] / "first.png", tmp_path / "first.png")
+    before = snapshot(out)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "launcher",
+         "batch", str(first_run["prompts"]), "--out-dir", str(out), "--ckpt_dir", str(first_run["ckpt"]), *FLAGS,
+         "--ring_size", "2", "--dist-timeout", "120"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=cli_env())
+    assert r.returncode == 1, r.stderr[-4000:]  # torchrun's code when ranks exit 3: the invalid item
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"]["size"] == 2
+    assert summary["counts"] == {"ok": 0, "skipped": 4, "failed": 1}
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
 def test_four_ranks_two_dp_groups_of_ulysses_two_match_one_process(first_run, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [ITEMS[0], ITEMS[1], ITEMS[3], {**ITEMS[4], "seed": 15}])
     shutil.copy(first_run["work"] / "first.png", tmp_path / "first.png")
