@@ -9,14 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from launcher.config import (
-    MagCacheOptions,
     UsageError,
     check_output_location,
-    cond_only_experts,
     distilled_magcache_warning,
-    parse_guide_scale,
-    parse_timesteps,
-    resolve_sampling,
     with_defaults,
     run_config_from_flags,
 )
@@ -116,23 +111,16 @@ def plan(
         given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
         if given:
             raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
-    from launcher.engine.planning import make_plan, plan_to_json, resolve_target
+    from launcher.engine.planning import Sampling, magcache_setup, plan_to_json
     from launcher.options import cli_name, flag_defaults
     from launcher.outputs.report import console, print_layouts, print_plan
 
-    spec, steps, shift, solver = resolve_sampling(flags)
-    mc = MagCacheOptions.from_flags(flags, enabled=True)
-    with_image = flags.get("image") is not None
-    # guidance 1 runs one forward per step of that expert: the plan has no uncond forward there
+    sampling = Sampling.from_flags(flags)
+    spec = sampling.task
+    setup = magcache_setup(sampling)
     f = with_defaults(flags)  # with a --distilled preset's solver, steps, shift and guidance
-    cond_only = cond_only_experts(spec, parse_guide_scale(f["sample_guide_scale"], spec))
-    timesteps = parse_timesteps(f["timesteps"])
-    mc, target = resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc,
-                                cond_only=cond_only, timesteps=timesteps)
-    the_plan = make_plan(task=spec.name, steps=steps, shift=shift, solver=solver, with_image=with_image, options=mc,
-                         cond_only=cond_only, timesteps=timesteps)
-    if f["distilled"] is not None:
-        the_plan = replace(the_plan, warnings=(*the_plan.warnings, distilled_magcache_warning(f["distilled"], steps)))
+    extra = () if f["distilled"] is None else (distilled_magcache_warning(f["distilled"], sampling.steps),)
+    the_plan = replace(setup.plan, warnings=(*setup.plan.warnings, *extra))
     layouts = None
     if cluster["gpus"] is not None:
         from launcher.config import parse_size
@@ -149,10 +137,9 @@ def plan(
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
                                vae_parallel=f["vae_parallel"] != "off")
     if as_json:
-        print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
-                                         target=target), **(layouts or {})}))
+        print(json.dumps({**plan_to_json(setup, extra_warnings=extra), **(layouts or {})}))
     else:
-        print_plan(the_plan, task=spec.name, target=target)
+        print_plan(the_plan, task=spec.name, target=setup.target)
         if layouts is not None:
             print_layouts(layouts)
     if verbose:

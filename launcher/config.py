@@ -165,7 +165,7 @@ _MAGCACHE_FLAGS = {"K": "magcache_K", "retention_ratio": "retention_ratio", "spl
                    "reset_at_switch": "magcache_reset_at_switch", "ratios_file": "magcache_ratios"}
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MagCacheOptions:
     """MagCache flags, resolved. Defaults are upstream MagCache4Wan2.2's, declared in options.py."""
 

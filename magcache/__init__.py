@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from magcache.plan import Plan, PlannedForward, plan
+from magcache.plan import Decision, Plan, plan
 from magcache.ratios import (
     BUNDLED_KEYS,
     RatioTable,
@@ -30,14 +30,13 @@ from magcache.schedule import (
 _LAZY = {
     "MagCacheController": "magcache.controller",
     "ComputeAll": "magcache.controller",
-    "Decision": "magcache.controller",
     "CalibrationRecorder": "magcache.calibrate",
     "write_ratio_file": "magcache.calibrate",
     "plot_calibration": "magcache.calibrate",
 }
 
 __all__ = [
-    "BUNDLED_KEYS", "MagCacheParams", "MagCacheSchedule", "Plan", "PlannedForward", "Proposal",
+    "BUNDLED_KEYS", "Decision", "MagCacheParams", "MagCacheSchedule", "Plan", "Proposal",
     "RatioTable", "RatioTableError", "build_schedule", "bundled_table", "load_ratio_file",
     "mag_ratios", "plan", "split_forwards", "table_key", "upstream_timesteps", *_LAZY,
 ]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from magcache.controller import Decision, RunBlocks
+from magcache.controller import RunBlocks
+from magcache.plan import Decision
 from magcache.ratios import parse_table
 from magcache.schedule import branch_of
 

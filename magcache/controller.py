@@ -9,31 +9,16 @@ launcher builds (MIN over the ranks computing this branch, on a CPU/gloo group).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from torch import Tensor
 
+from magcache.plan import Decision
 from magcache.schedule import MagCacheSchedule, branch_of
 
 RunBlocks = Callable[[Tensor], Tensor]
 #: local may_skip -> the group's may_skip (MIN over ranks)
 Sync = Callable[[bool], bool]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One forward as it ran; the manifest lists these."""
-
-    index: int
-    step: int
-    branch: str
-    expert: str
-    retained: bool
-    skip: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class BlockRunner(Protocol):

@@ -28,13 +28,19 @@ STEP_FACTOR_WARN = 1.5
 
 
 @dataclass(frozen=True, slots=True)
-class PlannedForward:
+class Decision:
+    """One forward: planned (`Plan.forwards`) or as it ran (a runner's `decisions`, the manifest's
+    list). One record for both, so "the manifest equals the plan" compares like with like."""
+
     index: int
     step: int
     branch: Branch
     expert: Expert
     retained: bool
     skip: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +55,7 @@ class Plan:
     #: the same index from upstream's formula and from the real timesteps (None: no experts)
     upstream_split: int | None
     scheduler_split: int | None
-    forwards: tuple[PlannedForward, ...]
+    forwards: tuple[Decision, ...]
     warnings: tuple[str, ...]
     #: the accumulated errors the rule compared with `params.thresh`, in forward order: every
     #: threshold that keeps each comparison's outcome gives this same plan (`magcache.target`)
@@ -97,7 +103,7 @@ class Plan:
             "forward_speedup": round(self.forward_speedup, 4),
             "skips_by_branch": self.skips_by_branch,
             "skips_by_expert": self.skips_by_expert,
-            "forwards": [asdict(f) for f in self.forwards],
+            "forwards": [f.to_json() for f in self.forwards],
             "warnings": list(self.warnings),
         }
 
@@ -146,9 +152,9 @@ def plan(
         if proposal.err is not None:
             compared.append(proposal.err)
         schedule.commit(index, proposal.may_skip)
-        forwards.append(PlannedForward(index=index, step=index // 2, branch=branch_of(index),
-                                       expert=labels[index // 2], retained=proposal.retained,
-                                       skip=proposal.may_skip))
+        forwards.append(Decision(index=index, step=index // 2, branch=branch_of(index),
+                                  expert=labels[index // 2], retained=proposal.retained,
+                                  skip=proposal.may_skip))
     upstream_split = scheduler_split = None
     if task_mode != "ti2v":
         upstream_split = split_forwards(task_mode, steps, shift, boundary, "upstream")

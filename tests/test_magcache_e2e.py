@@ -27,6 +27,32 @@ def test_thresh_zero_skips_nothing_and_equals_uncached_bit_for_bit(tiny_ckpt, tm
     assert not any("steps" in w for w in plain["warnings"])  # no MagCache, no MagCache warning
 
 
+def test_one_magcache_setup_per_request_reads_the_ratio_table_once(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Target search, runner, manifest and warnings all take the one set-up of the request: one
+    table read and one timestep computation, and `plan` for the same flags is that set-up's plan."""
+    from launcher.engine import planning
+
+    calls = {"table": 0, "timesteps": 0}
+
+    def counted(name, fn):
+        def call(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return call
+
+    monkeypatch.setattr(planning, "ratio_table", counted("table", planning.ratio_table))
+    monkeypatch.setattr(planning, "scheduler_timesteps", counted("timesteps", planning.scheduler_timesteps))
+    planning.magcache_setup.cache_clear()
+    flags = ["--use_magcache", "--magcache-target-speedup", "1.0", "--retention_ratio", "0.1"]
+    m = generate(tiny_ckpt("t2v-A14B"), tmp_path, "t2v-A14B", *flags, steps=7)
+    assert calls == {"table": 1, "timesteps": 1}
+    assert m["magcache"]["thresh_from"] == "target" and m["magcache"]["ratio_table"]["key"] == "t2v-A14B"
+    p = plan_json(capsys, "--task", "t2v-A14B", "--sample_steps", "7", *flags)
+    assert calls == {"table": 1, "timesteps": 1}  # the same request: the same set-up
+    assert p["forwards"] == m["magcache"]["decisions"] and p["thresh"] == m["magcache"]["thresh"]
+    planning.magcache_setup.cache_clear()
+
+
 @pytest.mark.parametrize(
     "task,flags",
     [
@@ -122,12 +148,11 @@ def test_calibration_round_trips_into_generate(tiny_ckpt, tmp_path):
                  "--magcache_thresh", "0.5", "--retention_ratio", "0.1", steps=8)
     assert m["magcache"]["ratio_table"]["source"] == str(ratios)
     from magcache.ratios import load_ratio_file
-    from launcher.engine.planning import make_plan
-    from launcher.config import MagCacheOptions
+    from launcher.engine.planning import Sampling, magcache_setup
 
-    p = make_plan(task="t2v-A14B", steps=8, shift=12.0, solver="unipc", with_image=False,
-                  options=MagCacheOptions.from_flags({"use_magcache": True, "magcache_thresh": 0.5,
-                                                      "retention_ratio": 0.1, "magcache_ratios": ratios}))
+    p = magcache_setup(Sampling.from_flags({"task": "t2v-A14B", "sample_steps": 8, "sample_shift": 12.0,
+                                            "magcache_thresh": 0.5, "retention_ratio": 0.1,
+                                            "magcache_ratios": ratios})).plan
     assert m["magcache"]["skipped_forwards"] == list(p.skipped_forwards)
     assert load_ratio_file(ratios).sample_steps == 8
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from launcher.cli import main
 from launcher.config import MagCacheOptions, UsageError, run_config_from_flags
-from launcher.engine.planning import plan_builder, resolve_target
+from launcher.engine.planning import Sampling, magcache_setup
 from launcher.wan.tasks import TASKS
 from magcache.plan import plan
 from magcache.schedule import MagCacheParams
@@ -31,9 +31,9 @@ from test_cli_errors import assert_one_line_error
 def builder(task: str, K: int = 2, R: float = 0.2, steps: int | None = None, **flags):
     """`thresh -> Plan` for a task's bundled table at its default shift and solver."""
     spec = TASKS[task]
-    options = MagCacheOptions.from_flags({"magcache_K": K, "retention_ratio": R, **flags})
-    return plan_builder(spec, steps=steps or spec.sample_steps, shift=spec.sample_shift, solver="unipc",
-                        with_image=False, options=options)
+    setup = magcache_setup(Sampling.from_flags({"task": task, "sample_steps": steps or spec.sample_steps,
+                                                "magcache_K": K, "retention_ratio": R, **flags}))
+    return setup.plan_at
 
 
 def assert_smallest(build, target: float, result) -> None:
@@ -102,8 +102,9 @@ def test_unbounded_threshold_gives_the_maximum(task, R):
 def test_the_maximum_does_not_depend_on_the_ratios():
     """Unbounded, the threshold never says no: K, retention and the split decide (README)."""
     spec = TASKS["ti2v-5B"]
-    tops = {max_speedup(plan_builder(spec, steps=50, shift=spec.sample_shift, solver="unipc", with_image=image,
-                                     options=MagCacheOptions.from_flags({}))) for image in (False, True)}
+    tops = {max_speedup(magcache_setup(Sampling.from_flags({"task": spec.name, "sample_steps": 50,
+                                                            "image": "a.png" if image else None})).plan_at)
+            for image in (False, True)}
     assert len(tops) == 1
 
 
@@ -240,9 +241,8 @@ def test_batch_items_resolve_their_own_threshold(tmp_path):
     spec = TASKS["ti2v-5B"]
     for config, with_image in ((text, False), (image, True)):
         mc = config.magcache
-        options = MagCacheOptions.from_flags(flags)
-        _, expected = resolve_target(spec, steps=50, shift=spec.sample_shift, solver="unipc", with_image=with_image,
-                                     options=options)
+        expected = magcache_setup(Sampling.from_flags({**flags, "sample_steps": 50,
+                                                       "image": "a.png" if with_image else None})).target
         assert expected is not None and mc.thresh == expected.thresh and mc.thresh_from == "target"
     assert text.magcache.thresh != image.magcache.thresh
 

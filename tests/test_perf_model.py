@@ -11,7 +11,7 @@ from conftest import run_cli
 from test_cli_errors import assert_one_line_error
 
 from launcher.cli import main
-from launcher.config import MagCacheOptions, UsageError
+from launcher.config import UsageError
 from launcher.engine.layouts import (
     Cluster,
     enumerate_layouts,
@@ -28,7 +28,7 @@ from launcher.engine.perf_model import (
     forward_cost,
     predict,
 )
-from launcher.engine.planning import make_plan
+from launcher.engine.planning import Sampling, magcache_setup
 from launcher.wan.tasks import TASKS
 
 #: the official Wan2.2 README's "Computational Efficiency on Different GPUs" table, H100, total seconds
@@ -51,8 +51,7 @@ def official_layout(gpus: int) -> Placement:
 
 def official_plan(task: str):
     spec = TASKS[task]
-    return make_plan(task=task, steps=spec.sample_steps, shift=spec.sample_shift, solver="unipc",
-                     with_image=spec.image == "required", options=MagCacheOptions.from_flags({}, enabled=True))
+    return magcache_setup(Sampling.from_flags({"task": task, "image": "first.png" if spec.image == "required" else None})).plan
 
 
 @pytest.mark.parametrize("task,width,height,figures", PUBLISHED_H100, ids=["t2v-720P", "t2v-480P", "i2v-720P"])

@@ -11,13 +11,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.batch.items import BatchItem, parse_shard, read_items, summary_name, take_shard
 from launcher.batch.results import ItemResult, one_line, print_table, verified_manifest, write_summary
 from launcher.config import RunConfig, UsageError, check_output_location, run_config_from_flags, with_defaults
 from launcher.errors import InputError
 from launcher.wan.tasks import TASKS
+
+if TYPE_CHECKING:
+    from launcher.engine.lifecycle import Engine
 
 EXIT_SOME_FAILED = 3
 
@@ -91,7 +94,7 @@ def _remove_stale_temps(video: Path) -> None:
 
 
 def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[int, RunConfig | str],
-                    world: Any, info: Any, prompts_file: Path, *, warm_up: bool = False) -> list[ItemResult]:
+                    engine: Engine, prompts_file: Path, *, warm_up: bool = False) -> list[ItemResult]:
     """This dp group's items (the k-th item to generate goes to group k % dp_size).
 
     `warm_up`: first an untimed 2-step denoise without decode, so the first item's timings are
@@ -100,20 +103,20 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     from rich.markup import escape
 
     from launcher.outputs.report import console
-    from launcher.engine.session import GenerationSession
 
+    world = engine.world
     mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % world.dp_size == world.dp_rank]
     if not mine:
         return []
     first = configs[mine[0][0]]
     assert isinstance(first, RunConfig)
-    session = GenerationSession(first, info, world)
+    session = engine.session()
+    engine.at("while generating")
     if warm_up:
         from launcher.outputs.files import Outputs
 
-        session.pipeline.decode = False
-        session.generate(replace(first, sample_steps=min(2, first.sample_steps)), mine[0][1], Outputs(video=None))
-        session.pipeline.decode = world.is_output_rank
+        session.generate(replace(first, sample_steps=min(2, first.sample_steps)), mine[0][1], Outputs(video=None),
+                         decode=False)
     results: list[ItemResult] = []
     for n, (index, seed) in enumerate(mine, start=1):
         item, config = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
@@ -172,17 +175,20 @@ def _announce(plan: BatchPlan, label: str, dp_size: int) -> None:
                   f"{done} already done, {invalid} invalid", highlight=False)
 
 
-def generate_items(world: Any, items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
-                   info: Any, *, force: bool, prompts_file: Path, label: str, warm_up: bool = False) -> list[ItemResult]:
+def generate_items(engine: Engine, items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
+                   *, force: bool, prompts_file: Path, label: str, warm_up: bool = False) -> list[ItemResult]:
     """Every rank: settle, spread over the dp groups, generate, gather. The results, on every rank.
 
     `batch` and `sweep` both run their items through here (one model load per dp group).
     """
+    world = engine.world
+    engine.at("while settling the items")
     plan = world.all_gather_object(plan_batch(items, configs, flags, force=force) if world.rank == 0 else None)[0]
     if world.rank == 0:
         _announce(plan, label, world.dp_size)
     by_index = {item.index: item for item in items}
-    local = _generate_share(plan, by_index, configs, world, info, prompts_file, warm_up=warm_up)
+    local = _generate_share(plan, by_index, configs, engine, prompts_file, warm_up=warm_up)
+    engine.at("while gathering the results")
     return _merge(plan, world.all_gather_object(local, patient=True), by_index)
 
 
@@ -196,14 +202,14 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | None, flags: dict[str, Any]) -> int:
     """Run the batch; 0 when every item is done (now or before), 3 when any failed."""
-    from launcher.checkpoint import inspect_checkpoint
+    from launcher.engine.lifecycle import check_inputs, open_engine
 
     started = time.perf_counter()
     shard_ix = parse_shard(shard)
     shard_text = None if shard is None else f"{shard_ix[0]}/{shard_ix[1]}"
     all_items = read_items(Path(prompts_file))
     base = probe_config(flags)
-    info = inspect_checkpoint(base.ckpt_dir, base.task)
+    inputs = check_inputs(base)
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir)
     items = take_shard(all_items, shard_ix)
@@ -214,11 +220,10 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
         except InputError as e:
             configs[item.index] = one_line(e)
 
-    from launcher.engine.world import open_world
-
     where = f" (shard {shard_text} of {len(all_items)} in the file)" if shard_text is not None else ""
-    with open_world(base, num_heads=info.num_heads, allow_data_parallel=True) as world:
-        results = generate_items(world, items, configs, flags, info, force=force, prompts_file=Path(prompts_file),
+    with open_engine(base, data_parallel=True, inputs=inputs) as engine:
+        world = engine.world
+        results = generate_items(engine, items, configs, flags, force=force, prompts_file=Path(prompts_file),
                                  label=f"batch: {len(items)} item(s){where}")
         if world.rank == 0:
             write_summary(

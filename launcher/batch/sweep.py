@@ -99,14 +99,14 @@ def run_sweep(*, prompts_file: Path, out_dir: Path, thresholds: str | None, spee
               force: bool, lpips_weights: Path | None, flags: dict[str, Any]) -> int:
     """Generate what is missing, then report; 0 when every video exists, 3 when any failed."""
     from launcher.batch import EXIT_SOME_FAILED, generate_items, prepare_out_dir, probe_config
-    from launcher.checkpoint import inspect_checkpoint
+    from launcher.engine.lifecycle import check_inputs, open_engine
 
     started = time.perf_counter()
     settings = settings_for(parse_floats(thresholds, "--thresholds", minimum=0.0),
                             parse_floats(speedups, "--speedups", minimum=1.0))
     prompts = read_items(Path(prompts_file))
     base = probe_config(flags)
-    info = inspect_checkpoint(base.ckpt_dir, base.task)
+    inputs = check_inputs(base)
     out_dir = Path(out_dir)
     items, configs, what = expand(prompts, settings, flags, out_dir)
     bad = next((c for c in configs.values() if isinstance(c, str)), None)
@@ -114,10 +114,9 @@ def run_sweep(*, prompts_file: Path, out_dir: Path, thresholds: str | None, spee
         raise UsageError(bad)  # a sweep with a hole in it compares nothing: fix the flags first
     prepare_out_dir(out_dir)
 
-    from launcher.engine.world import open_world
-
-    with open_world(base, num_heads=info.num_heads, allow_data_parallel=True) as world:
-        results = generate_items(world, items, configs, flags, info, force=force, prompts_file=Path(prompts_file),
+    with open_engine(base, data_parallel=True, inputs=inputs) as engine:
+        world = engine.world
+        results = generate_items(engine, items, configs, flags, force=force, prompts_file=Path(prompts_file),
                                  label=f"sweep: {len(prompts)} prompt(s) x {len(settings)} setting(s)", warm_up=True)
         if world.rank == 0:
             write_summary(out_dir / "summary.json", results, prompts_file=str(prompts_file), out_dir=str(out_dir),

@@ -1,38 +1,117 @@
-"""Turn launcher flags into MagCache's inputs: ratio table, params, real timesteps.
+"""Turn launcher flags into MagCache's inputs: one set-up per request (ratio table, timesteps, params).
 
-`plan` and `generate` both go through here, so the schedule `plan` prints is, by construction,
-the one a generation executes; that includes the threshold --magcache-target-speedup chooses
-(`resolve_target`), which depends only on the ratio table and the schedule flags.
+`plan`, the runner and the manifest all take the one `MagCacheSetup` made from a frozen `Sampling`
+record, so the schedule `plan` prints is, by construction, the one a generation executes; that
+includes the threshold --magcache-target-speedup chooses, which depends only on the ratio table
+and the schedule flags.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
+from typing import Any
 
 from magcache.plan import Plan, plan
 from magcache.ratios import RatioTable, bundled_table, load_ratio_file, table_key, table_warnings
 from magcache.schedule import MagCacheParams, MagCacheSchedule, build_schedule
 from magcache.target import TargetOutOfReach, TargetResult, floor_2dp, threshold_for_speedup
 
-from launcher.config import MagCacheOptions, RunConfig, SplitMode, UsageError
-from launcher.wan.tasks import TASKS, TaskSpec
+from launcher.config import (
+    MagCacheOptions,
+    RunConfig,
+    UsageError,
+    cond_only_experts,
+    parse_guide_scale,
+    parse_loras,
+    parse_timesteps,
+    resolve_sampling,
+    with_defaults,
+)
+from launcher.wan.tasks import TaskSpec
 
 
-def magcache_params(options: MagCacheOptions, thresh: float | None = None) -> MagCacheParams:
-    """The algorithm's params; `thresh` overrides the options' (the target search tries many)."""
-    thresh = options.thresh if thresh is None else thresh
-    if thresh is None:
-        raise ValueError("the MagCache threshold is still to be chosen from --magcache-target-speedup; "
-                         "resolve the options first (resolve_target)")
-    return MagCacheParams(
-        thresh=thresh,
-        K=options.K,
-        retention_ratio=options.retention_ratio,
-        split_mode=options.split,
-        reset_at_switch=options.reset_at_switch,
-    )
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """What fixes one run's MagCache schedule, from a RunConfig or `plan`'s flags: the one record
+    the set-up is made from (hashable, so equal requests share one set-up)."""
+
+    task: TaskSpec
+    steps: int
+    shift: float
+    solver: str
+    #: euler's base timesteps (--timesteps); None: the solver's own
+    timesteps: tuple[float, ...] | None
+    #: an image conditions the run (ti2v-5B's image table)
+    with_image: bool
+    #: experts at guidance 1, whose steps run one forward (`RunConfig.cond_only_experts`)
+    cond_only: tuple[str, ...]
+    #: the MagCache options; for a target run the threshold is the set-up's output, so it is None here
+    options: MagCacheOptions
+    #: the LoRAs' labels, for the "table made elsewhere" warning
+    loras: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Sampling:
+        mc = config.magcache
+        options = replace(mc, enabled=True, calibration=False,
+                          thresh=None if mc.target_speedup is not None else mc.thresh)
+        return cls(task=config.task, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
+                   timesteps=config.timesteps, with_image=config.uses_image and config.task.image != "none",
+                   cond_only=config.cond_only_experts, options=options, loras=tuple(s.label for s in config.loras))
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> Sampling:
+        """`plan`'s record: the schedule flags alone (no prompt, checkpoint or output needed), the
+        cached schedule whether or not --use_magcache is given."""
+        spec, steps, shift, solver = resolve_sampling(flags)
+        f = with_defaults(flags)  # with a --distilled preset's solver, steps, shift and guidance
+        options = MagCacheOptions.from_flags(f, enabled=True)
+        return cls(task=spec, steps=steps, shift=shift, solver=solver, timesteps=parse_timesteps(f["timesteps"]),
+                   with_image=f["image"] is not None and spec.image != "none",
+                   # guidance 1 runs one forward per step of that expert: the plan has no uncond forward there
+                   cond_only=cond_only_experts(spec, parse_guide_scale(f["sample_guide_scale"], spec)),
+                   options=options, loras=tuple(s.label for s in parse_loras(f, spec, check_paths=False)))
+
+
+@dataclass(frozen=True, slots=True)
+class MagCacheSetup:
+    """One run's MagCache, set up once: the ratio table (read once), the scheduler timesteps
+    (computed once), the threshold (chosen once for a target), the params (validated once) and the
+    plan. `plan` prints `plan`, the runner follows `schedule()`, the manifest records `table`."""
+
+    sampling: Sampling
+    table: RatioTable
+    #: the timesteps the pipeline's scheduler will produce (Euler's truncated: the expert switch
+    #: compares them with whole numbers)
+    scheduler_timesteps: tuple[int, ...]
+    #: the options with the threshold that runs
+    options: MagCacheOptions
+    params: MagCacheParams
+    #: the --magcache-target-speedup search's result (None without a target)
+    target: TargetResult | None
+    #: the forward-by-forward plan at `params`, with the table's warnings
+    plan: Plan
+
+    def plan_at(self, thresh: float) -> Plan:
+        """The plan this set-up gives at another threshold (what the target search walks)."""
+        return _plan_at(self.sampling, self.table, self.scheduler_timesteps, thresh)
+
+    def schedule(self) -> MagCacheSchedule:
+        """A fresh schedule (per video state) for the runner: the plan's rule, forward by forward."""
+        s = self.sampling
+        return build_schedule(s.task.mode, s.steps, s.shift, s.task.boundary, self.params, self.table.mag(s.steps),
+                              self.scheduler_timesteps)
+
+
+def _params(options: MagCacheOptions, thresh: float) -> MagCacheParams:
+    return MagCacheParams(thresh=thresh, K=options.K, retention_ratio=options.retention_ratio,
+                          split_mode=options.split, reset_at_switch=options.reset_at_switch)
+
+
+def _plan_at(s: Sampling, table: RatioTable, ts: tuple[int, ...], thresh: float) -> Plan:
+    return plan(s.task.mode, s.steps, s.shift, s.task.boundary, _params(s.options, thresh), table.mag(s.steps), ts,
+                s.task.experts, calibrated_steps=table.sample_steps, cond_only=s.cond_only)
 
 
 def ratio_table(task: TaskSpec, *, with_image: bool, options: MagCacheOptions) -> RatioTable:
@@ -43,54 +122,46 @@ def ratio_table(task: TaskSpec, *, with_image: bool, options: MagCacheOptions) -
 
 
 def scheduler_timesteps(solver: str, steps: int, shift: float,
-                        timesteps: tuple[float, ...] | None = None) -> list[int]:
-    """The timesteps the pipeline's scheduler will produce, computed without building it (Euler's
-    float timesteps truncated: the expert switch compares them with whole numbers)."""
+                        timesteps: tuple[float, ...] | None = None) -> tuple[int, ...]:
+    """The timesteps the pipeline's scheduler will produce, computed without building it."""
     from launcher.wan.solvers import official_timesteps
 
-    return [int(t) for t in official_timesteps(solver, steps, shift, timesteps)]
+    return tuple(int(t) for t in official_timesteps(solver, steps, shift, timesteps))
 
 
-def plan_builder(
-    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
-    table: RatioTable | None = None, cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None,
-) -> Callable[[float], Plan]:
-    """`thresh -> Plan` with everything else fixed (table, timesteps, K, retention, split, reset);
-    `table`: the ratio table when the caller already read it; `cond_only`: experts run at guidance 1
-    (one forward per step, `RunConfig.cond_only_experts`)."""
-    if table is None:
-        table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
-    mag, ts = table.mag(steps), scheduler_timesteps(solver, steps, shift, timesteps)
+@lru_cache(maxsize=64)
+def magcache_setup(sampling: Sampling) -> MagCacheSetup:
+    """The set-up for this sampling record, made once per distinct record in a process (a batch's
+    items and a server's requests mostly share one; a target search builds a few dozen plans).
+
+    An unreachable --magcache-target-speedup is a UsageError naming the maximum, raised from flags
+    and the ratio table alone, before any weight is loaded.
+    """
+    s, options = sampling, sampling.options
+    table = ratio_table(s.task, with_image=s.with_image, options=options)
+    ts = scheduler_timesteps(s.solver, s.steps, s.shift, s.timesteps)
 
     def build(thresh: float) -> Plan:
-        return plan(spec.mode, steps, shift, spec.boundary, magcache_params(options, thresh), mag, ts,
-                    spec.experts, calibrated_steps=table.sample_steps, cond_only=cond_only)
+        return _plan_at(s, table, ts, thresh)
 
-    return build
-
-
-def resolve_target(
-    spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
-    cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None,
-) -> tuple[MagCacheOptions, TargetResult | None]:
-    """Options with the threshold --magcache-target-speedup asks for, and the search's result.
-
-    Without a target: the options unchanged and None. An unreachable target is a UsageError
-    naming the maximum, raised from flags and ratio table alone, before any weight is loaded.
-    """
-    if options.target_speedup is None:
-        return options, None
-    build = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
-                         cond_only=cond_only, timesteps=timesteps)
-    try:
-        result = threshold_for_speedup(build, options.target_speedup)
-    except TargetOutOfReach as e:
-        hint = "raise --magcache_K or lower --retention_ratio" if options.retention_ratio > 0 else "raise --magcache_K"
-        raise UsageError(
-            f"--magcache-target-speedup {options.target_speedup} is out of reach for {spec.name} at {steps} steps "
-            f"with K {options.K}, retention {options.retention_ratio}: at most {floor_2dp(e.max_speedup)}x; {hint}"
-        ) from None
-    return replace(options, thresh=result.thresh), result
+    target = None
+    if options.target_speedup is not None:
+        try:
+            target = threshold_for_speedup(build, options.target_speedup)
+        except TargetOutOfReach as e:
+            hint = "raise --magcache_K or lower --retention_ratio" if options.retention_ratio > 0 else "raise --magcache_K"
+            raise UsageError(
+                f"--magcache-target-speedup {options.target_speedup} is out of reach for {s.task.name} at {s.steps} "
+                f"steps with K {options.K}, retention {options.retention_ratio}: at most {floor_2dp(e.max_speedup)}x; "
+                f"{hint}") from None
+        options = replace(options, thresh=target.thresh)
+    assert options.thresh is not None
+    the_plan = build(options.thresh)
+    made_elsewhere = table_warnings(table, shift=s.shift, solver=s.solver, loras=s.loras)
+    if made_elsewhere:
+        the_plan = replace(the_plan, warnings=the_plan.warnings + tuple(made_elsewhere))
+    return MagCacheSetup(sampling=s, table=table, scheduler_timesteps=ts, options=options,
+                         params=the_plan.params, target=target, plan=the_plan)
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
@@ -102,84 +173,23 @@ def resolve_config(config: RunConfig) -> RunConfig:
     mc = config.magcache
     if mc.target_speedup is None or mc.thresh is not None:
         return config
-    thresh = _target_thresh(config.task.name, config.sample_steps, config.sample_shift, config.sample_solver,
-                            config.uses_image, mc.K, mc.retention_ratio, mc.split, mc.reset_at_switch,
-                            None if mc.ratios_file is None else str(mc.ratios_file), mc.target_speedup,
-                            config.cond_only_experts, config.timesteps)
-    return replace(config, magcache=replace(mc, thresh=thresh))
+    return replace(config, magcache=replace(mc, thresh=magcache_setup(Sampling.of(config)).options.thresh))
 
 
-@lru_cache(maxsize=64)
-def _target_thresh(task: str, steps: int, shift: float, solver: str, with_image: bool, K: int, retention: float,
-                   split: SplitMode, reset: bool, ratios_file: str | None, target: float,
-                   cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None) -> float:
-    """resolve_target's threshold, once per distinct setting: a batch's items mostly share one,
-    and each search builds a few dozen plans (~30 ms)."""
-    options = MagCacheOptions(enabled=True, thresh=None, K=K, retention_ratio=retention, split=split,
-                              reset_at_switch=reset, ratios_file=None if ratios_file is None else Path(ratios_file),
-                              target_speedup=target)
-    resolved, _ = resolve_target(TASKS[task], steps=steps, shift=shift, solver=solver, with_image=with_image,
-                                 options=options, cond_only=cond_only, timesteps=timesteps)
-    assert resolved.thresh is not None
-    return resolved.thresh
-
-
-def _resolved(spec: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool,
-              options: MagCacheOptions, cond_only: tuple[str, ...] = (),
-              timesteps: tuple[float, ...] | None = None) -> MagCacheOptions:
-    if options.thresh is not None:
-        return options
-    return resolve_target(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
-                          cond_only=cond_only, timesteps=timesteps)[0]
-
-
-def make_schedule(
-    task: TaskSpec, *, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
-    timesteps: tuple[float, ...] | None = None, cond_only: tuple[str, ...] = (),
-) -> tuple[MagCacheSchedule, RatioTable]:
-    options = _resolved(task, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
-                        cond_only=cond_only, timesteps=timesteps)
-    table = ratio_table(task, with_image=with_image, options=options)
-    schedule = build_schedule(
-        task.mode, steps, shift, task.boundary, magcache_params(options), table.mag(steps),
-        scheduler_timesteps(solver, steps, shift, timesteps),
-    )
-    return schedule, table
-
-
-def make_plan(
-    *, task: str, steps: int, shift: float, solver: str, with_image: bool, options: MagCacheOptions,
-    cond_only: tuple[str, ...] = (), timesteps: tuple[float, ...] | None = None, loras: tuple[str, ...] = (),
-) -> Plan:
-    """The MagCache schedule, forward by forward, for resolved settings (`config.resolve_sampling`);
-    a threshold still to be chosen from --magcache-target-speedup is chosen here. `cond_only`: the
-    experts at guidance 1, whose steps run one forward."""
-    spec = TASKS[task]
-    options = _resolved(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
-                        cond_only=cond_only, timesteps=timesteps)
-    assert options.thresh is not None
-    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
-    the_plan = plan_builder(spec, steps=steps, shift=shift, solver=solver, with_image=with_image, options=options,
-                            table=table, cond_only=cond_only, timesteps=timesteps)(options.thresh)
-    made_elsewhere = table_warnings(table, shift=shift, solver=solver, loras=loras)
-    return replace(the_plan, warnings=the_plan.warnings + tuple(made_elsewhere)) if made_elsewhere else the_plan
-
-
-def plan_to_json(the_plan: Plan, *, task: str, solver: str, options: MagCacheOptions, with_image: bool,
-                 target: TargetResult | None = None) -> dict:
+def plan_to_json(setup: MagCacheSetup, *, extra_warnings: tuple[str, ...] = ()) -> dict:
     """`plan --json`: the task and run settings by their CLI names, the threshold and where it came
     from (with the target search's breakpoint and maximum), then the schedule itself."""
-    spec = TASKS[task]
-    table = ratio_table(spec, with_image=with_image and spec.image != "none", options=options)
+    s, table, target = setup.sampling, setup.table, setup.target
+    the_plan = replace(setup.plan, warnings=(*setup.plan.warnings, *extra_warnings))
     return {
-        "task": task,
+        "task": s.task.name,
         "sample_steps": the_plan.steps,
         "sample_shift": the_plan.shift,
-        "sample_solver": solver,
+        "sample_solver": s.solver,
         "ratio_table": {"key": table.key, "source": table.source, "sample_steps": table.sample_steps},
-        "target_speedup": options.target_speedup,
+        "target_speedup": setup.options.target_speedup,
         "thresh": the_plan.params.thresh,
-        "thresh_from": options.thresh_from,
+        "thresh_from": setup.options.thresh_from,
         "target_search": None if target is None else {"breakpoint": target.breakpoint,
                                                       "max_forward_speedup": target.max_speedup},
         **the_plan.to_json(),

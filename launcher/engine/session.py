@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from launcher.checkpoint import CheckpointInfo
-from launcher.checkpoint.lora import plan_loras
+from launcher.checkpoint.lora import LoraPlan, plan_loras
 from launcher.config import RunConfig
 from launcher.engine.models import load_models
-from launcher.engine.planning import make_plan, make_schedule
+from launcher.engine.planning import Sampling, magcache_setup
 from launcher.engine.world import World
 from launcher.outputs.atomic import sha256_of
 from launcher.outputs.files import Outputs
@@ -42,13 +42,14 @@ def _both(a: Callable[[int, int], None] | None, b: Callable[[int, int], None] | 
 
 
 class GenerationSession:
-    def __init__(self, config: RunConfig, info: CheckpointInfo, world: World) -> None:
+    def __init__(self, config: RunConfig, info: CheckpointInfo, world: World, loras: LoraPlan | None = None) -> None:
+        """`loras`: the LoRAs resolved from their headers before the World started (`engine.lifecycle`);
+        None resolves them here (harnesses that build a session on a World of their own)."""
         self.config = config
         self.info = info
         self.world = world
-        # every LoRA resolved from its header before any weight is read: a bad one exits 2 on every rank
-        self.loras = plan_loras(config.loras, {e: info.transformer_weights[e].shapes for e in config.task.experts},
-                                config.task.name)
+        self.loras = loras if loras is not None else plan_loras(
+            config.loras, {e: info.transformer_weights[e].shapes for e in config.task.experts}, config.task.name)
         self.lora_json = ([r.to_json(sha256_of(r.file)) for r in self.loras.reports]
                           if world.is_output_rank else [])
         if world.is_output_rank:
@@ -88,22 +89,19 @@ class GenerationSession:
             return CalibrationRecorder(reduce_sum=self.world.branch_sum()), None, []
         if not config.magcache.enabled:
             return ComputeAll(), None, []
-        schedule, table = make_schedule(
-            config.task, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
-            with_image=config.uses_image, options=config.magcache, timesteps=config.timesteps,
-            cond_only=config.cond_only_experts,
-        )
-        warnings = list(make_plan(task=config.task.name, steps=config.sample_steps, shift=config.sample_shift,
-                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache,
-                                  cond_only=config.cond_only_experts, timesteps=config.timesteps,
-                                  loras=tuple(s.label for s in config.loras)).warnings)
-        return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
+        setup = magcache_setup(Sampling.of(config))  # the one `resolve_config` made: table read once
+        if setup.options.thresh != config.magcache.thresh:
+            raise ValueError(f"the config's threshold {config.magcache.thresh} is not its set-up's "
+                             f"{setup.options.thresh}: resolve the config first (resolve_config)")
+        return (MagCacheController(setup.schedule(), sync=self.world.magcache_sync()), setup.table,
+                list(setup.plan.warnings))
 
     def generate(self, config: RunConfig, seed: int, outputs: Outputs,
-                 on_step: Callable[[int, int], None] | None = None) -> dict[str, Any] | None:
+                 on_step: Callable[[int, int], None] | None = None, *, decode: bool = True) -> dict[str, Any] | None:
         """Run one request; the output rank writes files and returns the manifest.
 
         `on_step(done, total)`: called after each denoise step on every rank (the server's progress).
+        `decode=False`: stop at the final latents (calibration curves, a warm-up), no rank decodes.
         """
         from launcher.outputs.report import progress_bar
 
@@ -129,7 +127,7 @@ class GenerationSession:
             self.pipeline.on_decode = lambda: log(f"decoding{where}")
         with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as bar:
             self.pipeline.on_step = _both(bar, on_step)
-            result = self.pipeline.generate(request, runner)
+            result = self.pipeline.generate(request, runner, decode=decode)
         decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])
         calibration = self._calibration(config, runner, result, outputs) if config.magcache.calibration else None
         vae_decode = self._vae_decode(result)

@@ -73,8 +73,7 @@ def _tell_stopping(front: Any) -> None:
 
 def run_serve(options: ServeOptions, flags: dict[str, Any]) -> int:
     from launcher.batch import probe_config
-    from launcher.checkpoint import inspect_checkpoint
-    from launcher.engine.world import open_world
+    from launcher.engine.lifecycle import check_inputs, open_engine
 
     if options.max_queue < 1:
         raise UsageError(f"--max-queue {options.max_queue}: must be >= 1")
@@ -82,20 +81,19 @@ def run_serve(options: ServeOptions, flags: dict[str, Any]) -> int:
         raise UsageError(f"--image-dir {options.image_dir}: directory not found")
     check_output_location(options.jobs_dir, "--jobs-dir", directory=True)
     base = probe_config(flags)
-    info = inspect_checkpoint(base.ckpt_dir, base.task)
+    inputs = check_inputs(base)
     stop = threading.Event()
-    with open_world(base, num_heads=info.num_heads, allow_data_parallel=True) as world:
-        return _serve_on(world, base, info, options, flags, stop)
+    with open_engine(base, data_parallel=True, inputs=inputs) as engine:
+        return _serve_on(engine, options, flags, stop)
 
 
-def _serve_on(world: Any, base: Any, info: Any, options: ServeOptions, flags: dict[str, Any],
-              stop: threading.Event) -> int:
-    from launcher.engine.session import GenerationSession
+def _serve_on(engine: Any, options: ServeOptions, flags: dict[str, Any], stop: threading.Event) -> int:
     from launcher.outputs.report import log
     from launcher.serve.front import start_front
     from launcher.serve.ranks import RankLoop
     from launcher.serve.watchdog import Watchdog
 
+    world = engine.world
     sock = _bind(options.host, options.port) if world.rank == 0 else None
     problem = world.all_gather_object(sock if isinstance(sock, str) else None)[0]
     if problem is not None:
@@ -112,7 +110,8 @@ def _serve_on(world: Any, base: Any, info: Any, options: ServeOptions, flags: di
     _install_stop(stop, front)
     watchdog = Watchdog(world.side_group(), lambda e: fatal(e, exit_now=True)).start()
     try:
-        session = GenerationSession(base, info, world)
+        session = engine.session()
+        engine.at("while serving")
         if front is not None:
             front.set_health("stopping" if stop.is_set() else "ready")
             log(f"serving on {url} ({world.world_size} rank(s), {world.dp_size} dp replica(s))")

@@ -224,7 +224,8 @@ class WanPipeline:
         return (0,)
 
     @torch.no_grad()
-    def generate(self, req: Request, runner: BlockRunner) -> Result:
+    def generate(self, req: Request, runner: BlockRunner, *, decode: bool = True) -> Result:
+        """Denoise `req` with `runner` around the blocks; then decode unless `decode` is False."""
         timer = _Timer(self.m.device)
         task = self.m.task
         with timer.phase("encode_text"):
@@ -276,15 +277,16 @@ class WanPipeline:
                 self.m.expert_to(name, "cpu")
             torch.cuda.empty_cache()
         split = None
-        if self.on_decode is not None and (self.decode or self.split_decode is not None):
+        decodes = decode and (self.decode or self.split_decode is not None)
+        if self.on_decode is not None and decodes:
             self.on_decode()
-        if self.split_decode is not None:
+        if decodes and self.split_decode is not None:
             with timer.phase("decode"):
                 video, split = self.split_decode(self.m.vae, latent)
-        elif self.decode:
-            from launcher.wan.vae import decode
+        elif decodes:
+            from launcher.wan.vae import decode as vae_decode
 
             with timer.phase("decode"):
-                video = decode(self.m.vae, latent)
+                video = vae_decode(self.m.vae, latent)
         return Result(latents=latent.float(), video=video, timesteps=timesteps,
                       experts_per_step=experts_per_step, seq_len=seq_len, timings=timer.timings, decode=split)
