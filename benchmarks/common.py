@@ -15,6 +15,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -226,3 +227,58 @@ def save_or_skip(record: dict[str, Any], *, no_save: bool, results_dir: Path, ma
     update_markdown(markdown, results_dir)
     log(f"wrote {path} and {markdown} in {record['total_runtime_s']:.0f} s")
     return 0
+
+
+# -- one run's bookkeeping --------------------------------------------------------------------
+#: flags of every benchmark that say where results go, not what was measured
+_BOOKKEEPING_FLAGS = ("results_dir", "markdown", "render_only", "no_save")
+
+
+class BenchRun:
+    """The prologue and epilogue every benchmark's `main()` shares: `--render-only` re-renders the
+    markdown and stops; otherwise a log, the start time and the machine's load before the run (other
+    users' load: ours has not started), and at the end one result record, saved or not."""
+
+    def __init__(self, args: Any, update_markdown: Callable[[Path, Path], None]) -> None:
+        self.args = args
+        self.update_markdown = update_markdown
+        self.t_start = time.perf_counter()
+        self.load_at_start = [round(x, 2) for x in os.getloadavg()]
+
+    @classmethod
+    def start(cls, args: Any, update_markdown: Callable[[Path, Path], None]) -> BenchRun | None:
+        """The run, or None after `--render-only` rendered the markdown (the caller returns 0)."""
+        if args.render_only:
+            update_markdown(args.markdown, args.results_dir)
+            print(f"rendered {args.markdown}")
+            return None
+        return cls(args, update_markdown)
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    def checkpoint(self, work: Path, what: str, build: Callable[[Path], None]) -> Path:
+        """--ckpt-dir when given, else a random checkpoint `build` writes under `work`."""
+        if self.args.ckpt_dir is not None:
+            return self.args.ckpt_dir
+        ckpt = work / "ckpt"
+        self.log(f"building a random --preset bench {what} checkpoint in {ckpt}")
+        build(ckpt)
+        return ckpt
+
+    def flags(self, *drop: str) -> dict[str, Any]:
+        """The run's flags as the record keeps them (paths as text), without the bookkeeping ones."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()
+                if k not in _BOOKKEEPING_FLAGS + drop}
+
+    def record(self, *, benchmark: str, figures: dict[str, Any], flags: dict[str, Any] | None = None,
+               **sections: Any) -> dict[str, Any]:
+        record = result_record(benchmark=benchmark, name=self.args.name, flags=self.flags() if flags is None else flags,
+                               figures=figures, total_runtime_s=time.perf_counter() - self.t_start, **sections)
+        record["machine"]["load_avg_at_start"] = self.load_at_start
+        return record
+
+    def save(self, record: dict[str, Any]) -> int:
+        return save_or_skip(record, no_save=self.args.no_save, results_dir=self.args.results_dir,
+                            markdown=self.args.markdown, update_markdown=self.update_markdown, log=self.log)

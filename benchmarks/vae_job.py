@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "scripts"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import torch
 from diffusers import AutoencoderKLWan
-from make_tiny_checkpoint import _randomize
 
+from launcher.checkpoint.tiny import _randomize
 from launcher.wan.vae import LATENT_STATS, decode
 from launcher.wan.vae_parallel import decode_band, plan_decode
 from parallel.halo import RowExchange

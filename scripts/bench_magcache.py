@@ -9,9 +9,9 @@
 The DiT is a random `--preset bench` checkpoint (bigger DiT, tiny T5/VAE) built in a temporary
 folder unless `--ckpt-dir` is given, so blocks dominate a forward as they do at full size.
 Generations alternate uncached (ComputeAll) / cached (MagCacheController, schedule from
-`launcher.engine.planning.make_schedule`) in ABBA order after a warm-up pair, and report:
+`launcher.engine.planning.magcache_setup`) in ABBA order after a warm-up pair, and report:
 
-- forward-count speedup: forwards / computed forwards (checked against `make_plan`);
+- forward-count speedup: forwards / computed forwards (checked against the set-up's plan);
 - wall-clock speedup of the denoising loop (median uncached / median cached) and the
   efficiency = wall speedup / forward speedup (1.0: a skipped forward costs nothing);
 - end-to-end speedup (text encode + prepare + denoise + VAE decode);
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import statistics
 import sys
@@ -45,8 +44,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    BENCHMARKS_MD, RESULTS_DIR, fmt_seconds, load_results, markdown_table, replace_section, result_record,
-    save_or_skip, summarize,
+    BENCHMARKS_MD, BenchRun, RESULTS_DIR, fmt_seconds, load_results, markdown_table, replace_section, summarize,
 )
 
 BENCHMARK = "magcache-cpu"
@@ -78,28 +76,21 @@ class Bench:
         return ComputeAll()
 
     def cached(self):
-        from launcher.engine.planning import make_schedule
+        from launcher.engine.planning import Sampling, magcache_setup
         from magcache.controller import MagCacheController
 
-        c = self.cfg
-        schedule, _ = make_schedule(c.task, steps=c.sample_steps, shift=c.sample_shift, solver=c.sample_solver,
-                                    with_image=False, options=c.magcache)
-        return MagCacheController(schedule)
+        return MagCacheController(magcache_setup(Sampling.of(self.cfg)).schedule())
 
     def plan(self):
-        from launcher.engine.planning import make_plan
+        from launcher.engine.planning import Sampling, magcache_setup
 
-        c = self.cfg
-        return make_plan(task=c.task.name, steps=c.sample_steps, shift=c.sample_shift, solver=c.sample_solver,
-                         with_image=False, options=c.magcache)
+        return magcache_setup(Sampling.of(self.cfg)).plan
 
 
 def _make_checkpoint(task: str, out: Path, seed: int) -> None:
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    maker = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(maker)
-    maker.make_tiny_checkpoint(task, "official", out, seed=seed, preset="bench")
+    from launcher.checkpoint.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(task, "official", out, seed=seed, preset="bench")
 
 
 def load_bench(args: argparse.Namespace, ckpt_dir: Path) -> Bench:
@@ -596,21 +587,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.render_only:
-        update_markdown(args.markdown, args.results_dir)
-        print(f"rendered {args.markdown}")
+    run = BenchRun.start(args, update_markdown)
+    if run is None:
         return 0
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    t_start = time.perf_counter()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]  # other users' load: our run has not started
+    log = run.log
     with tempfile.TemporaryDirectory(prefix="bench-magcache-") as tmp:
-        ckpt = args.ckpt_dir
-        if ckpt is None:
-            ckpt = Path(tmp) / "ckpt"
-            log(f"building a random --preset bench {args.task} checkpoint in {ckpt}")
-            _make_checkpoint(args.task, ckpt, seed=0)
+        ckpt = run.checkpoint(Path(tmp), args.task, lambda out: _make_checkpoint(args.task, out, seed=0))
         bench = load_bench(args, ckpt)
         args.steps = bench.cfg.sample_steps
         d = bench.checkpoint["dit"]
@@ -630,11 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             sections["skip_microbench"] = skip_microbench(timed.captured)
             log("our DiT forward vs diffusers' WanTransformer3DModel.forward")
             sections["forward_vs_diffusers"] = forward_vs_diffusers(bench)
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-             if k not in ("results_dir", "markdown", "render_only", "no_save")}
-    record = result_record(benchmark=BENCHMARK, name=args.name, flags=flags, figures=figs,
-                           total_runtime_s=time.perf_counter() - t_start, **sections)
-    record["machine"]["load_avg_at_start"] = load_at_start
+    record = run.record(benchmark=BENCHMARK, figures=figs, **sections)
     record["machine"]["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     log(f"forward speedup {figs['forward_speedup']:.2f}x | denoise wall speedup {figs['wall_speedup_denoise']:.2f}x | "
         f"efficiency {figs['efficiency']:.3f} (target {TARGET_EFFICIENCY}) | end to end {figs['e2e_speedup']:.2f}x")
@@ -643,8 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"blocks {sections['profile']['block_share_uncached']:.1%} of the uncached loop -> efficiency bound "
             f"{sections['profile']['efficiency_bound']:.3f}; skip path {mb['skip_path_us']:.1f} us vs bare add "
             f"{mb['bare_add_us']:.1f} us vs compute {mb['compute_path_ms']:.1f} ms")
-    return save_or_skip(record, no_save=args.no_save, results_dir=args.results_dir, markdown=args.markdown,
-                        update_markdown=update_markdown, log=log)
+    return run.save(record)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Writes `benchmarks/results/<name>.json` and the `parallel` section of BENCHMARKS
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    BENCHMARKS_MD, RESULTS_DIR, load_results, markdown_table, replace_section, result_record, save_or_skip,
+    BENCHMARKS_MD, BenchRun, RESULTS_DIR, load_results, markdown_table, replace_section,
 )
 
 BENCHMARK = "parallel-cpu"
@@ -62,11 +61,9 @@ EXCHANGE_ELEM = {"float32": 4, "bfloat16": 2}
 
 # -- running the jobs ---------------------------------------------------------------------------
 def _make_checkpoint(out: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    maker = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(maker)
-    maker.make_tiny_checkpoint(TASK, "official", out, seed=0, preset="bench")
+    from launcher.checkpoint.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(TASK, "official", out, seed=0, preset="bench")
 
 
 def layouts(worlds: list[int], malloc_compare: bool) -> list[dict[str, Any]]:
@@ -558,21 +555,14 @@ def print_layout(r: dict[str, Any], log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.render_only:
-        update_markdown(args.markdown, args.results_dir)
-        print(f"rendered {args.markdown}")
+    run = BenchRun.start(args, update_markdown)
+    if run is None:
         return 0
-    log = lambda s: print(s, flush=True)
-    t_start = time.perf_counter()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    log = run.log
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-parallel-") as tmp:
         work = Path(tmp)
-        ckpt = args.ckpt_dir
-        if ckpt is None:
-            ckpt = work / "ckpt"
-            log(f"building a random --preset bench {TASK} checkpoint in {ckpt}")
-            _make_checkpoint(ckpt)
+        ckpt = run.checkpoint(work, TASK, _make_checkpoint)
         facts = model_facts(ckpt, args)
         log(f"DiT {facts['dim']} x {facts['layers']} layers, {facts['heads']} heads; {facts['seq_len']} tokens; "
             f"{args.steps} steps x {args.generations} generations per job")
@@ -584,17 +574,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print_layout(row, log)
     figures = {"layouts": rows}
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-             if k not in ("results_dir", "markdown", "render_only", "no_save", "world_list")}
-    flags["malloc_mmap_threshold"] = MMAP_THRESHOLD
-    record = result_record(benchmark=BENCHMARK, name=args.name, flags=flags, figures=figures,
-                           model={k: v for k, v in facts.items() if k != "block_params"},
-                           formula=FORMULA_TEXT, memory_note=memory_note(rows),
-                           total_runtime_s=time.perf_counter() - t_start)
-    record["machine"]["load_avg_at_start"] = load_at_start
+    flags = {**run.flags("world_list"), "malloc_mmap_threshold": MMAP_THRESHOLD}
+    record = run.record(benchmark=BENCHMARK, figures=figures, flags=flags,
+                        model={k: v for k, v in facts.items() if k != "block_params"},
+                        formula=FORMULA_TEXT, memory_note=memory_note(rows))
     log(record["memory_note"])
-    return save_or_skip(record, no_save=args.no_save, results_dir=args.results_dir, markdown=args.markdown,
-                        update_markdown=update_markdown, log=log)
+    return run.save(record)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (
-    BENCHMARKS_MD,
-    RESULTS_DIR,
-    load_results,
-    markdown_table,
-    replace_section,
-    result_record,
-    save_or_skip,
+    BENCHMARKS_MD, BenchRun, RESULTS_DIR, load_results, markdown_table, replace_section,
 )
 from parallel.halo import halo_bytes_per_exchange
 
@@ -174,13 +167,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.render_only:
-        update_markdown(args.markdown, args.results_dir)
-        print(f"rendered {args.markdown}")
+    run = BenchRun.start(args, update_markdown)
+    if run is None:
         return 0
-    log = lambda s: print(s, flush=True)
-    t_start = time.perf_counter()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    log = run.log
     worlds = sorted({1, *(int(w) for w in args.worlds.split(","))})
     versions = []
     with tempfile.TemporaryDirectory(prefix="bench-vae-") as tmp:
@@ -197,13 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{max(x['decode_peak_above_before_mib'] for x in runs[world]):.0f} MiB"
                     + (f", max abs diff {r['max_abs_diff']:.2e}" if world > 1 else ""))
             versions.append(analyse(version, runs))
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-             if k not in ("results_dir", "markdown", "render_only", "no_save", "note")}
-    record = result_record(benchmark=BENCHMARK, name=args.name, flags=flags, figures={"versions": versions},
-                           formula=FORMULA_TEXT, note=args.note, total_runtime_s=time.perf_counter() - t_start)
-    record["machine"]["load_avg_at_start"] = load_at_start
-    return save_or_skip(record, no_save=args.no_save, results_dir=args.results_dir, markdown=args.markdown,
-                        update_markdown=update_markdown, log=log)
+    return run.save(run.record(benchmark=BENCHMARK, figures={"versions": versions}, flags=run.flags("note"),
+                               formula=FORMULA_TEXT, note=args.note))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes `benchmarks/results/serve-load-cpu.json` unless --no-save.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -34,11 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    from launcher.checkpoint import tiny
+
+    return tiny
 
 
 def _get(url: str) -> dict:

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny checkpoints (built once per session) and CLI runners."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,18 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """`tiny_ckpt(task, layout="official", seed=0) -> Path`, cached for the whole session."""
-    maker = _load_maker()
+    from launcher.checkpoint.tiny import make_tiny_checkpoint
+
     cache: dict[tuple[str, str, int], Path] = {}
     base = tmp_path_factory.mktemp("tiny_ckpts")
 
@@ -31,7 +23,7 @@ def tiny_ckpt(tmp_path_factory):
         key = (task, layout, seed)
         if key not in cache:
             out = base / f"{task}-{layout}-{seed}"
-            maker.make_tiny_checkpoint(task, layout, out, seed=seed)
+            make_tiny_checkpoint(task, layout, out, seed=seed)
             cache[key] = out
         return cache[key]
 

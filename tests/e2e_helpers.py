@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -32,3 +34,19 @@ def generate(ckpt: Path, out: Path, task: str, *extra: str, steps: int = 4, fram
     manifest = json.loads(video.with_suffix(".json").read_text())
     manifest["_latents"] = load_file(out / "latents.safetensors")["latents"]
     return manifest
+
+
+#: the multi-node tests' generation (test_multinode.py, test_multinode_slurm.py): MagCache skips
+#: forwards, so every rank must agree on each skip for the latents to equal one process's
+MULTINODE_STEPS = 8
+MULTINODE_MAGCACHE = ["--use_magcache", "--magcache_thresh", "0.5", "--retention_ratio", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_ckpt, tmp_path_factory):
+    """The multi-node tests' reference: their generation in this process (with its seconds)."""
+    out = tmp_path_factory.mktemp("one-process-ref")
+    t0 = time.monotonic()
+    ref = generate(tiny_ckpt("t2v-A14B"), out, "t2v-A14B", *MULTINODE_MAGCACHE, steps=MULTINODE_STEPS)
+    ref["_seconds"] = time.monotonic() - t0
+    return ref

@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import string
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,47 +29,18 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
 
 
+#: the one slurm.conf template, also filled by scripts/slurm/local_cluster.sh
+TEMPLATE = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "slurm.conf.template"
+
+
 def _conf(d: Path, hosts: Hosts, sock: Path, cpus: int) -> str:
     h0 = hosts[0]
     nodes = "\n".join(f"NodeName={h.name} NodeAddr={h.addr} NodeHostname={h.name} CPUs={cpus} RealMemory=2048 "
                       "State=UNKNOWN" for h in hosts.hosts)
-    names = ",".join(h.name for h in hosts.hosts)
-    return f"""# two-node test cluster over network namespaces (tests/netns_slurm.py)
-ClusterName=magcachenetns
-MailProg=/bin/true
-SlurmctldHost={h0.name}({h0.addr})
-SlurmctldPort=6817
-SlurmdPort=6818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={sock}
-StateSaveLocation={d}/spool/ctld
-SlurmdSpoolDir={d}/spool/%n
-SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd-%n.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-MpiDefault=none
-ReturnToService=2
-SlurmdParameters=config_overrides
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
-MessageTimeout=10
-SlurmctldTimeout=30
-SlurmdTimeout=60
-{nodes}
-PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
-"""
+    return string.Template(TEMPLATE.read_text()).substitute(
+        HEADER="two-node test cluster over network namespaces (tests/netns_slurm.py)", CLUSTER="magcachenetns",
+        CTLD_HOST=f"{h0.name}({h0.addr})", CTLD_PORT=6817, SLURMD_PORT=6818, MUNGE_SOCKET=sock, STATE_DIR=d,
+        SLURMD_SPOOL="%n", PER_NODE="-%n", NODES=nodes, PARTITION_NODES=",".join(h.name for h in hosts.hosts))
 
 
 @dataclass

@@ -104,21 +104,18 @@ def test_latents_equal_the_pinned_reference(tiny_ckpt, tmp_path, name):
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["write"]:
-    import importlib.util
     import tempfile
 
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("maker", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)  # type: ignore[union-attr]
+    from launcher.checkpoint.tiny import make_tiny_checkpoint
     REF.mkdir(parents=True, exist_ok=True)
     save_file({"noise": _noise()}, REF / "noise.safetensors")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (task, _) in sorted(CASES.items()):
             ckpt = Path(tmp) / task
             if not ckpt.exists():
-                maker.make_tiny_checkpoint(task, "official", ckpt, seed=0)
+                make_tiny_checkpoint(task, "official", ckpt, seed=0)
             latents, manifest = run_case(name, ckpt, Path(tmp))
             skipped = torch.tensor(manifest["magcache"]["skipped_forwards"], dtype=torch.int64)
             save_file({"latents": latents.contiguous(), "skipped": skipped}, REF / f"{name}.safetensors")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli_env
-from e2e_helpers import generate
+from e2e_helpers import MULTINODE_MAGCACHE, MULTINODE_STEPS, single_process  # noqa: F401 (fixture)
 from netns_hosts import NetnsUnavailable, hosts
 from safetensors.torch import load_file
 from test_reliability_multirank import (
@@ -47,8 +47,7 @@ from parallel.netif import (
     wait_for_port,
 )
 
-STEPS = 8
-MAGCACHE = ["--use_magcache", "--magcache_thresh", "0.5", "--retention_ratio", "0.2"]
+STEPS, MAGCACHE = MULTINODE_STEPS, MULTINODE_MAGCACHE
 PORT = 29611  # inside the namespaces only: no other process can hold it
 RENDEZVOUS = re.compile(r"^\[rank (\d+)\] rendezvous (\S+)(?: \((\S+)\))?:(\d+), interface (\S+) (\S+) \((.+)\)$")
 
@@ -193,15 +192,6 @@ def run_args(ckpt: Path, out: Path, *flags: str, steps: int = STEPS, dist_timeou
             "--prompt", "a red car drives through a snowy city at night", "--base_seed", "7",
             "--sample_steps", str(steps), "--save_file", str(out / "v.mp4"), "--save-latents",
             str(out / "v.safetensors"), "--dist-timeout", str(dist_timeout), *flags]
-
-
-@pytest.fixture(scope="module")
-def single_process(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("netns-ref")
-    t0 = time.monotonic()
-    ref = generate(tiny_ckpt("t2v-A14B"), out, "t2v-A14B", *MAGCACHE, steps=STEPS)
-    ref["_seconds"] = time.monotonic() - t0
-    return ref
 
 
 @pytest.mark.slow

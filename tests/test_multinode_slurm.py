@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from e2e_helpers import generate
+from e2e_helpers import MULTINODE_MAGCACHE, MULTINODE_STEPS, single_process  # noqa: F401 (fixture)
 from netns_hosts import NetnsUnavailable, hosts
 from netns_slurm import netns_slurm
 from safetensors.torch import load_file
@@ -29,8 +29,7 @@ from launcher.cli import main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 8
-MAGCACHE = ["--use_magcache", "--magcache_thresh", "0.5", "--retention_ratio", "0.2"]
+STEPS, MAGCACHE = MULTINODE_STEPS, MULTINODE_MAGCACHE
 SLURM = REPO / "scripts" / "slurm"
 
 
@@ -64,15 +63,6 @@ def generate_args(ckpt: Path, out: Path, *flags: str, steps: int = STEPS) -> lis
             "--prompt", "a red car drives through a snowy city at night", "--base_seed", "7",
             "--sample_steps", str(steps), "--save_file", str(out / "v.mp4"),
             "--save-latents", str(out / "v.safetensors"), *flags]
-
-
-@pytest.fixture(scope="module")
-def single_process(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("netns-slurm-ref")
-    t0 = time.monotonic()
-    ref = generate(tiny_ckpt("t2v-A14B"), out, "t2v-A14B", *MAGCACHE, steps=STEPS)
-    ref["_seconds"] = time.monotonic() - t0
-    return ref
 
 
 TEMPLATES = {

@@ -22,12 +22,9 @@ def _size(path: Path) -> int:
 
 
 def _load_maker():
-    import importlib.util
+    from launcher.checkpoint import tiny
 
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tiny
 
 
 def test_script_runs_from_the_command_line(tmp_path: Path) -> None:

@@ -124,45 +124,23 @@ write_config() {
   local cpus mem_mb
   cpus="${MAGCACHE_SLURM_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}"
   mem_mb="$(awk '/^MemTotal:/ { m = int($2 / 1024) - 512; print (m < 1024 ? 1024 : m) }' /proc/meminfo)"
-  cat > "$CONF.tmp" <<EOF
-# Written by scripts/slurm/local_cluster.sh: one-node test cluster, all state under $DIR.
-ClusterName=magcache
-MailProg=/bin/true
-SlurmctldHost=$NODE
-SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$SOCK
-StateSaveLocation=$DIR/spool/ctld
-SlurmdSpoolDir=$DIR/spool/d
-SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
-SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-MpiDefault=none
-ReturnToService=2
-SlurmdParameters=config_overrides
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
-MessageTimeout=10
-SlurmctldTimeout=30
-SlurmdTimeout=60
-NodeName=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-EOF
+  # the one template (tests/netns_slurm.py fills it too); ${NAME} placeholders, filled by the shell
+  HEADER="Written by scripts/slurm/local_cluster.sh: one-node test cluster, all state under $DIR." \
+  CLUSTER=magcache CTLD_HOST="$NODE" CTLD_PORT="$PORT" SLURMD_PORT="$((PORT + 1))" MUNGE_SOCKET="$SOCK" \
+  STATE_DIR="$DIR" SLURMD_SPOOL=d PER_NODE="" PARTITION_NODES="$NODE" \
+  NODES="NodeName=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" \
+    render_template "$(dirname "${BASH_SOURCE[0]}")/slurm.conf.template" > "$CONF.tmp"
   mv "$CONF.tmp" "$CONF"
   chmod 644 "$CONF"
+}
+
+# Print a template with its ${NAME} placeholders filled from the environment (no command runs).
+render_template() {
+  local text
+  text="$(cat "$1")"
+  eval "cat <<__TEMPLATE__
+$text
+__TEMPLATE__"
 }
 
 # Start one daemon in the foreground of its own session; record its PID.

@@ -6,16 +6,12 @@ rows than ranks) and gathered to rank 0, which reports the max abs difference pe
 Args: latent heights, comma-separated (default 5,7).
 """
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
 from diffusers import AutoencoderKLWan
-from make_tiny_checkpoint import TINY_VAE, _randomize
 from spawn import emit
 
+from launcher.checkpoint.tiny import TINY_VAE, _randomize
 from launcher.wan.vae import LATENT_STATS, decode
 from launcher.wan.vae_parallel import decode_split, plan_decode
 from parallel.dist import init_distributed
