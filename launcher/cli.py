@@ -111,7 +111,7 @@ def plan(
         given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
         if given:
             raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
-    from launcher.engine.planning import Sampling, magcache_setup, plan_to_json
+    from launcher.planner.schedule import Sampling, magcache_setup, plan_to_json
     from launcher.options import cli_name, flag_defaults
     from launcher.outputs.report import console, print_layouts, print_plan
 
@@ -124,7 +124,7 @@ def plan(
     layouts = None
     if cluster["gpus"] is not None:
         from launcher.config import parse_size
-        from launcher.engine.layouts import plan_layouts
+        from launcher.planner.layouts import plan_layouts
 
         width, height = parse_size(f["size"] or spec.supported_sizes[0], spec)
         frames = spec.frame_num if f["frame_num"] is None else f["frame_num"]

@@ -171,7 +171,7 @@ class MagCacheOptions:
 
     enabled: bool
     #: upper bound of the accumulated error (upstream default 0.04; the seed README uses 0.06).
-    #: None while it is still to be chosen from `target_speedup` (`engine.planning.resolve_config`
+    #: None while it is still to be chosen from `target_speedup` (`planner.schedule.resolve_config`
     #: fills it in before any weight is loaded)
     thresh: float | None
     #: maximum consecutive skipped forwards per branch

@@ -9,7 +9,7 @@
 The DiT is a random `--preset bench` checkpoint (bigger DiT, tiny T5/VAE) built in a temporary
 folder unless `--ckpt-dir` is given, so blocks dominate a forward as they do at full size.
 Generations alternate uncached (ComputeAll) / cached (MagCacheController, schedule from
-`launcher.engine.planning.magcache_setup`) in ABBA order after a warm-up pair, and report:
+`launcher.planner.schedule.magcache_setup`) in ABBA order after a warm-up pair, and report:
 
 - forward-count speedup: forwards / computed forwards (checked against the set-up's plan);
 - wall-clock speedup of the denoising loop (median uncached / median cached) and the
@@ -76,13 +76,13 @@ class Bench:
         return ComputeAll()
 
     def cached(self):
-        from launcher.engine.planning import Sampling, magcache_setup
+        from launcher.planner.schedule import Sampling, magcache_setup
         from magcache.controller import MagCacheController
 
         return MagCacheController(magcache_setup(Sampling.of(self.cfg)).schedule())
 
     def plan(self):
-        from launcher.engine.planning import Sampling, magcache_setup
+        from launcher.planner.schedule import Sampling, magcache_setup
 
         return magcache_setup(Sampling.of(self.cfg)).plan
 

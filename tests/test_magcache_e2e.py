@@ -30,7 +30,7 @@ def test_thresh_zero_skips_nothing_and_equals_uncached_bit_for_bit(tiny_ckpt, tm
 def test_one_magcache_setup_per_request_reads_the_ratio_table_once(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """Target search, runner, manifest and warnings all take the one set-up of the request: one
     table read and one timestep computation, and `plan` for the same flags is that set-up's plan."""
-    from launcher.engine import planning
+    from launcher.planner import schedule as planning
 
     calls = {"table": 0, "timesteps": 0}
 
@@ -148,7 +148,7 @@ def test_calibration_round_trips_into_generate(tiny_ckpt, tmp_path):
                  "--magcache_thresh", "0.5", "--retention_ratio", "0.1", steps=8)
     assert m["magcache"]["ratio_table"]["source"] == str(ratios)
     from magcache.ratios import load_ratio_file
-    from launcher.engine.planning import Sampling, magcache_setup
+    from launcher.planner.schedule import Sampling, magcache_setup
 
     p = magcache_setup(Sampling.from_flags({"task": "t2v-A14B", "sample_steps": 8, "sample_shift": 12.0,
                                             "magcache_thresh": 0.5, "retention_ratio": 0.1,

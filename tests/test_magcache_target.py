@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from launcher.cli import main
 from launcher.config import MagCacheOptions, UsageError, run_config_from_flags
-from launcher.engine.planning import Sampling, magcache_setup
+from launcher.planner.schedule import Sampling, magcache_setup
 from launcher.wan.tasks import TASKS
 from magcache.plan import plan
 from magcache.schedule import MagCacheParams

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher.engine.memory import memory_policy
+from launcher.planner.memory import memory_policy
 
 # (case, flags) -> (offload, dit_load, swap_experts, park_before_decode, t5_home, t5_runs_on)
 CASES = [

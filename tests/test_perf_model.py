@@ -12,23 +12,23 @@ from test_cli_errors import assert_one_line_error
 
 from launcher.cli import main
 from launcher.config import UsageError
-from launcher.engine.layouts import (
+from launcher.planner.layouts import (
     Cluster,
     enumerate_layouts,
     load_calibration,
     plan_layouts,
     step_pattern,
 )
-from launcher.engine.perf_model import (
+from launcher.planner.perf_model import (
     DIMS,
     GPUS,
     Efficiency,
-    Placement,
+    RankLayout,
     Workload,
     forward_cost,
     predict,
 )
-from launcher.engine.planning import Sampling, magcache_setup
+from launcher.planner.schedule import Sampling, magcache_setup
 from launcher.wan.tasks import TASKS
 
 #: the official Wan2.2 README's "Computational Efficiency on Different GPUs" table, H100, total seconds
@@ -41,10 +41,10 @@ PUBLISHED_H100 = [
 ]
 
 
-def official_layout(gpus: int) -> Placement:
+def official_layout(gpus: int) -> RankLayout:
     """What official generate.py runs with the README's flags: Ulysses over every GPU with FSDP, or
     one GPU with the idle expert offloaded; the VAE decodes on one rank either way."""
-    return Placement(ulysses=gpus, ring=1, cfg=1, dit_fsdp=gpus > 1, offload=gpus == 1, ulysses_link="intra",
+    return RankLayout(ulysses=gpus, ring=1, cfg=1, dit_fsdp=gpus > 1, offload=gpus == 1, ulysses_link="intra",
                      ring_link="intra", cfg_link="intra", fsdp_link="intra", vae_parallel=False,
                      t5_offload=gpus == 1, park_dit_before_decode=gpus == 1)
 
@@ -124,7 +124,7 @@ def test_ring_goes_across_nodes_and_ulysses_stays_inside():
 def test_bytes_per_forward_match_their_formulas():
     dims, work = DIMS["t2v-A14B"], Workload.of(TASKS["t2v-A14B"], 1280, 720, 81)
     s, d, u, r = work.tokens, dims.dim, 4, 2
-    place = Placement(ulysses=u, ring=r, cfg=1, dit_fsdp=True, offload=False, ulysses_link="intra",
+    place = RankLayout(ulysses=u, ring=r, cfg=1, dit_fsdp=True, offload=False, ulysses_link="intra",
                       ring_link="inter", cfg_link="intra", fsdp_link="inter")
     comm = forward_cost(dims, work, place, GPUS["h100"], Efficiency()).comm
     local = s / (u * r) * d * 2  # one rank's bf16 hidden states
@@ -223,7 +223,7 @@ def s4_record(points: dict[str, tuple[int, float]], dim: int = 5120, ffn: int = 
 
 def test_calibration_replaces_the_roofline_compute(tmp_path):
     dims, gpu, eff = DIMS["t2v-A14B"], GPUS["h100"], Efficiency()
-    one = Placement(1, 1, 1, False, False, "intra", "intra", "intra", "intra")
+    one = RankLayout(1, 1, 1, False, False, "intra", "intra", "intra", "intra")
 
     def roof_ms(tokens: int) -> float:
         work = Workload("t2v-A14B", 0, 0, 0, tokens, 0, "2.1", False)
@@ -279,3 +279,17 @@ def test_across_nodes_ring_beats_ulysses(capsys):
     assert best["dp"] == 1 and best["ulysses"] > 1 and best["links"]["ulysses"] == "intra"
     assert best["predicted"]["total_s"] < min(x["predicted"]["total_s"] for x in p["layouts"]
                                               if x["links"]["ulysses"] == "inter" and x["ulysses"] > 1)
+
+
+def test_plan_with_layouts_never_imports_torch():
+    """The planner package is torch-free (an import-linter contract checks its imports); this checks
+    a whole `plan --gpus` run, lazy imports included, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\nfrom launcher.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['plan', '--task', 't2v-A14B', '--gpus', '8', '--use_magcache', '--json']) == 0\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

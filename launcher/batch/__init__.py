@@ -35,7 +35,7 @@ class BatchPlan:
 
 def probe_config(flags: dict[str, Any]) -> RunConfig:
     """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
-    from launcher.engine.planning import resolve_config
+    from launcher.planner.schedule import resolve_config
 
     spec = TASKS.get(flags.get("task", ""))
     stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
@@ -51,7 +51,7 @@ def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
 def item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
     """The item's own config, its threshold resolved (a ti2v-5B item with an image reads the image
     table), so the resume check compares the threshold the manifest recorded."""
-    from launcher.engine.planning import resolve_config
+    from launcher.planner.schedule import resolve_config
 
     seed = _fixed_seed(item, flags)
     kw = dict(flags, **item.overrides(), base_seed=-1 if seed is None else seed,

@@ -35,7 +35,7 @@ def draw_seed(base_seed: int) -> int:
 def run_generate(config: RunConfig, *, calibration_out: Path | None = None) -> dict[str, Any] | None:
     """Run one generation; returns the manifest on the output rank (None elsewhere)."""
     from launcher.engine.lifecycle import open_engine
-    from launcher.engine.planning import resolve_config
+    from launcher.planner.schedule import resolve_config
 
     config = resolve_config(config)  # --magcache-target-speedup: the threshold, or exit 2, before anything loads
     if calibration_out is None and config.magcache.calibration:

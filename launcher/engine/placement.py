@@ -2,7 +2,7 @@
 
 DiT float32 unless --convert_model_dtype, autocast to the compute dtype on GPU, T5 in bfloat16 on
 GPU whatever --dtype says (official `t5_dtype`; the compute dtype on CPU), VAE always float32.
-Which module is on the GPU when is `launcher.engine.memory`.
+Which module is on the GPU when is `launcher.planner.memory`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from launcher.config import RunConfig
-from launcher.engine.memory import MemoryPolicy, memory_policy
+from launcher.planner.memory import MemoryPolicy, memory_policy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -17,7 +17,7 @@ from launcher.checkpoint import CheckpointInfo
 from launcher.checkpoint.lora import LoraPlan, plan_loras
 from launcher.config import RunConfig
 from launcher.engine.models import load_models
-from launcher.engine.planning import Sampling, magcache_setup
+from launcher.planner.schedule import Sampling, magcache_setup
 from launcher.engine.world import World
 from launcher.outputs.atomic import sha256_of
 from launcher.outputs.files import Outputs

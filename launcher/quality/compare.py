@@ -30,7 +30,7 @@ def run_compare(a: Path, b: Path, *, as_json: bool = False, plot: Path | None = 
     if as_json:
         print(json.dumps(comparison.to_json()))
     else:
-        from launcher.quality.report import print_comparison
+        from launcher.quality.table import print_comparison
 
         print_comparison(comparison, a=str(a), b=str(b))
     if plot is not None:

@@ -88,7 +88,7 @@ class Models:
     text_device: torch.device
     dit_dtype: torch.dtype
     autocast: bool = False
-    #: only the active expert on the GPU (official `_prepare_model_for_timestep`; launcher.engine.memory)
+    #: only the active expert on the GPU (official `_prepare_model_for_timestep`; launcher.planner.memory)
     swap_experts: bool = False
     #: official --offload_model: every DiT to the CPU before VAE decode
     park_dit_before_decode: bool = False

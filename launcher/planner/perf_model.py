@@ -156,14 +156,14 @@ class Calibration:
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
+class RankLayout:
     """Degrees of one generation's ranks and which link each group crosses."""
 
     ulysses: int
     ring: int
     cfg: int
     dit_fsdp: bool
-    #: only the active expert on the GPU, the other on the CPU (launcher.engine.memory's swap_experts)
+    #: only the active expert on the GPU, the other on the CPU (launcher.planner.memory's swap_experts)
     offload: bool
     ulysses_link: str  # "intra" | "inter"
     ring_link: str
@@ -214,7 +214,7 @@ class ForwardCost:
         return self.compute_s + self.comm.exposed_s
 
 
-def forward_cost(dims: DitDims, work: Workload, place: Placement, gpu: GpuSpec, eff: Efficiency,
+def forward_cost(dims: DitDims, work: Workload, place: RankLayout, gpu: GpuSpec, eff: Efficiency,
                  calibration: Calibration | None = None) -> ForwardCost:
     """One DiT forward on one rank of the sequence group."""
     s, sp, u, r = work.tokens, place.sp, place.ulysses, place.ring
@@ -254,7 +254,7 @@ class Prediction:
     fixed_s: dict[str, float]
 
 
-def fixed_costs(dims: DitDims, work: Workload, place: Placement, gpu: GpuSpec, eff: Efficiency,
+def fixed_costs(dims: DitDims, work: Workload, place: RankLayout, gpu: GpuSpec, eff: Efficiency,
                 gen_ranks: int) -> dict[str, float]:
     """T5 on two prompts, VAE decode (+ i2v encode), offload transfers: seconds by part."""
     peak = gpu.bf16_tflops * 1e12
@@ -272,7 +272,7 @@ def fixed_costs(dims: DitDims, work: Workload, place: Placement, gpu: GpuSpec, e
     return out
 
 
-def predict(dims: DitDims, work: Workload, place: Placement, gpu: GpuSpec, eff: Efficiency,
+def predict(dims: DitDims, work: Workload, place: RankLayout, gpu: GpuSpec, eff: Efficiency,
             steps: list[tuple[bool, bool | None]], calibration: Calibration | None = None) -> Prediction:
     """`steps`: per denoising step (cond computed?, uncond computed? / None: guidance 1, no uncond).
 

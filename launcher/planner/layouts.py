@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import UsageError
-from launcher.engine.memory import memory_policy
-from launcher.engine.perf_model import (
+from launcher.planner.memory import memory_policy
+from launcher.planner.perf_model import (
     DIMS,
     GB,
     GPUS,
@@ -27,7 +27,7 @@ from launcher.engine.perf_model import (
     DitDims,
     Efficiency,
     GpuSpec,
-    Placement,
+    RankLayout,
     Workload,
     block_flops,
     forward_cost,
@@ -89,7 +89,7 @@ def step_pattern(the_plan: Plan, *, magcache: bool) -> list[tuple[bool, bool | N
     return [(s["cond"], s.get("uncond")) for _, s in sorted(steps.items())]
 
 
-def memory_gb(dims: DitDims, work: Workload, place: Placement, eff: Efficiency) -> dict[str, float]:
+def memory_gb(dims: DitDims, work: Workload, place: RankLayout, eff: Efficiency) -> dict[str, float]:
     """Peak GB per GPU by part; `total` is the larger of the denoise and decode phases + reserve."""
     shard = place.sp if place.dit_fsdp else 1
     experts = 1 if place.offload else dims.experts
@@ -103,8 +103,8 @@ def memory_gb(dims: DitDims, work: Workload, place: Placement, eff: Efficiency) 
     return {"dit_params": dit, "t5": t5, "activations": act, "vae_decode_peak": vae, "total": total}
 
 
-def with_memory_policy(place: Placement, *, world_size: int, offload_model: bool | None) -> Placement:
-    """The residency the launcher itself chooses for this layout (`engine.memory.memory_policy`, the
+def with_memory_policy(place: RankLayout, *, world_size: int, offload_model: bool | None) -> RankLayout:
+    """The residency the launcher itself chooses for this layout (`planner.memory.memory_policy`, the
     official rules): one GPU offloads by default, and ranks without sequence parallelism or FSDP swap
     experts (only the active one on the GPU)."""
     pol = memory_policy(on_gpu=True, offload_model=offload_model, world_size=world_size, sp=place.sp,
@@ -113,7 +113,7 @@ def with_memory_policy(place: Placement, *, world_size: int, offload_model: bool
                    park_dit_before_decode=pol.park_dit_before_decode)
 
 
-def layout_flags(place: Placement) -> str:
+def layout_flags(place: RankLayout) -> str:
     parts = []
     if place.ulysses > 1:
         parts.append(f"--ulysses_size {place.ulysses}")
@@ -132,7 +132,7 @@ def _r(x: float, nd: int = 2) -> float:
     return round(x, nd)
 
 
-def evaluate(cluster: Cluster, task: str, work: Workload, place: Placement, dp: int, eff: Efficiency,
+def evaluate(cluster: Cluster, task: str, work: Workload, place: RankLayout, dp: int, eff: Efficiency,
              plain: list[tuple[bool, bool | None]], cached: list[tuple[bool, bool | None]],
              calibration: Calibration | None) -> dict[str, Any]:
     dims = DIMS[task]
@@ -186,7 +186,7 @@ def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Pla
                     continue
                 r = sp // u
                 for fsdp in ((False, True) if sp > 1 else (False,)):
-                    place = Placement(ulysses=u, ring=r, cfg=cfg, dit_fsdp=fsdp, offload=False,
+                    place = RankLayout(ulysses=u, ring=r, cfg=cfg, dit_fsdp=fsdp, offload=False,
                                       ulysses_link=cluster.link(u), ring_link=cluster.link(u * r),
                                       cfg_link=cluster.link(sp * cfg), fsdp_link=cluster.link(sp),
                                       vae_parallel=vae_parallel)
@@ -252,7 +252,7 @@ def load_calibration(path: Path, gpu: GpuSpec, eff: Efficiency) -> Calibration:
 
     def roofline(tokens: int) -> tuple[float, float]:
         _, attn = block_flops(dims, tokens)
-        place = Placement(1, 1, 1, False, False, "intra", "intra", "intra", "intra")
+        place = RankLayout(1, 1, 1, False, False, "intra", "intra", "intra", "intra")
         cost = forward_cost(dims, replace(work_one, tokens=tokens), place, gpu, eff).compute_s / dims.layers
         attn_s = attn / (peak * eff.attention)
         return cost - attn_s, attn_s  # (linear + element-wise, attention) seconds per block
