@@ -9,13 +9,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from launcher.config import (
-    UsageError,
     check_output_location,
     distilled_magcache_warning,
     with_defaults,
     run_config_from_flags,
 )
-from launcher.errors import is_input_error
+from launcher.errors import UsageError, is_input_error
+from launcher.signals import install_signal_handlers
 from launcher.options import (
     Role,
     compose_params,
@@ -264,33 +264,11 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _raise_terminated(signum: int, _frame: Any) -> None:
-    from launcher.errors import Terminated
-
-    raise Terminated(signum)
-
-
-def _install_signal_handlers() -> None:
-    """SIGTERM (torchrun, srun, schedulers) and Ctrl-C unwind the run: temp files go away.
-
-    Our own exception for SIGINT too, because Typer turns KeyboardInterrupt into a silent
-    return code; an ignored SIGINT (background job) stays ignored.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _raise_terminated)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input exits 2 with one line, never a traceback."""
     from launcher.errors import PeerLost, RunFailed, Terminated, peer_lost
 
-    _install_signal_handlers()
+    install_signal_handlers()
     try:
         result = app(args=argv, prog_name="magcache-launch", standalone_mode=False)
         return int(result or 0)

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.errors import InputError
+from launcher.errors import UsageError
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
-
-
-class UsageError(InputError):
-    """A flag with a bad value. The CLI prints the message as one line and exits 2."""
 
 
 Solver = Literal["unipc", "dpm++", "euler"]
@@ -497,3 +496,24 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
 
 #: flag name -> the RunConfig field it sets (the same name, except where the field says otherwise)
 _FIELD_OF_FLAG = {f.metadata.get("flag", f.name): f.name for f in fields(RunConfig)}
+
+
+def item_config(flags: Mapping[str, Any], overrides: Mapping[str, Any], *, seed: int | None, video: Path) -> RunConfig:
+    """One video of many (a batch line, a sweep setting, a served request): the command line's
+    flags with the video's own over them, its seed (None: drawn later), its video file; checked
+    exactly as `generate` checks its flags. The threshold of a target is still to be chosen
+    (`planner.schedule.resolve_config`)."""
+    return run_config_from_flags(dict(flags, **overrides, base_seed=-1 if seed is None else seed, save_file=video,
+                                      save_frames=None, save_latents=None, overwrite=True))
+
+
+def default_save_file(config: RunConfig) -> Path:
+    """Official naming: task_size_ulysses_prompt50_timestamp.mp4 in the working directory."""
+    prompt = config.prompt.replace(" ", "_").replace("/", "_")[:50]
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return Path(f"{config.task.name}_{config.size.replace('*', 'x')}_{config.ulysses_size}_{prompt}_{stamp}.mp4")
+
+
+def draw_seed(base_seed: int) -> int:
+    """Official: a negative seed means `random.randint(0, sys.maxsize)`."""
+    return base_seed if base_seed >= 0 else random.randint(0, sys.maxsize)

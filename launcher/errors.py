@@ -5,6 +5,10 @@ class InputError(ValueError):
     """Bad user input found before any weight is loaded: the CLI prints one line and exits 2."""
 
 
+class UsageError(InputError):
+    """A flag with a bad value. The CLI prints the message as one line and exits 2."""
+
+
 #: input errors of the packages below launcher/, which cannot subclass InputError (they never import launcher/)
 _FOREIGN_INPUT_ERRORS = (("magcache.ratios", "RatioTableError"), ("parallel.launch", "LaunchError"),
                          ("parallel.mesh", "ParallelConfigError"))
@@ -25,6 +29,12 @@ def is_input_error(exc: BaseException) -> bool:
         if loaded is not None and isinstance(exc, getattr(loaded, name)):
             return True
     return False
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's first line (its type's name when it has no message): what a summary row shows."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 class RunFailed(RuntimeError):

@@ -125,11 +125,11 @@ def test_bad_loras_exit_2(tiny_ckpt, info, tmp_path, capsys):
 
 def test_a_bad_lora_exits_2_before_any_rendezvous(tiny_ckpt, tmp_path):
     """Rank 0 of a 2-rank torchrun job whose rank 1 never starts: the LoRA header is checked
-    before the World, so the rank exits 2 at once instead of waiting --dist-timeout for a peer."""
+    before the World, so the rank exits 2 instead of waiting --dist-timeout (900 s, longer than
+    this test's 300 s limit) for a peer."""
     import socket
     import subprocess
     import sys
-    import time
 
     from conftest import ROOT, cli_env
 
@@ -139,13 +139,11 @@ def test_a_bad_lora_exits_2_before_any_rendezvous(tiny_ckpt, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = cli_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "launcher", "generate", "--task", TASK, "--size", "64*64",
                            "--frame_num", "5", "--ckpt_dir", str(tiny_ckpt(TASK)), "--prompt", "a cat",
-                           "--save_file", str(tmp_path / "v.mp4"), "--dist-timeout", "120", "--lora", str(pickle)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=100)
+                           "--save_file", str(tmp_path / "v.mp4"), "--dist-timeout", "900", "--lora", str(pickle)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "pickle" in proc.stderr, proc.stderr[-2000:]
-    assert time.perf_counter() - t0 < 60  # far below the 120 s a rendezvous would wait
 
 
 # -- a LoRA run equals a run on a checkpoint the test merged --------------------------------------

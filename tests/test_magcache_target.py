@@ -10,7 +10,8 @@ import pytest
 
 from conftest import run_cli
 from launcher.cli import main
-from launcher.config import MagCacheOptions, UsageError, run_config_from_flags
+from launcher.config import MagCacheOptions, run_config_from_flags
+from launcher.errors import UsageError
 from launcher.planner.schedule import Sampling, magcache_setup
 from launcher.wan.tasks import TASKS
 from magcache.plan import plan
@@ -228,7 +229,7 @@ def test_calibration_ignores_the_target():
 
 def test_batch_items_resolve_their_own_threshold(tmp_path):
     """A ti2v-5B item with an image reads the image-mode table, so it gets its own threshold."""
-    from launcher.batch import item_config
+    from launcher.batch import resolved_item_config as item_config
     from launcher.batch.items import BatchItem
 
     flags = {"task": "ti2v-5B", "ckpt_dir": str(tmp_path), "magcache_target_speedup": 1.5, "use_magcache": True}

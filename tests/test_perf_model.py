@@ -11,7 +11,7 @@ from conftest import run_cli
 from test_cli_errors import assert_one_line_error
 
 from launcher.cli import main
-from launcher.config import UsageError
+from launcher.errors import UsageError
 from launcher.planner.layouts import (
     Cluster,
     enumerate_layouts,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launcher.config import UsageError
+from launcher.errors import UsageError
 from launcher.quality.frames import Frames, load_frames
 from launcher.quality.metrics import compare_frames, luma, ssim
 

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.batch.items import BatchItem, parse_shard, read_items, summary_name, take_shard
 from launcher.batch.results import ItemResult, one_line, print_table, verified_manifest, write_summary
-from launcher.config import RunConfig, UsageError, check_output_location, run_config_from_flags, with_defaults
-from launcher.errors import InputError
-from launcher.wan.tasks import TASKS
+from launcher.config import RunConfig, check_output_location, draw_seed, item_config, with_defaults
+from launcher.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from launcher.engine.lifecycle import Engine
@@ -33,30 +32,19 @@ class BatchPlan:
     todo: list[tuple[int, int]]  # (item index, seed), in file order
 
 
-def probe_config(flags: dict[str, Any]) -> RunConfig:
-    """Check the command-line flags alone (no item), so a bad flag is one exit 2, not N failures."""
-    from launcher.planner.schedule import resolve_config
-
-    spec = TASKS.get(flags.get("task", ""))
-    stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
-    return resolve_config(run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in), check_paths=False))
-
-
 def _fixed_seed(item: BatchItem, flags: dict[str, Any]) -> int | None:
     """The item's seed, else --base_seed; None when that is negative (drawn by rank 0)."""
     seed = item.seed if item.seed is not None else int(with_defaults(flags)["base_seed"])
     return seed if seed >= 0 else None
 
 
-def item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
+def resolved_item_config(flags: dict[str, Any], item: BatchItem, out_dir: Path) -> RunConfig:
     """The item's own config, its threshold resolved (a ti2v-5B item with an image reads the image
     table), so the resume check compares the threshold the manifest recorded."""
     from launcher.planner.schedule import resolve_config
 
-    seed = _fixed_seed(item, flags)
-    kw = dict(flags, **item.overrides(), base_seed=-1 if seed is None else seed,
-              save_file=out_dir / f"{item.stem}.mp4", save_frames=None, save_latents=None, overwrite=True)
-    return resolve_config(run_config_from_flags(kw))
+    return resolve_config(item_config(flags, item.overrides(), seed=_fixed_seed(item, flags),
+                                         video=out_dir / f"{item.stem}.mp4"))
 
 
 def _row(item: BatchItem, seed: int | None, **kw: Any) -> ItemResult:
@@ -66,8 +54,6 @@ def _row(item: BatchItem, seed: int | None, **kw: Any) -> ItemResult:
 def plan_batch(items: list[BatchItem], configs: dict[int, RunConfig | str], flags: dict[str, Any],
               *, force: bool) -> BatchPlan:
     """Invalid items fail, verified ones are skipped (unless --force), the rest get their seed."""
-    from launcher.engine.generate import draw_seed
-
     plan = BatchPlan(settled=[], todo=[])
     for item in items:
         config, fixed = configs[item.index], _fixed_seed(item, flags)
@@ -202,7 +188,7 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | None, flags: dict[str, Any]) -> int:
     """Run the batch; 0 when every item is done (now or before), 3 when any failed."""
-    from launcher.engine.lifecycle import check_inputs, open_engine
+    from launcher.engine.lifecycle import check_inputs, open_engine, probe_config
 
     started = time.perf_counter()
     shard_ix = parse_shard(shard)
@@ -216,7 +202,7 @@ def run_batch(*, prompts_file: Path, out_dir: Path, force: bool, shard: str | No
     configs: dict[int, RunConfig | str] = {}
     for item in items:
         try:
-            configs[item.index] = item_config(flags, item, out_dir)
+            configs[item.index] = resolved_item_config(flags, item, out_dir)
         except InputError as e:
             configs[item.index] = one_line(e)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.batch.items import read_items
-from launcher.config import RunConfig, UsageError, run_config_from_flags
+from launcher.config import RunConfig, run_config_from_flags
+from launcher.errors import UsageError
 from launcher.engine.calibration import CalibrationRun, run_calibration
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import UsageError
+from launcher.errors import UsageError
 from launcher.options import LINE, declarations, flags_where, value_type
 
 #: JSONL fields a line may carry, with their type: its name, and every flag options.py lets a batch

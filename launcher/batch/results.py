@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.config import RunConfig, config_fields
+from launcher.errors import one_line  # noqa: F401 - batch and sweep report errors with it
 from launcher.options import Role, flags_where
 from launcher.outputs.manifest import flags_of
 from launcher.outputs.atomic import manifest_path_for, sha256_of, write_json
@@ -55,11 +56,6 @@ class ItemResult:
             status=status, seconds=round(seconds, 3), skipped_forwards=mc.get("skipped_count"),
             video=str(video), manifest=str(manifest_path_for(video)), sha256=manifest.get("sha256"), dp_group=dp_group,
         )
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def resume_key(flags: dict[str, Any]) -> dict[str, Any]:

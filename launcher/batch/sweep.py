@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.batch import item_config
+from launcher.batch import resolved_item_config
 from launcher.batch.items import BatchItem, read_items
 from launcher.batch.results import ItemResult, one_line, print_table, write_summary
-from launcher.config import RunConfig, UsageError, with_defaults
-from launcher.errors import InputError
+from launcher.config import RunConfig, with_defaults
+from launcher.errors import InputError, UsageError
 
 SWEEP_VERSION = 1
 
@@ -89,7 +89,7 @@ def expand(prompts: list[BatchItem], settings: list[Setting], flags: dict[str, A
             what[k] = (prompt, setting)
             try:
                 # batch's own item config: video <out>/<prompt>/<setting>.mp4, the item's seed, threshold resolved
-                configs[k] = item_config(dict(flags, **setting.flags), item, out_dir)
+                configs[k] = resolved_item_config(dict(flags, **setting.flags), item, out_dir)
             except InputError as e:
                 configs[k] = one_line(e)
     return items, configs, what
@@ -98,8 +98,8 @@ def expand(prompts: list[BatchItem], settings: list[Setting], flags: dict[str, A
 def run_sweep(*, prompts_file: Path, out_dir: Path, thresholds: str | None, speedups: str | None,
               force: bool, lpips_weights: Path | None, flags: dict[str, Any]) -> int:
     """Generate what is missing, then report; 0 when every video exists, 3 when any failed."""
-    from launcher.batch import EXIT_SOME_FAILED, generate_items, prepare_out_dir, probe_config
-    from launcher.engine.lifecycle import check_inputs, open_engine
+    from launcher.batch import EXIT_SOME_FAILED, generate_items, prepare_out_dir
+    from launcher.engine.lifecycle import check_inputs, open_engine, probe_config
 
     started = time.perf_counter()
     settings = settings_for(parse_floats(thresholds, "--thresholds", minimum=0.0),

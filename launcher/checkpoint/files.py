@@ -10,9 +10,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from launcher.errors import InputError
+from launcher.checkpoint.header import NotSafetensors, read_header
 from launcher.checkpoint.keymaps import KeyMapError
 from launcher.checkpoint.sources import WeightFiles, load_pth_state_dict
 
@@ -52,9 +51,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def _read_shard(path: Path) -> dict[str, tuple[int, ...]]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
+        return read_header(path).shapes()
+    except (NotSafetensors, OSError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: unreadable safetensors ({detail}); the file is truncated or corrupt, "
                               "re-download it") from None

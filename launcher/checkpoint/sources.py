@@ -91,15 +91,13 @@ class SafetensorsSource(_SourceBase):
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
 
     def _entry(self, key: str) -> tuple[Any, int, dict[str, Any]]:
-        import json
-        import struct
+        from launcher.checkpoint.header import read_header
 
         path, stored = self._weights.locations[key]
         if path not in self._files:
-            f = open(path, "rb")  # noqa: SIM115 - kept open until close()
-            (length,) = struct.unpack("<Q", f.read(8))
-            self._files[path] = f
-            self._headers[path] = (8 + length, json.loads(f.read(length)))
+            header = read_header(path)  # checked whole at inspection (files.read_safetensors)
+            self._headers[path] = (header.data_start, header.tensors)
+            self._files[path] = open(path, "rb")  # noqa: SIM115 - kept open until close()
         base, header = self._headers[path]
         return self._files[path], base, header[stored]
 

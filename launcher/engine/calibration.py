@@ -25,7 +25,7 @@ class CalibrationRun:
 
 def run_calibration(config: RunConfig, runs: list[CalibrationRun], out: Path) -> dict[str, Any] | None:
     """Record every run, average, write OUT and OUT.png on the output rank; returns what was written there."""
-    from launcher.engine.generate import draw_seed
+    from launcher.config import draw_seed
     from launcher.engine.lifecycle import open_engine
     from launcher.engine.session import calibration_settings
     from launcher.outputs.files import Outputs

@@ -6,30 +6,15 @@ output locations were checked before any of it (`launcher.config`).
 """
 from __future__ import annotations
 
-import random
-import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from typing import TYPE_CHECKING
 
-from launcher.config import RunConfig
+from launcher.config import RunConfig, default_save_file, draw_seed
 
 if TYPE_CHECKING:
     from launcher.engine.lifecycle import Engine
-
-
-def default_save_file(config: RunConfig) -> Path:
-    """Official naming: task_size_ulysses_prompt50_timestamp.mp4 in the working directory."""
-    prompt = config.prompt.replace(" ", "_").replace("/", "_")[:50]
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    return Path(f"{config.task.name}_{config.size.replace('*', 'x')}_{config.ulysses_size}_{prompt}_{stamp}.mp4")
-
-
-def draw_seed(base_seed: int) -> int:
-    """Official: a negative seed means `random.randint(0, sys.maxsize)`."""
-    return base_seed if base_seed >= 0 else random.randint(0, sys.maxsize)
 
 
 def run_generate(config: RunConfig, *, calibration_out: Path | None = None) -> dict[str, Any] | None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from launcher.config import RunConfig
+from launcher.config import RunConfig, run_config_from_flags
+from launcher.wan.tasks import TASKS
 
 if TYPE_CHECKING:
     from launcher.checkpoint import CheckpointInfo
@@ -59,6 +61,16 @@ class Inputs:
 
     info: "CheckpointInfo"
     loras: "LoraPlan"
+
+
+def probe_config(flags: dict[str, Any]) -> RunConfig:
+    """The command line of a many-video command (batch, sweep, serve) checked alone, before its
+    items or requests are known, so a bad flag is one exit 2, not N failures."""
+    from launcher.planner.schedule import resolve_config
+
+    spec = TASKS.get(flags.get("task", ""))
+    stand_in = Path("image-from-the-prompt-file.png") if spec is not None and spec.image == "required" else None
+    return resolve_config(run_config_from_flags(dict(flags, prompt="(batch)", image=stand_in), check_paths=False))
 
 
 def check_inputs(config: RunConfig) -> Inputs:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from launcher.config import RunConfig, UsageError
+from launcher.config import RunConfig
+from launcher.errors import UsageError
+from launcher.signals import signals_deferred
 from launcher.engine.placement import Placement, peak_memory_mb, placement_for
 
 if TYPE_CHECKING:
@@ -194,40 +196,8 @@ class World:
         ctx = g.ctx
         g.ctx = g.mesh = g.patient = None
         if ctx is not None:
-            with _signals_deferred(deliver=clean):
+            with signals_deferred(deliver=clean):
                 ctx.shutdown(clean=clean)
-
-
-@contextlib.contextmanager
-def _signals_deferred(*, deliver: bool) -> Iterator[None]:
-    """Hold SIGTERM/SIGINT until the process groups are gone; then deliver them, or drop them.
-
-    After a peer dies, torchrun/srun SIGTERM the survivors while they are already tearing down;
-    our handler raising `Terminated` in the middle of DistContext.shutdown would skip releasing the
-    groups and bring back the gloo abort at exit. `deliver=False` (teardown after a failure): the
-    process is already ending with the real reason (a dead peer, a full disk), which a late
-    "stopped by SIGTERM" would hide; `deliver=True` (clean end): re-raise, so the exit is 143/130.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    saved = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        handler = signal.getsignal(sig)
-        if callable(handler):  # a Python handler (ours, or KeyboardInterrupt's); leave SIG_IGN/SIG_DFL be
-            saved[sig] = handler
-            signal.signal(sig, lambda signum, _frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(pending) if deliver else ():
-            signal.raise_signal(sig)
 
 
 @contextlib.contextmanager

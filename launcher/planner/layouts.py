@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.config import UsageError
+from launcher.errors import UsageError
 from launcher.planner.memory import memory_policy
 from launcher.planner.perf_model import (
     DIMS,

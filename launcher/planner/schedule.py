@@ -20,7 +20,6 @@ from magcache.target import TargetOutOfReach, TargetResult, floor_2dp, threshold
 from launcher.config import (
     MagCacheOptions,
     RunConfig,
-    UsageError,
     cond_only_experts,
     parse_guide_scale,
     parse_loras,
@@ -28,6 +27,7 @@ from launcher.config import (
     resolve_sampling,
     with_defaults,
 )
+from launcher.errors import UsageError
 from launcher.wan.tasks import TaskSpec
 
 

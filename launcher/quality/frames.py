@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from launcher.config import UsageError
+from launcher.errors import UsageError
 
 FrameKind = Literal["pixels", "latents"]
 

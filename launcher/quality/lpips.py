@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from launcher.config import UsageError
+from launcher.errors import UsageError
 from launcher.quality.lpips_files import (
     ALEXNET_FILE,
     ALEXNET_SOURCE,

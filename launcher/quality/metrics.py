@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.config import UsageError
+from launcher.errors import UsageError
 from launcher.quality.frames import FrameKind, Frames
 from launcher.quality.lpips_files import LPIPS_MIN_SIZE
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import UsageError, check_output_location
-from launcher.errors import peer_lost
+from launcher.config import check_output_location
+from launcher.errors import UsageError, peer_lost
 
 #: after a fatal error, keep answering /health (unhealthy) this long before exiting
 UNHEALTHY_GRACE_S = 2.0
@@ -72,8 +72,7 @@ def _tell_stopping(front: Any) -> None:
 
 
 def run_serve(options: ServeOptions, flags: dict[str, Any]) -> int:
-    from launcher.batch import probe_config
-    from launcher.engine.lifecycle import check_inputs, open_engine
+    from launcher.engine.lifecycle import check_inputs, open_engine, probe_config
 
     if options.max_queue < 1:
         raise UsageError(f"--max-queue {options.max_queue}: must be >= 1")

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.batch.results import one_line
 from launcher.config import RunConfig
-from launcher.errors import peer_lost
+from launcher.errors import one_line, peer_lost
 from launcher.serve.front import Front
 from launcher.serve.jobs import Job, write_progress
 from launcher.serve.requests import job_config

@@ -2,7 +2,7 @@
 
 A request carries a batch line's fields (prompt, negative_prompt, seed, size, frame_num, image) plus
 per-video sampling and MagCache settings. It is checked exactly as a batch item is, by building
-its RunConfig with `item_config`, so nothing the ranks would reject ever reaches them.
+its RunConfig with `config.item_config`, so nothing the ranks would reject ever reaches them.
 """
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.batch import item_config
-from launcher.batch.items import BatchItem
-from launcher.config import RunConfig
+from launcher.config import RunConfig, draw_seed, item_config
 from launcher.errors import InputError
 from launcher.options import LINE, REQUEST_ONLY, declarations, flags_where, value_type
 
@@ -129,14 +127,16 @@ def job_config(request: dict[str, Any], flags: dict[str, Any], job_dir: Path) ->
 
     A batch item with the same fields gets the same config, hence the same video as `generate`.
     """
-    item = BatchItem(index=0, line=0, prompt=request["prompt"], name="video",
-                     image=None if request.get("image") is None else Path(request["image"]),
-                     seed=request["seed"], size=request.get("size"), frame_num=request.get("frame_num"),
-                     negative_prompt=request.get("negative_prompt"))
+    from launcher.planner.schedule import resolve_config
+
     overrides = {k: request[k] for k in _FLAG_FIELDS if k in request}
     if "sample_guide_scale" in overrides:
         overrides["sample_guide_scale"] = str(overrides["sample_guide_scale"])
-    return item_config(dict(flags, **overrides), item, Path(job_dir))
+    overrides.update({k: request[k] for k in ("size", "frame_num", "negative_prompt") if request.get(k) is not None})
+    overrides.update(prompt=request["prompt"], image=None if request.get("image") is None else Path(request["image"]))
+    seed = request["seed"]
+    return resolve_config(item_config(flags, overrides, seed=seed if seed >= 0 else None,
+                                      video=Path(job_dir) / "video.mp4"))
 
 
 def _as_fields(message: str) -> str:
@@ -146,8 +146,6 @@ def _as_fields(message: str) -> str:
 
 def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, Any]:
     """The stored form of a request (seed drawn, image placed in `staged`); BadRequest if invalid."""
-    from launcher.engine.generate import draw_seed
-
     request = parse_body(body)
     if "image" in request:
         request["image"] = str(_place_image(request["image"], settings, staged))
