@@ -123,6 +123,7 @@ def test_bad_loras_exit_2(tiny_ckpt, info, tmp_path, capsys):
     assert "--lora-high" in line and "ti2v-5B has one expert" in line
 
 
+@pytest.mark.slow
 def test_a_bad_lora_exits_2_before_any_rendezvous(tiny_ckpt, tmp_path):
     """Rank 0 of a 2-rank torchrun job whose rank 1 never starts: the LoRA header is checked
     before the World, so the rank exits 2 instead of waiting --dist-timeout (900 s, longer than
