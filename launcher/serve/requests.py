@@ -29,8 +29,8 @@ FIELDS: dict[str, tuple[type, ...]] = {
         (str, int, float) if flag == "sample_guide_scale" else _JSON_TYPES[value_type(flag)]
     for flag in flags_where(per_video=(LINE, REQUEST_ONLY))
 }
-#: fields that are run flags as they are (a batch line's fields go through the BatchItem)
-_FLAG_FIELDS = flags_where(per_video=(REQUEST_ONLY,))
+#: field -> the flag it sets (`seed` -> base_seed)
+_FLAG_OF = {declarations()[flag].field or flag: flag for flag in flags_where(per_video=(LINE, REQUEST_ONLY))}
 _IMAGE_PATH = re.compile(r"(?!data:)[^\n]{1,4096}\.(png|jpe?g|webp|bmp)", re.IGNORECASE)
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 _IMAGE_TYPES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
@@ -129,11 +129,11 @@ def job_config(request: dict[str, Any], flags: dict[str, Any], job_dir: Path) ->
     """
     from launcher.planner.schedule import resolve_config
 
-    overrides = {k: request[k] for k in _FLAG_FIELDS if k in request}
+    overrides = {_FLAG_OF[k]: v for k, v in request.items() if k in _FLAG_OF and k != "seed" and v is not None}
     if "sample_guide_scale" in overrides:
         overrides["sample_guide_scale"] = str(overrides["sample_guide_scale"])
-    overrides.update({k: request[k] for k in ("size", "frame_num", "negative_prompt") if request.get(k) is not None})
-    overrides.update(prompt=request["prompt"], image=None if request.get("image") is None else Path(request["image"]))
+    # the request's own first frame, or none (never the server's --image)
+    overrides["image"] = None if request.get("image") is None else Path(request["image"])
     seed = request["seed"]
     return resolve_config(item_config(flags, overrides, seed=seed if seed >= 0 else None,
                                       video=Path(job_dir) / "video.mp4"))
