@@ -48,9 +48,9 @@ class BatchItem:
     def overrides(self) -> dict[str, Any]:
         """The flags this line sets (the caller merges them over the command line's)."""
         out: dict[str, Any] = {"prompt": self.prompt, "image": self.image}
-        for key in ("size", "frame_num", "negative_prompt"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
+        for flag in flags_where(per_video=(LINE,)):  # the seed is the caller's (`_fixed_seed`)
+            if flag not in out and flag != "base_seed" and getattr(self, flag) is not None:
+                out[flag] = getattr(self, flag)
         return out
 
 
