@@ -112,10 +112,10 @@ class GenerationSession:
         runner, table, cache_warnings = self.block_runner(config)
         warnings = config.warnings + cache_warnings
         if self.world.is_output_rank:
-            from launcher.outputs.report import console
+            from launcher.outputs.report import warn
 
             for w in warnings:
-                console.print(f"[yellow]warning:[/] {w}")
+                warn(w)
         request = self.request_for(config, seed)
         if self.world.is_output_rank:
             from launcher.outputs.report import log
@@ -127,7 +127,7 @@ class GenerationSession:
             split = self.pipeline.split_decode
             where = "" if split is None else f" on {split.size} ranks (--vae-parallel auto)"
             self.pipeline.on_decode = lambda: log(f"decoding{where}")
-        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as bar:
+        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank, forwards=lambda: runner.decisions) as bar:
             self.pipeline.on_step = _both(bar, on_step)
             result = self.pipeline.generate(request, runner)
         decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])
