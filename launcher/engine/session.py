@@ -59,6 +59,10 @@ class GenerationSession:
         t0 = time.perf_counter()
         self.models, self.parallel = load_models(config, info, world.placement, world.mesh, self.loras)
         self.load_seconds = time.perf_counter() - t0
+        if world.is_output_rank:
+            for r in self.loras.reports:
+                where = ", ".join(f"{n} weights of {e}" for e, n in r.touched.items())
+                log(f"merged LoRA {r.file} at scale {r.scale:g}: {where}")
         self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank,
                                     split_decode=world.vae_decoder(config.vae_parallel))
         self.last_calibration_records: list[Any] = []

@@ -32,7 +32,7 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
                  f"no threshold at or below {target.breakpoint!r} reaches it")
         out.print(f"threshold [bold]{target.thresh!r}[/] for --magcache-target-speedup {target.target}: {where} "
                   f"({target.speedup:.2f}x here; at most {floor_2dp(target.max_speedup)}x at any threshold)")
-    table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps, split at forward {the_plan.split_forwards}")
+    table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps")
     for col in ("step", "expert", "cond", "uncond"):
         table.add_column(col)
     by_step: dict[int, dict[str, object]] = {}
@@ -43,6 +43,9 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
         # guidance 1: that step runs the cond forward alone (no uncond forward exists to skip)
         table.add_row(str(step), cond.expert, _action(cond), _action(uncond) if uncond is not None else "[dim]-[/] (g=1)")
     out.print(table)
+    experts = sorted({f.expert for f in the_plan.forwards})
+    if len(experts) > 1:  # forwards count cond and uncond: forward 2n is step n's cond
+        out.print(f"experts switch at forward {the_plan.split_forwards}, step {the_plan.split_forwards // 2}")
     skipped = len(the_plan.skipped_forwards)
     out.print(
         f"skipped {skipped} of {the_plan.total_forwards} forwards "
