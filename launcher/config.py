@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.errors import InputError
+from launcher.preflight import check_checkpoint_files, lora_header
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
 
@@ -155,6 +156,8 @@ def parse_lora(value: str, expert: Literal["all", "high", "low"], task: TaskSpec
                          + (f" ({', '.join(inside)})" if inside else " (it holds none)"))
     if check_paths and not path.is_file():
         raise UsageError(f"{flag} {path}: file not found")
+    if check_paths:
+        lora_header(path)  # a pickle or a truncated file refuses now, not after importing torch
     return LoraSpec(path=path, scale=scale, expert=expert)
 
 
@@ -465,6 +468,8 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
     ckpt = Path(f["ckpt_dir"])
     if check_paths and not ckpt.is_dir():
         raise UsageError(f"--ckpt_dir {ckpt}: directory not found")
+    if check_paths:
+        check_checkpoint_files(ckpt)  # missing shards, truncated files: from headers, before torch is imported
     img = Path(f["image"]) if f["image"] else None
     if img is None and spec.image == "required":
         raise UsageError(f"{spec.name} needs --image (the first frame)")

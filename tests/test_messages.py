@@ -1,6 +1,8 @@
 """Messages that send the user the right way (issue 27 item 6): each names what is really wrong."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def test_a_save_file_that_is_not_mp4_is_refused(tmp_path):
 
 def test_negative_and_zero_lora_scales_are_said(tmp_path):
     lora = tmp_path / "style.safetensors"
-    lora.write_bytes(b"")  # parse_lora checks the path; the header is read later
+    lora.write_bytes(struct.pack("<Q", 2) + b"{}")  # an empty but valid safetensors file
     config = run_config_from_flags(_flags(tmp_path, lora=[f"{lora}:-1"], lora_low=[f"{lora}:0"]))
     [neg] = [w for w in config.warnings if ":-1:" in w]
     assert neg == (f"--lora {lora}:-1: a negative scale subtracts the LoRA (steers away from what it learned); "
@@ -66,3 +68,44 @@ def test_plan_says_where_the_experts_switch(capsys):
     assert "experts switch at forward 52, step 26" in out and "split at" not in out
     assert main(["plan", "--task", "ti2v-5B"]) == 0
     assert "experts switch" not in capsys.readouterr().out  # one expert
+
+
+# -- item 7: what headers can refuse, refused before torch or diffusers is imported ----------------
+
+#: runs the console entry point, then says which heavy modules the refusal had imported
+_PROBE = ("import sys; from launcher.cli import main; rc = main(sys.argv[1:]); "
+          "print('heavy:', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)); sys.exit(rc)")
+
+
+def _refusal(*args: str) -> tuple[str, str]:
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, env=cli_env(),
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (proc.returncode, proc.stderr)
+    return proc.stderr.strip(), proc.stdout.strip()
+
+
+def test_header_errors_exit_before_torch_is_imported(tiny_ckpt, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt("t2v-A14B"), ckpt)
+    lora = tmp_path / "style.pt"
+    lora.write_bytes(b"PK\x03\x04 a torch zip pickle")
+    args = ["generate", "--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--prompt", "a cat",
+            "--sample_steps", "2", "--save_file", str(tmp_path / "v.mp4")]
+    err, heavy = _refusal(*args, "--ckpt_dir", str(ckpt), "--lora", str(lora))
+    assert f"error: {lora}: a pickle" in err and heavy == "heavy: []"
+    shards = sorted((ckpt / "high_noise_model").glob("*-of-*.safetensors"))
+    assert len(shards) >= 2, "the tiny official checkpoint is sharded"
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-10])
+    err, heavy = _refusal(*args, "--ckpt_dir", str(ckpt))
+    assert err.startswith(f"error: {shards[-1]}: truncated (") and err.endswith("re-download it") and heavy == "heavy: []"
+    shards[-1].unlink()
+    err, heavy = _refusal(*args, "--ckpt_dir", str(ckpt))
+    assert err == (f"error: {shards[-1]}: shard listed in diffusion_pytorch_model.safetensors.index.json is missing; "
+                   "download the missing shard") and heavy == "heavy: []"

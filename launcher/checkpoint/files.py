@@ -13,6 +13,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from launcher.errors import InputError
+from launcher.preflight import check_pth_whole
 from launcher.checkpoint.keymaps import KeyMapError
 from launcher.checkpoint.sources import WeightFiles, load_pth_state_dict
 
@@ -85,21 +86,10 @@ def read_safetensors(folder: Path, stem: str) -> StoredTensors:
     raise CheckpointError(f"{single}: not found (nor {index.name}); download the complete checkpoint or fix --ckpt_dir")
 
 
-def _refuse_truncated_zip(path: Path) -> None:
-    """A torch zip archive cut short (an interrupted download) has its local header but not its end."""
-    import zipfile
-
-    with open(path, "rb") as f:
-        starts_like_zip = f.read(4) == b"PK\x03\x04"
-    if starts_like_zip and not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: truncated ({path.stat().st_size} bytes, the end of the archive is missing); "
-                              "re-download it")
-
-
 def read_pth(path: Path) -> StoredTensors:
     """Shapes of a `.pth` state dict, loaded mmap + weights_only: a pickle that would run code is refused."""
     require_file(path, path.name)
-    _refuse_truncated_zip(path)
+    check_pth_whole(path)
     try:
         state = load_pth_state_dict(path)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad or unsafe pickles

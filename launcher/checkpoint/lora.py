@@ -25,10 +25,8 @@ so an FSDP2 rank merges only the rows it holds. Only safetensors are read: a pic
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from collections.abc import Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.keymaps import wan_transformer_key_map
 from launcher.checkpoint.sources import SafetensorsSource, TensorSource, WeightFiles
+from launcher.preflight import HeaderError, lora_header
 
 
 class LoraError(CheckpointError):
@@ -150,22 +149,9 @@ class LoraPlan:
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) from a safetensors header; anything else is refused in one line."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:2] == b"PK" or head[:1] == b"\x80":
-                raise LoraError(f"{path}: a pickle (torch .pt/.ckpt), which can run code when loaded; only "
-                                ".safetensors LoRAs are read, convert it with safetensors.torch.save_file")
-            if len(head) < 8:
-                raise LoraError(f"{path}: not a safetensors file (too short); give a .safetensors LoRA")
-            (length,) = struct.unpack("<Q", head)
-            if length > 100_000_000:
-                raise LoraError(f"{path}: not a safetensors file (bad header length); give a .safetensors LoRA")
-            header = json.loads(f.read(length))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraError(f"{path}: unreadable as safetensors ({type(e).__name__}); give a .safetensors LoRA") from None
-    if not isinstance(header, dict):
-        raise LoraError(f"{path}: not a safetensors file; give a .safetensors LoRA")
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+        return lora_header(path)
+    except HeaderError as e:
+        raise LoraError(str(e)) from None
 
 
 def _source(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]]) -> SafetensorsSource:
