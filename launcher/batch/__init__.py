@@ -99,7 +99,7 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     """
     from rich.markup import escape
 
-    from launcher.outputs.report import console
+    from launcher.outputs.report import console, warn_once
     from launcher.engine.session import GenerationSession
 
     mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % world.dp_size == world.dp_rank]
@@ -108,11 +108,14 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     first = configs[mine[0][0]]
     assert isinstance(first, RunConfig)
     session = GenerationSession(first, info, world)
+    if world.is_output_rank:  # said once each with a count, not once per item
+        warn_once([session.warnings_for(configs[i]) for i, _ in mine])  # type: ignore[arg-type]
     if warm_up:
         from launcher.outputs.files import Outputs
 
         session.pipeline.decode = False
-        session.generate(replace(first, sample_steps=min(2, first.sample_steps)), mine[0][1], Outputs(video=None))
+        session.generate(replace(first, sample_steps=min(2, first.sample_steps)), mine[0][1], Outputs(video=None),
+                         quiet=True)
         session.pipeline.decode = world.is_output_rank
     results: list[ItemResult] = []
     for n, (index, seed) in enumerate(mine, start=1):
@@ -141,7 +144,7 @@ def _run_item(session: Any, item: BatchItem, config: RunConfig, seed: int, dp_gr
 
     assert config.save_file is not None
     t0 = time.perf_counter()
-    manifest = session.generate(config, seed, Outputs(video=config.save_file))
+    manifest = session.generate(config, seed, Outputs(video=config.save_file), quiet=True)
     if manifest is None:
         return None  # not the group's output rank
     manifest["batch"] = {"prompts_file": str(prompts_file), "index": item.index, "line": item.line,

@@ -31,7 +31,7 @@ def run_calibration(config: RunConfig, runs: list[CalibrationRun], out: Path) ->
     from launcher.engine.world import open_world
     from launcher.errors import peer_lost
     from launcher.outputs.files import Outputs
-    from launcher.outputs.report import log
+    from launcher.outputs.report import log, warn_once
     from magcache.calibrate import average_runs, plot_averaged, write_ratio_file
 
     info = inspect_checkpoint(config.ckpt_dir, config.task)
@@ -42,12 +42,15 @@ def run_calibration(config: RunConfig, runs: list[CalibrationRun], out: Path) ->
             session = GenerationSession(config, info, world)
             session.pipeline.decode = False  # the curves need no video
             per_run, used = [], []
+            if world.is_output_rank:  # each warning once, with its count, not once per run
+                warn_once([session.warnings_for(replace(config, prompt=r.prompt, image=r.image)) for r in runs], "runs")
             for n, run in enumerate(runs, start=1):
                 stage = "while calibrating"
                 seed = world.broadcast_seed(draw_seed(run.seed))
                 if world.is_output_rank:
                     log(f"calibration run {n}/{len(runs)}: seed {seed}, {run.prompt[:60]!r}")
-                session.generate(replace(config, prompt=run.prompt, image=run.image), seed, Outputs(video=None))
+                session.generate(replace(config, prompt=run.prompt, image=run.image), seed, Outputs(video=None),
+                                 quiet=True)
                 per_run.append(session.last_calibration_records)
                 used.append({"prompt": run.prompt, "image": None if run.image is None else str(run.image), "seed": seed})
             if not world.is_output_rank:

@@ -89,33 +89,40 @@ class GenerationSession:
         if config.magcache.calibration:
             from magcache.calibrate import CalibrationRecorder
 
-            return CalibrationRecorder(reduce_sum=self.world.branch_sum()), None, []
+            return CalibrationRecorder(reduce_sum=self.world.branch_sum()), None
         if not config.magcache.enabled:
-            return ComputeAll(), None, []
+            return ComputeAll(), None
         schedule, table = make_schedule(
             config.task, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
             with_image=config.uses_image, options=config.magcache, timesteps=config.timesteps,
             cond_only=config.cond_only_experts,
         )
-        warnings = list(make_plan(task=config.task.name, steps=config.sample_steps, shift=config.sample_shift,
-                                  solver=config.sample_solver, with_image=config.uses_image, options=config.magcache,
-                                  cond_only=config.cond_only_experts, timesteps=config.timesteps,
-                                  loras=tuple(s.label for s in config.loras)).warnings)
-        return MagCacheController(schedule, sync=self.world.magcache_sync()), table, warnings
+        return MagCacheController(schedule, sync=self.world.magcache_sync()), table
+
+    @staticmethod
+    def warnings_for(config: RunConfig) -> list[str]:
+        """What a run of `config` warns about: its flags, then (with MagCache) its plan."""
+        if config.magcache.calibration or not config.magcache.enabled:
+            return list(config.warnings)
+        return config.warnings + list(make_plan(
+            task=config.task.name, steps=config.sample_steps, shift=config.sample_shift, solver=config.sample_solver,
+            with_image=config.uses_image, options=config.magcache, cond_only=config.cond_only_experts,
+            timesteps=config.timesteps, loras=tuple(s.label for s in config.loras)).warnings)
 
     def generate(self, config: RunConfig, seed: int, outputs: Outputs,
-                 on_step: Callable[[int, int], None] | None = None) -> dict[str, Any] | None:
+                 on_step: Callable[[int, int], None] | None = None, *, quiet: bool = False) -> dict[str, Any] | None:
         """Run one request; the output rank writes files and returns the manifest.
 
         `on_step(done, total)`: called after each denoise step on every rank (the server's progress).
+        `quiet`: the warnings go to the manifest only (a batch says each once, with its count).
         """
         from launcher.outputs.report import progress_bar
 
         if self.world.placement.device.type == "cuda":  # each request's peak is its own (host RSS peaks are per process)
             torch.cuda.reset_peak_memory_stats(self.world.placement.device)
-        runner, table, cache_warnings = self.block_runner(config)
-        warnings = config.warnings + cache_warnings
-        if self.world.is_output_rank:
+        runner, table = self.block_runner(config)
+        warnings = self.warnings_for(config)
+        if self.world.is_output_rank and not quiet:
             from launcher.outputs.report import warn
 
             for w in warnings:

@@ -66,6 +66,16 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
+def warn_once(per_item: list[list[str]], what: str = "items") -> None:
+    """Each distinct warning of many items once, with how many it concerns (a batch, a sweep)."""
+    counts: dict[str, int] = {}
+    for warnings in per_item:
+        for w in dict.fromkeys(warnings):
+            counts[w] = counts.get(w, 0) + 1
+    for w, n in counts.items():
+        warn(w if len(per_item) == 1 else f"{w} ({n} of {len(per_item)} {what})")
+
+
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
     """The end-of-run summary as short lines, each whole (a terminal wraps nothing mid-clause)."""
     timings = manifest.get("timings_s", {})
