@@ -36,6 +36,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flag names whole at any width (rich's table cuts them at 80 columns)
     help="Wan2.2 video generation on one GPU or many, with rank-synchronized MagCache.",
 )
 

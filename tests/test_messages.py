@@ -1,6 +1,7 @@
 """Messages that send the user the right way (issue 27 item 6): each names what is really wrong."""
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -109,3 +110,31 @@ def test_header_errors_exit_before_torch_is_imported(tiny_ckpt, tmp_path):
     err, heavy = _refusal(*args, "--ckpt_dir", str(ckpt))
     assert err == (f"error: {shards[-1]}: shard listed in diffusion_pytorch_model.safetensors.index.json is missing; "
                    "download the missing shard") and heavy == "heavy: []"
+
+
+def test_help_keeps_every_flag_name_whole_at_80_columns():
+    """Every flag of every command, each spelling, appears whole in `--help` on an 80-column terminal."""
+    import subprocess
+    import sys
+
+    import typer
+
+    from conftest import ROOT, cli_env
+    from launcher.cli import app
+
+    group = typer.main.get_command(app)
+    script = ("import sys; from launcher.cli import main\nfor c in sys.argv[1:]:\n"
+              "    print('=== ' + c, flush=True); main([c, '--help'])")
+    proc = subprocess.run([sys.executable, "-c", script, *group.commands], capture_output=True, text=True,
+                          env=cli_env(COLUMNS="80", TERM="xterm"), cwd=ROOT, timeout=300)
+    sections = dict(part.split("\n", 1) for part in proc.stdout.split("=== ")[1:])
+    for name, command in group.commands.items():
+        text = sections[name]
+        assert max(len(ln) for ln in text.splitlines()) <= 80, name
+        checked = 0
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:  # typer vendors its own click
+                for flag in param.opts:
+                    assert re.search(rf"(^|[ ,]){re.escape(flag)}([ ,]|$)", text, re.M), (name, flag)
+                    checked += 1
+        assert checked >= 2, name
