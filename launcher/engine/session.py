@@ -138,7 +138,8 @@ class GenerationSession:
             split = self.pipeline.split_decode
             where = "" if split is None else f" on {split.size} ranks (--vae-parallel auto)"
             self.pipeline.on_decode = lambda: log(f"decoding{where}")
-        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank, forwards=lambda: runner.decisions) as bar:
+        # rank 0 only: with dp replicas (batch, serve) each output rank's lines would interleave unlabelled
+        with progress_bar(config.sample_steps, enabled=self.world.is_main, forwards=lambda: runner.decisions) as bar:
             self.pipeline.on_step = _both(bar, on_step)
             result = self.pipeline.generate(request, runner)
         decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])
