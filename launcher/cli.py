@@ -33,7 +33,10 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Wan2.2 video generation on one GPU or many, with rank-synchronized MagCache.",
+    rich_markup_mode=None,  # click's plain help: flag names whole at any width (rich's table cuts them at 80 columns)
+    help="Wan2.2 video generation on one GPU or many, with rank-synchronized MagCache. "
+         "`magcache-launch --nproc-per-node N COMMAND ...` starts N local ranks itself (like torchrun on one "
+         "node) and ends with the first failing rank's one-line reason and exit code.",
 )
 
 
@@ -264,10 +267,30 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _spawn(args: list[str]) -> int:
+    """`magcache-launch --nproc-per-node N COMMAND ...`: start N local ranks ourselves (`parallel.spawn`),
+    so a failure ends with the failing rank's one line and exit code, not torchrun's traceback and 1."""
+    flag, _, value = args[0].partition("=")
+    rest = args[1:] if value else args[2:]
+    value = value or (args[1] if len(args) > 1 else "")
+    if not value.isdigit() or int(value) < 1:
+        return _fail(f"{flag} {value!r}: give the number of ranks to start, e.g. {flag} 4 generate ...", 2)
+    if not rest or rest[0].startswith("-"):
+        return _fail(f"{flag} {value}: name the command to run on every rank, e.g. {flag} {value} generate ...", 2)
+    if os.environ.get("RANK") or os.environ.get("SLURM_STEP_ID"):
+        return _fail(f"{flag}: this process is already one rank of a job (torchrun or srun); drop {flag}", 2)
+    from parallel.spawn import spawn_local
+
+    return spawn_local([sys.executable, "-m", "launcher", *rest], int(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input exits 2 with one line, never a traceback."""
     from launcher.errors import PeerLost, RunFailed, Terminated, peer_lost
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].split("=")[0] in ("--nproc-per-node", "--nproc_per_node"):
+        return _spawn(args)
     install_signal_handlers()
     try:
         result = app(args=argv, prog_name="magcache-launch", standalone_mode=False)

@@ -17,7 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.errors import UsageError
+from launcher.errors import InputError, UsageError
+from launcher.preflight import check_checkpoint_files, lora_header
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
 
@@ -44,9 +45,11 @@ def parse_size(size: str, task: TaskSpec) -> tuple[int, int]:
     width, height = int(m.group(1)), int(m.group(2))
     stride = task.spatial_stride
     if width <= 0 or height <= 0 or width % stride or height % stride:
+        near = "*".join(str(max(stride, round(v / stride) * stride)) for v in (width, height))
         raise UsageError(
             f"--size {size}: width and height must be positive multiples of {stride} for {task.name} "
-            f"(VAE stride {task.vae_stride[1]} x patch {task.patch_size[1]})"
+            f"(VAE stride {task.vae_stride[1]} x patch {task.patch_size[1]}); nearest that runs: {near}; "
+            f"trained sizes: {', '.join(task.supported_sizes)}"
         )
     return width, height
 
@@ -137,15 +140,23 @@ def parse_lora(value: str, expert: Literal["all", "high", "low"], task: TaskSpec
         try:
             scale = float(tail)
             path_text = head
-        except ValueError:
-            pass  # a ':' inside the file name
+        except ValueError:  # a ':' inside the file name, or a scale that is not a number
+            if check_paths and not Path(value).expanduser().exists() and Path(head).expanduser().exists():
+                raise UsageError(f"{flag} {value}: scale {tail!r} is not a number (FILE[:SCALE], "
+                                 "e.g. style.safetensors:0.8)") from None
     if not math.isfinite(scale):
         raise UsageError(f"{flag} {value}: the scale must be a finite number (FILE[:SCALE], e.g. style.safetensors:0.8)")
     if expert != "all" and task.boundary is None:
         raise UsageError(f"{flag} {path_text}: {task.name} has one expert (no high/low-noise pair); use --lora")
     path = Path(path_text).expanduser()
+    if check_paths and path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))[:4]
+        raise UsageError(f"{flag} {path}: is a directory; give one .safetensors file in it"
+                         + (f" ({', '.join(inside)})" if inside else " (it holds none)"))
     if check_paths and not path.is_file():
         raise UsageError(f"{flag} {path}: file not found")
+    if check_paths:
+        lora_header(path)  # a pickle or a truncated file refuses now, not after importing torch
     return LoraSpec(path=path, scale=scale, expert=expert)
 
 
@@ -304,6 +315,12 @@ class RunConfig:
         if self.size not in self.task.supported_sizes and self.size.replace("x", "*") not in self.task.supported_sizes:
             out.append(f"--size {self.size} is not one of {self.task.name}'s trained sizes "
                        f"({', '.join(self.task.supported_sizes)}); expect lower quality")
+        for lora in self.loras:
+            if lora.scale < 0:  # some do this on purpose (steer away from a style): allowed, but said
+                out.append(f"{lora.flag} {lora.path}:{lora.scale:g}: a negative scale subtracts the LoRA "
+                           "(steers away from what it learned); give a positive scale to apply it")
+            elif lora.scale == 0:
+                out.append(f"{lora.flag} {lora.path}:0: scale 0 changes no weight; drop the flag or give a scale")
         return out
 
     @property
@@ -456,6 +473,8 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
     ckpt = Path(f["ckpt_dir"])
     if check_paths and not ckpt.is_dir():
         raise UsageError(f"--ckpt_dir {ckpt}: directory not found")
+    if check_paths:
+        check_checkpoint_files(ckpt)  # missing shards, truncated files: from headers, before torch is imported
     img = Path(f["image"]) if f["image"] else None
     if img is None and spec.image == "required":
         raise UsageError(f"{spec.name} needs --image (the first frame)")
@@ -466,6 +485,9 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
     outputs = {name: Path(f[name]) if f[name] else None for name in ("save_file", "save_frames", "save_latents")}
     if outputs["save_latents"] is not None and not str(outputs["save_latents"]).endswith(".safetensors"):
         raise UsageError(f"--save-latents {outputs['save_latents']}: use a .safetensors file name")
+    if outputs["save_file"] is not None and outputs["save_file"].suffix.lower() != ".mp4":
+        raise UsageError(f"--save_file {outputs['save_file']}: the video is written as MP4 (H.264); "
+                         "use a .mp4 file name")
     if check_paths:
         for name, path in outputs.items():
             if path is not None:

@@ -28,4 +28,5 @@ else
   echo "[demo] one process" >&2
   magcache-launch "${ARGS[@]}"
 fi
+echo "[demo] the tiny checkpoint's weights are random, so the video is noise: it shows the pipeline runs end to end, not what Wan2.2 draws (real weights: README, \"Getting the Wan2.2 weights\")" >&2
 echo "$VIDEO"

@@ -6,6 +6,8 @@ real subprocesses.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -63,8 +65,19 @@ def first_run(tiny_ckpt, tmp_path_factory):
     make_image(work / "first.png", size=(64, 64), seed=5)
     prompts = write_jsonl(work / "prompts.jsonl", ITEMS)
     ckpt = tiny_ckpt(TASK)
-    code, summary = batch(ckpt, prompts, work / "out")
-    return {"code": code, "summary": summary, "ckpt": ckpt, "prompts": prompts, "out": work / "out", "work": work}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # the console writes to whatever sys.stderr is when it prints
+        code, summary = batch(ckpt, prompts, work / "out")
+    return {"code": code, "summary": summary, "ckpt": ckpt, "prompts": prompts, "out": work / "out", "work": work,
+            "stderr": err.getvalue()}
+
+
+def test_each_warning_is_said_once_with_its_count(first_run):
+    warnings = [ln for ln in first_run["stderr"].splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == len(set(warnings)) >= 2, first_run["stderr"]
+    size = [w for w in warnings if "--size 64*64 is not one of" in w]
+    assert len(size) == 1 and size[0].endswith("(4 of 4 items)"), warnings
+    assert all(w.endswith("items)") for w in warnings), warnings
 
 
 def test_one_invalid_item_fails_alone_and_the_batch_exits_3(first_run):

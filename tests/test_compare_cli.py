@@ -82,3 +82,22 @@ def test_bad_input_is_one_line_exit_2(media, tmp_path):
     assert proc.stdout == ""
     proc = run_cli("compare", str(media["a"]), str(tmp_path / "missing.mp4"), timeout=120)
     assert_one_line_error(proc, "missing.mp4", "not found")
+
+
+def test_partly_different_frames_say_not_identical(tmp_path):
+    """The real case: PNG folders equal but for one pixel of one frame (mean PSNR inf, SSIM 1.0000)."""
+    from PIL import Image
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_frames(a, _video(4, 32, 32, seed=3))
+    write_frames(b, _video(4, 32, 32, seed=3))
+    frame = b / "frame_00002.png"
+    px = Image.open(frame).convert("RGB")
+    r, g, bl = px.getpixel((5, 5))
+    px.putpixel((5, 5), ((r + 1) % 256, g, bl))
+    px.save(frame)
+    proc = run_cli("compare", str(a), str(b), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "SSIM (luma, BT.601) 1.0000" in proc.stdout and "PSNR inf dB" in proc.stdout
+    assert "B is NOT identical to A: 1 of 4 frames differ (PSNR " in proc.stdout
+    assert "the other 3 are identical (PSNR inf), so the mean PSNR is inf" in proc.stdout

@@ -118,6 +118,15 @@ def test_bad_loras_exit_2(tiny_ckpt, info, tmp_path, capsys):
     line = _run(tiny_ckpt, tmp_path, capsys, "--lora", str(tmp_path / "missing.safetensors:0.5"))
     assert "missing.safetensors: file not found" in line
 
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    stranger.rename(pair / "high_noise_model.safetensors")
+    line = _run(tiny_ckpt, tmp_path, capsys, "--lora", f"{pair}:0.5")
+    assert "is a directory; give one .safetensors file in it (high_noise_model.safetensors)" in line
+
+    line = _run(tiny_ckpt, tmp_path, capsys, "--lora", f"{wrong}:abc")
+    assert f"{wrong}:abc: scale 'abc' is not a number" in line and "not found" not in line
+
     good = make_lora(tmp_path / "good.safetensors", "peft-official", _shapes(info)["high"], TASK)
     line = _run(tiny_ckpt, tmp_path, capsys, "--lora-high", str(good), task="ti2v-5B")
     assert "--lora-high" in line and "ti2v-5B has one expert" in line
@@ -150,7 +159,7 @@ def test_a_bad_lora_exits_2_before_any_rendezvous(tiny_ckpt, tmp_path):
 # -- a LoRA run equals a run on a checkpoint the test merged --------------------------------------
 
 @pytest.mark.slow
-def test_generation_with_lora_equals_premerged_checkpoint(tiny_ckpt, info, tmp_path):
+def test_generation_with_lora_equals_premerged_checkpoint(tiny_ckpt, info, tmp_path, capsys):
     lora = make_lora(tmp_path / "style.safetensors", "kohya", _shapes(info)["high"], TASK)
     diff = make_lora(tmp_path / "delta.safetensors", "diff", _shapes(info)["low"], TASK, seed=4)
     deltas = {"high": expected_deltas(lora, "kohya", 0.7, TASK), "low": {}}
@@ -159,7 +168,11 @@ def test_generation_with_lora_equals_premerged_checkpoint(tiny_ckpt, info, tmp_p
     for key, d in expected_deltas(diff, "diff", 1.0, TASK).items():
         deltas["low"][key] = deltas["low"].get(key, 0) + d
     merged = merged_checkpoint(tiny_ckpt(TASK), tmp_path / "merged", TASK, TASKS[TASK].expert_folders, deltas)
+    capsys.readouterr()
     with_lora = generate(tiny_ckpt(TASK), tmp_path / "a", TASK, "--lora", f"{lora}:0.7", "--lora-low", str(diff))
+    said = capsys.readouterr().err  # the console says what was merged, where
+    assert f"merged LoRA {lora} at scale 0.7: 6 weights of high, 6 weights of low" in said
+    assert f"merged LoRA {diff} at scale 1: 6 weights of low" in said
     premerged = generate(merged, tmp_path / "b", TASK)
     a, b = with_lora["_latents"], premerged["_latents"]
     assert (a - b).abs().max().item() < 1e-6

@@ -62,6 +62,9 @@ def run_sharded(tiny_ckpt, tmp_path, task: str, layout: str, size: str, fsdp: bo
             *MAGCACHE, *flags, *(["--dit_fsdp"] if fsdp else []), *(["--image", str(image)] if image else [])]
     proc = torchrun(nproc, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stderr is a pipe: plain progress lines, from rank 0 alone
+    assert [ln.split("  ")[0] for ln in proc.stderr.splitlines() if ln.startswith("step ")] == ["step 1/%d" % STEPS,
+                                                                                                 f"step {STEPS}/{STEPS}"]
     manifest = json.loads(video.with_suffix(".json").read_text())
     manifest["_latents"] = load_file(tmp_path / "mr.safetensors")["latents"]
     return manifest

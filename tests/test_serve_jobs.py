@@ -74,6 +74,7 @@ def test_request_images(settings, tmp_path):
     assert allowed["image"] == str(settings.image_dir / "first.png") and allowed["seed"] == 4
     for image, reason in (("../secret.png", "outside --image-dir"), (str(tmp_path / "secret.png"), "outside"),
                           ("missing.png", "not found"), ("data:image/png;base64,@@@", "not base64"),
+                          ("/srv/in/cat.gif", "not base64 .* path .*--image-dir"),
                           (base64.b64encode(b"GIF89a not really").decode(), "not an image")):
         with pytest.raises(BadRequest, match=reason):
             validate(json.dumps({"prompt": "a cat", "image": image}).encode(), settings, staged)

@@ -61,6 +61,13 @@ def test_report_files_and_the_verdict(swept):
     md = (out / "report.md").read_text()
     assert "| setting | thresh | forward speedup |" in md and "thresh-0.3" in md
     assert "To reach 1.5x at the smallest quality cost" in md
+    thresh = next(s["thresh"]["mean"] for s in swept["report"]["settings"] if s["setting"] == "speedup-1.5")
+    assert f"| speedup-1.5 | {thresh:.6g} |" in md and len(f"{thresh:.6g}") > 4  # the digits it was chosen with
+    from launcher.batch.sweep import pareto_figure
+
+    for ax in pareto_figure(swept["report"]).axes:  # every point labelled, the hollow wall-time ones too
+        labels = [t.get_text() for t in ax.texts]
+        assert "thresh-0.3" in labels and "thresh-0.3 (wall)" in labels
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == {"ok": 12, "skipped": 0, "failed": 0}

@@ -88,7 +88,7 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     """
     from rich.markup import escape
 
-    from launcher.outputs.report import console
+    from launcher.outputs.report import console, warn_once
 
     world = engine.world
     mine = [(i, s) for k, (i, s) in enumerate(plan.todo) if k % world.dp_size == world.dp_rank]
@@ -98,11 +98,13 @@ def _generate_share(plan: BatchPlan, items: dict[int, BatchItem], configs: dict[
     assert isinstance(first, RunConfig)
     session = engine.session()
     engine.at("while generating")
+    if world.is_output_rank:  # said once each with a count, not once per item
+        warn_once([session.warnings_for(configs[i]) for i, _ in mine])  # type: ignore[arg-type]
     if warm_up:
         from launcher.outputs.files import Outputs
 
         session.generate(replace(first, sample_steps=min(2, first.sample_steps)), mine[0][1], Outputs(video=None),
-                         decode=False)
+                         decode=False, quiet=True)
     results: list[ItemResult] = []
     for n, (index, seed) in enumerate(mine, start=1):
         item, config = items[index], replace(configs[index], base_seed=seed)  # type: ignore[type-var]
@@ -130,7 +132,7 @@ def _run_item(session: Any, item: BatchItem, config: RunConfig, seed: int, dp_gr
 
     assert config.save_file is not None
     t0 = time.perf_counter()
-    manifest = session.generate(config, seed, Outputs(video=config.save_file))
+    manifest = session.generate(config, seed, Outputs(video=config.save_file), quiet=True)
     if manifest is None:
         return None  # not the group's output rank
     manifest["batch"] = {"prompts_file": str(prompts_file), "index": item.index, "line": item.line,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import InputError
-from launcher.checkpoint.header import NotSafetensors, read_header
+from launcher.preflight import check_pth_whole
+from launcher.safetensors_header import NotSafetensors, read_header
 from launcher.checkpoint.keymaps import KeyMapError
 from launcher.checkpoint.sources import WeightFiles, load_pth_state_dict
 
@@ -86,10 +87,11 @@ def read_safetensors(folder: Path, stem: str) -> StoredTensors:
 def read_pth(path: Path) -> StoredTensors:
     """Shapes of a `.pth` state dict, loaded mmap + weights_only: a pickle that would run code is refused."""
     require_file(path, path.name)
+    check_pth_whole(path)
     try:
         state = load_pth_state_dict(path)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad or unsafe pickles
-        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        detail = str(e).splitlines()[0].split(". ")[0][:120] if str(e) else type(e).__name__  # whole words
         raise CheckpointError(f"{path}: not a plain tensor state dict loadable with weights_only=True ({detail}); "
                               "refusing to unpickle it, re-download the file from the official source") from None
     return {k: (path, tuple(v.shape)) for k, v in state.items()}

@@ -35,10 +35,9 @@ from typing import Any, Literal, Self
 import torch
 
 from launcher.checkpoint.files import CheckpointError
-from launcher.checkpoint.header import NotSafetensors
-from launcher.checkpoint.header import read_header as read_safetensors_header
 from launcher.checkpoint.keymaps import wan_transformer_key_map
 from launcher.checkpoint.sources import SafetensorsSource, TensorSource, WeightFiles
+from launcher.preflight import HeaderError, lora_header
 
 
 class LoraError(CheckpointError):
@@ -150,15 +149,9 @@ class LoraPlan:
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (dtype, shape) from a safetensors header; anything else is refused in one line."""
     try:
-        tensors = read_safetensors_header(path).tensors
-    except NotSafetensors as e:
-        if e.pickle:
-            raise LoraError(f"{path}: a pickle (torch .pt/.ckpt), which can run code when loaded; only "
-                            ".safetensors LoRAs are read, convert it with safetensors.torch.save_file") from None
-        raise LoraError(f"{path}: not a safetensors file ({e}); give a .safetensors LoRA") from None
-    except OSError as e:
-        raise LoraError(f"{path}: unreadable as safetensors ({type(e).__name__}); give a .safetensors LoRA") from None
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in tensors.items()}
+        return lora_header(path)
+    except HeaderError as e:
+        raise LoraError(str(e)) from None
 
 
 def _source(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]]) -> SafetensorsSource:

@@ -91,7 +91,7 @@ class SafetensorsSource(_SourceBase):
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
 
     def _entry(self, key: str) -> tuple[Any, int, dict[str, Any]]:
-        from launcher.checkpoint.header import read_header
+        from launcher.safetensors_header import read_header
 
         path, stored = self._weights.locations[key]
         if path not in self._files:

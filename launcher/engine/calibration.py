@@ -36,18 +36,21 @@ def _calibrate_on(engine: Any, config: RunConfig, runs: list[CalibrationRun], ou
     from launcher.config import draw_seed
     from launcher.engine.session import calibration_settings
     from launcher.outputs.files import Outputs
-    from launcher.outputs.report import log
+    from launcher.outputs.report import log, warn_once
     from magcache.calibrate import average_runs, plot_averaged, write_ratio_file
 
     world, session = engine.world, engine.session()
     per_run, used = [], []
+    if world.is_output_rank:  # each warning once, with its count, not once per run
+        warn_once([session.warnings_for(replace(config, prompt=r.prompt, image=r.image)) for r in runs], "runs")
     for n, run in enumerate(runs, start=1):
         engine.at("while calibrating")
         seed = world.broadcast_seed(draw_seed(run.seed))
         if world.is_output_rank:
             log(f"calibration run {n}/{len(runs)}: seed {seed}, {run.prompt[:60]!r}")
         # the curves need no video
-        session.generate(replace(config, prompt=run.prompt, image=run.image), seed, Outputs(video=None), decode=False)
+        session.generate(replace(config, prompt=run.prompt, image=run.image), seed, Outputs(video=None), decode=False,
+                         quiet=True)
         per_run.append(session.last_calibration_records)
         used.append({"prompt": run.prompt, "image": None if run.image is None else str(run.image), "seed": seed})
     if not world.is_output_rank:

@@ -60,6 +60,10 @@ class GenerationSession:
         t0 = time.perf_counter()
         self.models, self.parallel = load_models(config, info, world.placement, world.mesh, self.loras)
         self.load_seconds = time.perf_counter() - t0
+        if world.is_output_rank:
+            for r in self.loras.reports:
+                where = ", ".join(f"{n} weights of {e}" for e, n in r.touched.items())
+                log(f"merged LoRA {r.file} at scale {r.scale:g}: {where}")
         self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank,
                                     split_decode=world.vae_decoder(config.vae_parallel))
         self.last_calibration_records: list[Any] = []
@@ -86,34 +90,42 @@ class GenerationSession:
         if config.magcache.calibration:
             from magcache.calibrate import CalibrationRecorder
 
-            return CalibrationRecorder(reduce_sum=self.world.branch_sum()), None, []
+            return CalibrationRecorder(reduce_sum=self.world.branch_sum()), None
         if not config.magcache.enabled:
-            return ComputeAll(), None, []
+            return ComputeAll(), None
         setup = magcache_setup(Sampling.of(config))  # the one `resolve_config` made: table read once
         if setup.options.thresh != config.magcache.thresh:
             raise ValueError(f"the config's threshold {config.magcache.thresh} is not its set-up's "
                              f"{setup.options.thresh}: resolve the config first (resolve_config)")
-        return (MagCacheController(setup.schedule(), sync=self.world.magcache_sync()), setup.table,
-                list(setup.plan.warnings))
+        return MagCacheController(setup.schedule(), sync=self.world.magcache_sync()), setup.table
+
+    @staticmethod
+    def warnings_for(config: RunConfig) -> list[str]:
+        """What a run of `config` warns about: its flags, then (with MagCache) its plan."""
+        if config.magcache.calibration or not config.magcache.enabled:
+            return list(config.warnings)
+        return config.warnings + list(magcache_setup(Sampling.of(config)).plan.warnings)
 
     def generate(self, config: RunConfig, seed: int, outputs: Outputs,
-                 on_step: Callable[[int, int], None] | None = None, *, decode: bool = True) -> dict[str, Any] | None:
+                 on_step: Callable[[int, int], None] | None = None, *, decode: bool = True,
+                 quiet: bool = False) -> dict[str, Any] | None:
         """Run one request; the output rank writes files and returns the manifest.
 
         `on_step(done, total)`: called after each denoise step on every rank (the server's progress).
         `decode=False`: stop at the final latents (calibration curves, a warm-up), no rank decodes.
+        `quiet`: the warnings go to the manifest only (a batch says each once, with its count).
         """
         from launcher.outputs.report import progress_bar
 
         if self.world.placement.device.type == "cuda":  # each request's peak is its own (host RSS peaks are per process)
             torch.cuda.reset_peak_memory_stats(self.world.placement.device)
-        runner, table, cache_warnings = self.block_runner(config)
-        warnings = config.warnings + cache_warnings
-        if self.world.is_output_rank:
-            from launcher.outputs.report import console
+        runner, table = self.block_runner(config)
+        warnings = self.warnings_for(config)
+        if self.world.is_output_rank and not quiet:
+            from launcher.outputs.report import warn
 
             for w in warnings:
-                console.print(f"[yellow]warning:[/] {w}")
+                warn(w)
         request = self.request_for(config, seed)
         if self.world.is_output_rank:
             from launcher.outputs.report import log
@@ -125,7 +137,8 @@ class GenerationSession:
             split = self.pipeline.split_decode
             where = "" if split is None else f" on {split.size} ranks (--vae-parallel auto)"
             self.pipeline.on_decode = lambda: log(f"decoding{where}")
-        with progress_bar(config.sample_steps, enabled=self.world.is_output_rank) as bar:
+        # rank 0 only: with dp replicas (batch, serve) each output rank's lines would interleave unlabelled
+        with progress_bar(config.sample_steps, enabled=self.world.is_main, forwards=lambda: runner.decisions) as bar:
             self.pipeline.on_step = _both(bar, on_step)
             result = self.pipeline.generate(request, runner, decode=decode)
         decisions = self.world.gather_branches([d.to_json() for d in runner.decisions], lambda d: d["index"])

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,7 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_beside(final, suffix)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -30,6 +28,19 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
         if tmp.exists():
             tmp.unlink()
 
+
+
+def _create_beside(final: Path, suffix: str) -> Path:
+    """A new empty hidden file beside `final`, created with mode 0666 so the kernel applies the
+    caller's umask: the renamed output gets the mode a plain `open(final, "w")` would give it
+    (`tempfile.mkstemp` would make every output 0600, unreadable to colleagues and web servers)."""
+    while True:
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -85,7 +85,8 @@ def write_frames(directory: Path, video: torch.Tensor) -> list[Path]:
 
 def write_latents(path: Path, latents: torch.Tensor) -> None:
     """Final latents before decode: key `latents`, float32, [C,F,H,W]."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     with atomic_path(Path(path), suffix=".safetensors") as tmp:
-        save_file({"latents": latents.detach().float().contiguous().cpu()}, str(tmp))
+        # bytes written into our temp file: safetensors' save_file replaces it with a mode-0600 file of its own
+        tmp.write_bytes(save({"latents": latents.detach().float().contiguous().cpu()}))

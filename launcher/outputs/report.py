@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +32,7 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
                  f"no threshold at or below {target.breakpoint!r} reaches it")
         out.print(f"threshold [bold]{target.thresh!r}[/] for --magcache-target-speedup {target.target}: {where} "
                   f"({target.speedup:.2f}x here; at most {floor_2dp(target.max_speedup)}x at any threshold)")
-    table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps, split at forward {the_plan.split_forwards}")
+    table = Table(title=f"MagCache plan: {task}, {the_plan.steps} steps")
     for col in ("step", "expert", "cond", "uncond"):
         table.add_column(col)
     by_step: dict[int, dict[str, object]] = {}
@@ -42,6 +43,9 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
         # guidance 1: that step runs the cond forward alone (no uncond forward exists to skip)
         table.add_row(str(step), cond.expert, _action(cond), _action(uncond) if uncond is not None else "[dim]-[/] (g=1)")
     out.print(table)
+    experts = sorted({f.expert for f in the_plan.forwards})
+    if len(experts) > 1:  # forwards count cond and uncond: forward 2n is step n's cond
+        out.print(f"experts switch at forward {the_plan.split_forwards}, step {the_plan.split_forwards // 2}")
     skipped = len(the_plan.skipped_forwards)
     out.print(
         f"skipped {skipped} of {the_plan.total_forwards} forwards "
@@ -54,7 +58,22 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
 
 def log(message: str) -> None:
     """One status line on stderr (callers print on the output rank only)."""
-    console.print(f"[dim]\\[magcache-launch][/] {message}")
+    console.print(f"[dim]\\[magcache-launch][/] {escape(message)}", soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, never wrapped (a log file keeps it whole for grep)."""
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+def warn_once(per_item: list[list[str]], what: str = "items") -> None:
+    """Each distinct warning of many items once, with how many it concerns (a batch, a sweep)."""
+    counts: dict[str, int] = {}
+    for warnings in per_item:
+        for w in dict.fromkeys(warnings):
+            counts[w] = counts.get(w, 0) + 1
+    for w, n in counts.items():
+        warn(w if len(per_item) == 1 else f"{w} ({n} of {len(per_item)} {what})")
 
 
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
@@ -78,11 +97,50 @@ def print_summary(manifest: dict[str, Any]) -> None:
         console.print(escape(line), soft_wrap=True)
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def progress_line(done: int, total: int, since_first: float | None, computed: int, skipped: int) -> str:
+    """One plain progress line, well under 80 columns for any run (a log file gets no bar).
+
+    `since_first`: seconds from the end of step 1 to now; the rate leaves step 1 out (it carries the
+    first-call warm-up), so step 1 has none yet."""
+    rate = ""
+    if since_first is not None and done > 1:
+        per_step = since_first / (done - 1)
+        rate = f"  {per_step:.2f} s/step  ETA {_clock(per_step * (total - done))}"
+    return f"step {done}/{total}{rate}  skipped {skipped} of {computed + skipped} forwards"
+
+
 @contextlib.contextmanager
-def progress_bar(total_steps: int, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A per-step denoising bar on rank 0 (stderr); other ranks get no callback."""
+def progress_bar(total_steps: int, *, enabled: bool, forwards: Callable[[], list[Any]] = list,
+                 every_s: float = 10.0) -> Iterator[Callable[[int, int], None] | None]:
+    """Denoising progress on rank 0 (stderr); other ranks get no callback.
+
+    On a terminal: a rich bar. Otherwise (sbatch, nohup, a pipe, where a bar draws nothing until the
+    end): one plain line per step, at most one per `every_s` seconds, the first and last step always.
+    `forwards()` gives this rank's MagCache decisions so far (objects with a `skip` attribute)."""
     if not enabled:
         yield None
+        return
+    if not console.is_terminal:
+        first: list[float] = []  # when step 1 ended
+        last = [-every_s]
+
+        def on_line(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if not first:
+                first.append(now)
+            if done in (1, total) or now - last[0] >= every_s:
+                last[0] = now
+                decisions = forwards()
+                skipped = sum(1 for d in decisions if d.skip)
+                console.print(progress_line(done, total, now - first[0], len(decisions) - skipped, skipped),
+                              markup=False, highlight=False, soft_wrap=True)
+
+        yield on_line
         return
     with Progress(TextColumn("denoise"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=False) as progress:

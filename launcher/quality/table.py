@@ -57,6 +57,12 @@ def headline_lines(c: Comparison) -> list[str]:
                   f"cosine {_fmt(c.mean_cosine, 6)}, MSE {_fmt(c.mean_mse, 6)})")]
     if c.identical:
         lines.append("B is identical to A: every value is equal (PSNR inf)")
-    elif any(math.isinf(p) for p in c.psnr):
-        lines.append("some frames are identical (PSNR inf), so the mean PSNR is inf")
+        return lines
+    differ = [p for p in c.psnr if not math.isinf(p)]
+    if len(differ) < c.frames:  # a mean of inf (and an SSIM that rounds to 1) must not read as "identical"
+        lines.append(f"B is NOT identical to A: {len(differ)} of {c.frames} frames differ (PSNR "
+                     f"{sum(differ) / len(differ):.2f} dB over those); the other {c.frames - len(differ)} are "
+                     "identical (PSNR inf), so the mean PSNR is inf")
+    else:
+        lines.append("B is not identical to A: every frame differs")
     return lines

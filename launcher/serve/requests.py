@@ -72,7 +72,8 @@ def _decode_image(value: str) -> bytes:
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest("field 'image': not base64 (send a data: URL or base64 of a PNG/JPEG)") from None
+        raise BadRequest("field 'image': not base64 (send a data: URL or base64 of a PNG/JPEG) nor a .png/.jpg/.webp/.bmp "
+                         "file path (paths are read under the server's --image-dir)") from None
     return raw
 
 

@@ -1,8 +1,9 @@
 """The one reader of a safetensors header: key -> dtype, shape and byte range, without reading a tensor.
 
-Checkpoint inspection (`files`), the row reader (`sources`) and LoRA resolution (`lora`) all read
-headers through here, then word a failure for their own reader (re-download the checkpoint, give a
-.safetensors LoRA). The format: 8 bytes little-endian header length, the JSON header, the data.
+Checkpoint inspection (`checkpoint.files`), the row reader (`checkpoint.sources`) and the checks made
+before torch is imported (`preflight`, which LoRA resolution uses too) all read headers through here,
+then word a failure for their own reader (re-download the checkpoint, give a .safetensors LoRA).
+Bytes, `struct` and `json` only: importing it costs nothing. The format: 8 bytes little-endian header length, the JSON header, the data.
 """
 from __future__ import annotations
 
