@@ -56,8 +56,13 @@ class Server:
         raise AssertionError(f"server not ready within {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text()
+
+    def said(self) -> str:
+        """The log as one line of words (a console may wrap long lines where it likes)."""
+        return " ".join(self.output().split())
 
     def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
              token: str | None = "default") -> tuple[int, Any]:

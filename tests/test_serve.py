@@ -139,10 +139,11 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
     """Token 401s, a full queue 429s, DELETE cancels; SIGTERM finishes the running job and exits 0;
     a new server on the same folder runs the queued job and serves the finished video."""
     ckpt, jobs_dir = tiny_ckpt("t2v-A14B"), tmp_path / "jobs"
-    first = Server(ckpt, jobs_dir, "--max-queue", "2", token="s3cret")
+    first = Server(ckpt, jobs_dir, "--max-queue", "2", "--max-queue-per-client", "10", "--stop-grace", "600",
+                   token="s3cret")
     try:
-        assert first.call("GET", "/health", token=None)[0] == 401
-        assert first.call("GET", "/", token="wrong")[0] == 401
+        assert first.call("GET", "/health", token=None) == (200, {"ok": True})  # a liveness probe: nothing else
+        assert first.call("GET", "/jobs", token="wrong")[0] == 401
         assert first.call("POST", "/jobs", {"prompt": "a cat"}, token=None)[0] == 401
         assert first.call("GET", "/jobs")[1] == {"jobs": []}  # the 401 POST queued nothing
         assert first.call("GET", "/?token=s3cret", token=None)[0] == 200  # the page passes it in the URL
@@ -157,6 +158,9 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
         assert first.call("DELETE", f"/jobs/{cancelled}")[1]["state"] == "cancelled"
         assert first.call("DELETE", f"/jobs/{cancelled}")[0] == 409
         assert first.stop(signal.SIGTERM) == 0
+        log = first.said()
+        assert f"stopping (SIGTERM): finishing job {running} (up to --stop-grace 600 s), 1 queued kept" in log
+        assert "stopped: 1 queued job(s) kept" in log
     finally:
         first.kill()
     on_disk = {p.name: json.loads((p / "state.json").read_text())["state"] for p in jobs_dir.iterdir() if p.is_dir()
@@ -165,6 +169,7 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
 
     second = Server(ckpt, jobs_dir)
     try:
+        assert f"resuming 1 queued job(s) from the last run: {queued} " in second.said()
         assert second.wait(queued)["state"] == "done"
         assert second.call("GET", f"/jobs/{queued}/video")[1] == reference_video(*PROMPTS[0])
         assert second.call("GET", f"/jobs/{running}/video")[1] == (jobs_dir / running / "video.mp4").read_bytes()
@@ -177,7 +182,7 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
 def test_two_ranks_with_dp_replica(tiny_ckpt, tmp_path, reference_video):
     """torchrun, 2 ranks = 2 dp replicas: 5 concurrent jobs on both, videos equal `generate`'s;
     SIGKILL of rank 1 mid-job: /health unhealthy, the job fails, exit non-zero within --dist-timeout."""
-    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", "--dist-timeout", "30", nproc=2)
+    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", "--dist-timeout", "30", "--max-steps", "100000", nproc=2)
     try:
         health = server.call("GET", "/health")[1]
         assert health["world"] == 2 and health["dp"] == 2 and len(health["pids"]) == 2

@@ -156,6 +156,12 @@ class World:
         """Every rank of this dp replica's `obj`, in replica order (cfg-major, sp-minor)."""
         return self._replica_gather(obj)
 
+    def agree_in_replica(self, flag: bool) -> bool:
+        """True on every rank of this dp replica when any of them says so (one small gather; no-op alone)."""
+        if self.cfg_size * self.sp_size == 1:
+            return flag
+        return any(self._replica_gather(bool(flag)))
+
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed everywhere (a drawn seed must be the same on every rank)."""
         return self.all_gather_object(seed)[0]

@@ -33,11 +33,12 @@ class FrontGone(RuntimeError):
 class Front:
     """Rank 0's handle on the HTTP process: the JobStore and /health calls the rank loop needs."""
 
-    def __init__(self, proc: subprocess.Popen, conn: Connection, jobs_dir: Path, requeued: int) -> None:
+    def __init__(self, proc: subprocess.Popen, conn: Connection, jobs_dir: Path, resumed: dict[str, list[str]]) -> None:
         self.proc = proc
         self.conn = conn
         self.root = Path(jobs_dir)
-        self.requeued = requeued
+        #: the queue found on disk at start: {"queued": ids oldest first, "was_running": ids}
+        self.resumed = resumed
         self._lock = threading.Lock()  # main thread, watchdog and signal helper threads share the pipe
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -65,6 +66,20 @@ class Front:
 
     def requeue(self, job_id: str) -> None:
         self._call("requeue", job_id)
+
+    def stopped(self, job_id: str) -> str:
+        """A job its replica stopped at a step: cancelled (DELETE) or queued again; the new state."""
+        return self._call("stopped", job_id)
+
+    def interrupt_running(self) -> list[str]:
+        """Ask every running job to stop at its next step (they go back to the queue)."""
+        return self._call("interrupt_running")
+
+    def running(self) -> list[str]:
+        return self._call("running")
+
+    def counts(self) -> dict[str, int]:
+        return self._call("counts")
 
     def fail_running(self, message: str) -> list[str]:
         return self._call("fail_running", message)
@@ -100,11 +115,11 @@ def start_front(sock: socket.socket, options: Any, flags: dict[str, Any], health
         proc.kill()
         raise RuntimeError("the HTTP process did not start within 120 s")
     try:
-        kind, requeued = conn.recv()
+        kind, resumed = conn.recv()
     except EOFError:
         raise RuntimeError(f"the HTTP process exited ({proc.wait()}) before serving") from None
     assert kind == "ready"
-    return Front(proc, conn, options.jobs_dir, requeued)
+    return Front(proc, conn, options.jobs_dir, resumed)
 
 
 # -- the HTTP process ---------------------------------------------------------------------------
@@ -117,9 +132,10 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     from launcher.serve.requests import ServeSettings
 
     options, flags, health_init = conn.recv()
-    store = JobStore(options.jobs_dir, max_queue=options.max_queue)
+    store = JobStore(options.jobs_dir, max_queue=options.max_queue, max_per_client=options.max_per_client)
     health = Health(**health_init)
-    app = create_app(store, ServeSettings(flags=flags, image_dir=options.image_dir), health, token=options.token)
+    settings = ServeSettings(flags=flags, image_dir=options.image_dir, limits=options.limits)
+    app = create_app(store, settings, health, tokens=options.tokens)
     sock = socket.socket(fileno=listen_fd)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     # on a thread: uvicorn then leaves signals alone (ours are ignored; rank 0 decides when to stop)
@@ -131,7 +147,7 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     write_json(Path(options.jobs_dir) / "server.json", {"url": url, "pid": os.getppid(), "http_pid": os.getpid(),
                                                         "world": health.world})
-    conn.send(("ready", store.requeued))
+    conn.send(("ready", {"queued": store.resumed, "was_running": sorted(store.was_running)}))
     never = threading.Event()
 
     def set_health(state: str, error: str | None) -> None:
@@ -139,7 +155,8 @@ def _serve(conn: Connection, listen_fd: int) -> None:
 
     calls = {"take": lambda n, wait: store.take(n, wait=wait, stop=never), "progress": store.progress,
              "finish": lambda job_id, error: store.finish(job_id, error=error), "requeue": store.requeue,
-             "fail_running": store.fail_running, "set_health": set_health}
+             "fail_running": store.fail_running, "set_health": set_health, "stopped": store.stopped,
+             "interrupt_running": store.interrupt_running, "running": store.running, "counts": store.counts}
     while True:
         try:
             method, args = conn.recv()

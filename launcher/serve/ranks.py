@@ -21,7 +21,7 @@ from launcher.batch.results import one_line
 from launcher.config import RunConfig
 from launcher.errors import peer_lost
 from launcher.serve.front import Front
-from launcher.serve.jobs import Job, write_progress
+from launcher.serve.jobs import Job, interrupted, write_progress
 from launcher.serve.requests import job_config
 
 #: seconds between heartbeats while the queue is empty (also the latency of picking up a new job)
@@ -48,6 +48,17 @@ class Turn:
 class Outcome:
     job_id: str
     error: str | None = None
+    #: stopped at a step boundary (DELETE, or a stop that cannot wait): the step it stopped after
+    stopped_at: int | None = None
+    steps: int = 0
+
+
+class Interrupted(Exception):
+    """This replica's job was asked to stop; raised at a step boundary on every rank of the replica."""
+
+    def __init__(self, step: int, steps: int) -> None:
+        super().__init__(f"stopped after step {step}/{steps}")
+        self.step, self.steps = step, steps
 
 
 class RankLoop:
@@ -103,10 +114,20 @@ class RankLoop:
             outcome = self._run_job(mine) if mine is not None else None
             results = self.world.all_gather_object(outcome, patient=True)
             if self.world.rank == 0:
-                assert self.store is not None
                 for result in results:
                     if result is not None:
-                        self.store.finish(result.job_id, error=result.error)
+                        self._report(result)
+
+    def _report(self, result: Outcome) -> None:
+        from launcher.outputs.report import log
+
+        assert self.store is not None
+        if result.stopped_at is None:
+            self.store.finish(result.job_id, error=result.error)
+            return
+        state = self.store.stopped(result.job_id)
+        what = "cancelled" if state == "cancelled" else "stopped; queued again (no file written)"
+        log(f"job {result.job_id} {what} after step {result.stopped_at}/{result.steps}")
 
     def _progress(self, job: Assignment) -> Callable[[int, int], None] | None:
         if not self.world.is_output_rank:
@@ -117,6 +138,19 @@ class RankLoop:
             return lambda done, total: store.progress(job.job_id, done, total)
         return lambda done, total: write_progress(job.job_dir, done, total)
 
+    def _on_step(self, job: Assignment) -> Callable[[int, int], None]:
+        """Progress, then the step-boundary stop: every rank of the replica agrees on the job folder's
+        interrupt file (a rank alone might see it one step before the others)."""
+        progress = self._progress(job)
+
+        def on_step(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            if done < total and self.world.agree_in_replica(interrupted(job.job_dir)):
+                raise Interrupted(done, total)
+
+        return on_step
+
     def _run_job(self, job: Assignment) -> Outcome | None:
         """This replica's job; an Outcome from its output rank (None elsewhere)."""
         from launcher.outputs.atomic import manifest_path_for, write_json
@@ -125,7 +159,9 @@ class RankLoop:
         assert job.config.save_file is not None
         try:
             manifest = self.session.generate(job.config, job.seed, Outputs(video=job.config.save_file),
-                                             on_step=self._progress(job))
+                                             on_step=self._on_step(job))
+        except Interrupted as e:  # before any file was written: nothing partial is left
+            return Outcome(job.job_id, stopped_at=e.step, steps=e.steps) if self.world.is_output_rank else None
         except Exception as e:
             if peer_lost(e) is not None:
                 raise

@@ -19,6 +19,7 @@ from launcher.batch import item_config
 from launcher.batch.items import BatchItem
 from launcher.config import RunConfig
 from launcher.errors import InputError
+from launcher.serve.limits import LimitExceeded, Limits
 
 #: field -> accepted JSON types (bool is never an int/float here)
 FIELDS: dict[str, tuple[type, ...]] = {
@@ -45,6 +46,7 @@ class ServeSettings:
 
     flags: dict[str, Any]
     image_dir: Path | None = None
+    limits: Limits = Limits()
 
 
 def _typed(obj: dict[str, Any]) -> dict[str, Any]:
@@ -75,15 +77,25 @@ def _decode_image(value: str) -> bytes:
     return raw
 
 
-def _image_format(raw: bytes) -> str:
+def _image_format(raw: bytes, limits: Limits) -> str:
+    """The file suffix of an accepted image; its size is checked from the header, before any decoding."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            im.verify()
+            width, height = im.size
             fmt = im.format or ""
+            if width * height <= limits.max_image_pixels:
+                im.verify()
+    except Image.DecompressionBombError:  # PIL's own header check, far above ours
+        raise BadRequest(f"field 'image': over this server's --max-image-pixels {limits.max_image_pixels}; "
+                         "send a smaller image") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for broken data
         raise BadRequest("field 'image': not an image PIL can read; send a PNG or JPEG") from None
+    try:
+        limits.check_image_size(width, height)
+    except LimitExceeded as e:
+        raise BadRequest(str(e)) from None
     if fmt not in _IMAGE_TYPES:
         raise BadRequest(f"field 'image': {fmt or 'unknown'} images are not accepted; send a PNG or JPEG")
     return _IMAGE_TYPES[fmt]
@@ -101,10 +113,10 @@ def _place_image(value: str, settings: ServeSettings, staged: Path) -> Path:
             raise BadRequest(f"field 'image': {value} is outside --image-dir")
         if not path.is_file():
             raise BadRequest(f"field 'image': {value} not found under --image-dir")
-        _image_format(path.read_bytes())
+        _image_format(path.read_bytes(), settings.limits)
         return path
     raw = _decode_image(value)
-    target = staged / f"image{_image_format(raw)}"
+    target = staged / f"image{_image_format(raw, settings.limits)}"
     target.write_bytes(raw)
     return target
 
@@ -156,6 +168,10 @@ def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, An
         config = job_config(request, settings.flags, staged)
     except InputError as e:
         raise BadRequest(_as_fields(str(e).splitlines()[0])) from None
+    try:
+        settings.limits.check_config(config)
+    except LimitExceeded as e:
+        raise BadRequest(str(e)) from None
     request["sample_steps"] = config.sample_steps
     return request
 
