@@ -243,19 +243,26 @@ def _chromium() -> str | None:
 
 
 def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
-    """The page at / submits a prompt, shows progress and plays the video (Debian's Chromium)."""
+    """The page at / asks for the token, then submits a prompt with MagCache unchecked (the server's
+    default is on), shows progress and plays the video (Debian's Chromium)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no Chromium on PATH and apt-get could not install it (run: apt-get install chromium)")
     prompt, seed = PROMPTS[2]
-    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", token="page-token")
+    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", "--use-magcache", token="page-token")
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page()
-            page.goto(f"{server.url}/?token=page-token")
+            page.goto(server.url)  # no token: a page that asks for it, not raw JSON
+            page.wait_for_selector("#token", state="visible")
+            assert page.is_hidden("#job") and "server up" in page.text_content("#health")
+            page.fill("#token", "page-token")
+            page.click("#enter")
             page.wait_for_function("document.getElementById('health').textContent.includes('ready')")
+            assert page.is_checked("#magcache")  # the server's default
+            page.uncheck("#magcache")
             page.fill("#prompt", prompt)
             page.fill("#seed", str(seed))
             page.click("#submit")
@@ -267,6 +274,7 @@ def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
             browser.close()
         assert duration > 0
         job_id = src.split("/")[2]
+        assert server.call("GET", f"/jobs/{job_id}/manifest")[1]["magcache"]["enabled"] is False
         assert server.call("GET", f"/jobs/{job_id}/video")[1] == reference_video(prompt, seed)
         assert server.stop() == 0
     finally:

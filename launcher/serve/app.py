@@ -94,6 +94,7 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
             return JSONResponse({"ok": health.ok}, status_code=200 if health.ok else 503)
         body = {"ok": health.ok, "world": health.world, "dp": health.dp, "state": health.state,
                 "error": health.error, "jobs": store.counts(), "pids": health.pids,
+                "defaults": {"use_magcache": bool(settings.flags.get("use_magcache"))},
                 "uptime_s": round(time.time() - health.started, 1)}
         return JSONResponse(body, status_code=200 if health.ok else 503)
 
