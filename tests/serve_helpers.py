@@ -65,11 +65,11 @@ class Server:
         return " ".join(self.output().split())
 
     def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-             token: str | None = "default") -> tuple[int, Any]:
+             token: str | None = "default", content_type: str = "application/json") -> tuple[int, Any]:
         """(status, parsed JSON or bytes)."""
         token = self.token if token == "default" else token
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)

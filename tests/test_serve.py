@@ -80,6 +80,7 @@ def _sse(server: Server, job_id: str) -> list[dict]:
     return events
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK's note on OpenAI's own service
 def test_one_process_server(tiny_ckpt, tmp_path, reference_video):
     """5 concurrent jobs equal `generate`; 400s reach no rank; SSE progress; submit; SIGTERM exits 0."""
     server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs")
@@ -130,9 +131,51 @@ def test_one_process_server(tiny_ckpt, tmp_path, reference_video):
         assert server.call("DELETE", f"/jobs/{ids[0]}")[0] == 409  # done: not cancellable
         assert server.call("GET", "/jobs/20990101000000000000-deadbeef")[0] == 404
         assert server.call("GET", "/jobs/../../etc")[0] == 404
+        _openai_videos_api(server, reference_video)
         assert server.stop(signal.SIGTERM) == 0
     finally:
         server.kill()
+
+
+def _openai_videos_api(server: Server, reference_video) -> None:
+    """The official `openai` package as the client of /v1/videos: the same bytes as `generate`."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt, seed = PROMPTS[3]
+    video = client.videos.create(prompt=prompt, model="t2v-A14B", size="64x64", extra_body={"seed": seed})
+    assert video.status in ("queued", "in_progress") and video.size == "64x64" and video.model == "t2v-A14B"
+    deadline = time.monotonic() + 120
+    while video.status not in ("completed", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        video = client.videos.retrieve(video.id)
+    assert video.status == "completed" and video.progress == 100 and video.completed_at >= video.created_at
+    assert client.videos.download_content(video.id).read() == reference_video(prompt, seed)
+
+    # the Hub name; seconds -> the nearest 4n+1 frames at the task's 16 fps, said in the answer
+    short = client.videos.create(prompt="a short one", model="Wan-AI/Wan2.2-T2V-A14B", seconds="1",
+                                 extra_body={"sample_steps": 1, "seed": 5})
+    extra = short.model_extra
+    assert (extra["frame_num"], extra["fps"], short.seconds) == (17, 16, "1.06") and extra["seed"] == 5
+    assert short.model == "Wan-AI/Wan2.2-T2V-A14B"
+    assert {v.id for v in client.videos.list()} >= {video.id, short.id}
+    with pytest.raises(openai.BadRequestError, match="this server runs t2v-A14B"):
+        client.videos.create(prompt="x", model="sora-2")
+    with pytest.raises(openai.BadRequestError, match="image is not used by t2v-A14B"):  # the multipart upload arrived
+        client.videos.create(prompt="x", input_reference=("first.png", base64.b64decode(_png_base64()), "image/png"))
+    with pytest.raises(openai.BadRequestError, match="over this server's --max-steps"):
+        client.videos.create(prompt="x", extra_body={"sample_steps": 100000})
+    status, reply = server.call("POST", "/v1/videos", {"prompt": "json body", "size": "64x64", "frame_num": 6})
+    assert status == 400 and "frame_num 6: must be 4n+1" in reply["error"]["message"]
+    deadline = time.monotonic() + 120
+    while client.videos.retrieve(short.id).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    deleted = client.videos.delete(short.id)
+    assert deleted.deleted is True and deleted.id == short.id
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(short.id)
 
 
 def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):

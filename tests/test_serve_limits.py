@@ -107,9 +107,12 @@ def test_hostile_client_cancel_and_stop(tiny_ckpt, tmp_path):
         assert status == 413
         status, _ = _raw(server, _head(None), _megabytes(64, chunked=True))
         assert status == 413
-        # -- malformed multipart and a truncated JSON body: one-line 400s
-        status, reply = server.call("POST", "/jobs", raw=b"--xx\r\nContent-Disposition: form-data; name=\"p\"\r\n\r\n")
-        assert status == 400 and "\n" not in reply["error"]
+        # -- malformed multipart (to the OpenAI API, which takes forms) and a form body to /jobs: one-line 400s
+        broken = b"--xx\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na cat"  # never closed
+        for path in ("/v1/videos", "/jobs"):
+            status, reply = server.call("POST", path, raw=broken, content_type="multipart/form-data; boundary=xx")
+            message = reply["error"]["message"] if path == "/v1/videos" else reply["error"]
+            assert status == 400 and "\n" not in message, reply
 
         # -- 1,000 rapid submissions on one connection: this client's share is accepted, the rest 429
         host, port = server.url.removeprefix("http://").rsplit(":", 1)

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from launcher.serve.jobs import (
     TERMINAL,
+    Job,
     JobStore,
     NotCancellable,
     QueueFull,
@@ -32,7 +33,8 @@ from launcher.serve.jobs import (
     new_job_id,
 )
 from launcher.serve.limits import LimitExceeded, read_body
-from launcher.serve.requests import BadRequest, ServeSettings, relocate, validate
+from launcher.serve.openai_api import routes as openai_routes
+from launcher.serve.requests import BadRequest, ServeSettings, parse_body, relocate, validate_fields
 
 #: answered without the token: the page (it asks for the token) and /health's up/down
 OPEN_PATHS = frozenset({"/", "/health"})
@@ -98,32 +100,48 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
                 "uptime_s": round(time.time() - health.started, 1)}
         return JSONResponse(body, status_code=200 if health.ok else 503)
 
-    async def post_job(request: Request) -> JSONResponse:
+    async def read(request: Request) -> bytes | Response:
+        """The body under --max-body-mb and --body-timeout, or the refusal (also while stopping)."""
         if health.state in ("stopping", "unhealthy"):
             return _error(503, f"the server is {health.state}; not accepting jobs")
         try:
-            body = await read_body(request.stream(), request.headers.get("content-length"), settings.limits)
+            return await read_body(request.stream(), request.headers.get("content-length"), settings.limits)
         except LimitExceeded as e:
             return _error(e.status, str(e))
-        return await asyncio.to_thread(_submit, body, client_of(request))
 
-    def _submit(body: bytes, client: str) -> JSONResponse:
+    async def submit(fields: dict[str, Any], request: Request, extra: dict[str, Any] | None = None) -> Job | Response:
+        """Typed request fields -> a queued job, or the refusal (400 invalid, 429 no room)."""
+        return await asyncio.to_thread(_submit, fields, client_of(request), extra or {})
+
+    def _submit(fields: dict[str, Any], client: str, extra: dict[str, Any]) -> Job | Response:
         try:
             store.check_room(client)
         except QueueFull as e:
             return _error(429, str(e))
         staged = store.stage()
         try:
-            request = validate(body, settings, staged)
+            request = dict(validate_fields(fields, settings, staged), **extra)
             job_id = new_job_id()
-            job = store.add(job_id, relocate(request, staged, store.job_dir(job_id)), staged, client)
+            return store.add(job_id, relocate(request, staged, store.job_dir(job_id)), staged, client)
         except BadRequest as e:
             return _error(400, str(e))
         except QueueFull as e:
             return _error(429, str(e))
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return JSONResponse({"id": job.id, "state": job.state, "seed": request["seed"]}, status_code=202,
+
+    async def post_job(request: Request) -> Response:
+        body = await read(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            fields = parse_body(body)
+        except BadRequest as e:
+            return _error(400, str(e))
+        job = await submit(fields, request)
+        if isinstance(job, Response):
+            return job
+        return JSONResponse({"id": job.id, "state": job.state, "seed": job.request["seed"]}, status_code=202,
                             headers={"Location": f"/jobs/{job.id}"})
 
     async def list_jobs(request: Request) -> JSONResponse:
@@ -186,6 +204,7 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         Route("/jobs/{job_id}", get_job, methods=["GET"]), Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/jobs/{job_id}/video", get_video), Route("/jobs/{job_id}/manifest", get_manifest),
         Route("/jobs/{job_id}/events", events),
+        *openai_routes(store, settings.task, read, submit),
     ]
     return _BearerToken(Starlette(routes=routes), authorized)
 

@@ -220,6 +220,15 @@ class JobStore:
             self._save(job)
             return job
 
+    def remove(self, job_id: str) -> None:
+        """Forget a queued or ended job and delete its folder (the OpenAI API's DELETE)."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.state == "running":
+                raise NotCancellable(f"job {job_id} is running; cancel it first")
+            del self._jobs[job_id]
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
     def interrupt_running(self) -> list[str]:
         """Every running job stops at its next step and goes back to the queue (a stop that cannot wait)."""
         with self._lock:

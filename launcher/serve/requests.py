@@ -48,6 +48,13 @@ class ServeSettings:
     image_dir: Path | None = None
     limits: Limits = Limits()
 
+    @property
+    def task(self) -> Any:
+        """The TaskSpec this server runs."""
+        from launcher.wan.tasks import TASKS
+
+        return TASKS[self.flags["task"]]
+
 
 def _typed(obj: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(obj) - set(FIELDS))
@@ -121,6 +128,28 @@ def _place_image(value: str, settings: ServeSettings, staged: Path) -> Path:
     return target
 
 
+def from_text(key: str, text: str) -> Any:
+    """A form field's text as the JSON value its FIELDS entry takes (multipart sends only strings)."""
+    kinds = FIELDS.get(key, (str,))
+    if bool in kinds:
+        if text.lower() in ("true", "1", "on", "yes"):
+            return True
+        if text.lower() in ("false", "0", "off", "no"):
+            return False
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def typed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The request fields of `obj`, type-checked (BadRequest names an unknown or mistyped field)."""
+    return _typed(obj)
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(body.decode("utf-8"))
@@ -154,10 +183,17 @@ def _as_fields(message: str) -> str:
 
 
 def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, Any]:
-    """The stored form of a request (seed drawn, image placed in `staged`); BadRequest if invalid."""
+    """The stored form of a JSON request body (seed drawn, image placed in `staged`); BadRequest if invalid."""
+    return validate_fields(parse_body(body), settings, staged)
+
+
+def validate_fields(request: dict[str, Any], settings: ServeSettings, staged: Path) -> dict[str, Any]:
+    """The stored form of typed request fields (see `parse_body`); BadRequest if invalid.
+
+    `resolved` records what the ranks will make (frames, fps, size), for the answers that describe it.
+    """
     from launcher.engine.generate import draw_seed
 
-    request = parse_body(body)
     if "image" in request:
         request["image"] = str(_place_image(request["image"], settings, staged))
     seed = request.get("seed", int(settings.flags.get("base_seed", -1)))
@@ -173,6 +209,8 @@ def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, An
     except LimitExceeded as e:
         raise BadRequest(str(e)) from None
     request["sample_steps"] = config.sample_steps
+    request["resolved"] = {"frame_num": config.frame_num, "fps": config.task.sample_fps, "width": config.width,
+                           "height": config.height}
     return request
 
 
