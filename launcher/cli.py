@@ -222,6 +222,7 @@ def serve(
     body_timeout: Annotated[float, typer.Option("--body-timeout", help="seconds a client may take to send a request body (HTTP 408 beyond)")] = Limits.body_timeout_s,
     stop_grace: Annotated[float, typer.Option("--stop-grace", help="seconds SIGTERM lets the running jobs finish before stopping them at a step (they stay queued)")] = 60.0,
     image_dir: Annotated[Optional[Path], typer.Option("--image-dir", "--image_dir", help="requests may name image files under this folder (else base64 only)")] = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="text, or json: one JSON object per log line")] = "text",
     **flags: Any,
 ) -> None:
     """Keep the models loaded and generate jobs posted over HTTP (single process, torchrun or srun).
@@ -232,6 +233,12 @@ def serve(
     """
     from launcher.serve import ServeOptions, run_serve
 
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format {log_format}: choose text or json")
+    if log_format == "json":
+        from launcher.outputs.report import use_json_logs
+
+        use_json_logs()
     limits = Limits(max_body_mb=max_body_mb, max_frames=max_frames, max_steps=max_steps, max_pixels=max_pixels,
                     max_image_pixels=max_image_pixels, body_timeout_s=body_timeout)
     options = ServeOptions(host=host, port=port, tokens=tuple(token or ()), insecure=insecure, jobs_dir=jobs_dir,

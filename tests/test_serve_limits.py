@@ -76,10 +76,29 @@ def _megabytes(n: int, *, chunked: bool):
         yield (b"100000\r\n" + block + b"\r\n") if chunked else block
 
 
+def _check_metrics(server: Server, *, done: int, cancelled: int) -> None:
+    """/metrics as Prometheus's own parser reads it: the jobs, the queue, what the finished jobs measured."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = server.call("GET", "/metrics")
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+    assert samples[("magcache_queue_length", ())] == 0
+    assert samples[("magcache_jobs", (("state", "done"),))] == done
+    assert samples[("magcache_jobs", (("state", "cancelled"),))] == cancelled
+    assert samples[("magcache_denoise_seconds_count", ())] == done
+    assert samples[("magcache_denoise_seconds_sum", ())] > 0
+    assert samples[("magcache_forwards_total", (("kind", "computed"),))] > 0
+    assert samples[("magcache_job_peak_memory_mb_count", (("memory", "host"),))] == done
+    assert 0 < samples[("magcache_replica_busy_fraction", (("replica", "0"),))] <= 1
+    assert server.call("GET", "/metrics", token=None)[0] == 401
+
+
 def test_hostile_client_cancel_and_stop(tiny_ckpt, tmp_path):
     ckpt, jobs_dir = tiny_ckpt("t2v-A14B"), tmp_path / "jobs"
     server = Server(ckpt, jobs_dir, "--max-steps", "100000", "--max-body-mb", "2", "--body-timeout", "2",
-                    "--max-queue-per-client", "3", token=TOKEN)
+                    "--max-queue-per-client", "3", "--log-format", "json", token=TOKEN)
     try:
         http_pid = json.loads((jobs_dir / "server.json").read_text())["http_pid"]
         rss_before = _rss_mb(http_pid)
@@ -139,6 +158,7 @@ def test_hostile_client_cancel_and_stop(tiny_ckpt, tmp_path):
         status, health = server.call("GET", "/health")
         assert status == 200 and health["state"] == "ready"
         assert _rss_mb(http_pid) - rss_before < 64  # the 200 MiB bodies never sat in memory
+        _check_metrics(server, done=len(accepted) + 1, cancelled=1)
 
         # -- stop with Ctrl-C twice: the running job stops at a step and stays queued with the rest
         running = server.submit(LONG)
@@ -156,6 +176,10 @@ def test_hostile_client_cancel_and_stop(tiny_ckpt, tmp_path):
         assert f"stopping now (SIGINT): job {running} stops at its next step and stays queued" in said
         assert f"job {running} stopped; queued again (no file written)" in said
         assert "stopped: 2 queued job(s) kept" in said
+        records = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"time"')]
+        assert "[magcache-launch]" not in server.output()  # --log-format json: every log line is JSON
+        assert any(r["message"].startswith("serving on http://127.0.0.1:") for r in records)
+        assert any(r.get("step") == 1 and r.get("steps") == 1 for r in records)  # the denoise progress
     finally:
         server.kill()
     for job_id in (running, waiting):

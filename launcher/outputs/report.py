@@ -52,8 +52,26 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
         out.print(f"[yellow]warning:[/] {w}")
 
 
-def log(message: str) -> None:
-    """One status line on stderr (callers print on the output rank only)."""
+#: `serve --log-format json`: every log line (and the denoise progress) is one JSON object on stderr
+_json_logs = False
+
+
+def use_json_logs() -> None:
+    global _json_logs
+    _json_logs = True
+
+
+def log(message: str, **fields: Any) -> None:
+    """One status line on stderr (callers print on the output rank only); `fields` go into JSON logs."""
+    if _json_logs:
+        import json
+        import time
+
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info", "message": message,
+                  **fields}
+        sys.stderr.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        sys.stderr.flush()
+        return
     console.print(f"[dim]\\[magcache-launch][/] {message}")
 
 
@@ -83,6 +101,19 @@ def progress_bar(total_steps: int, *, enabled: bool) -> Iterator[Callable[[int, 
     """A per-step denoising bar on rank 0 (stderr); other ranks get no callback."""
     if not enabled:
         yield None
+        return
+    if _json_logs:  # a line per step at most every 5 s, and the last: a log collector keeps them apart
+        import time
+
+        last = [0.0]
+
+        def log_step(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last[0] >= 5:
+                last[0] = now
+                log(f"denoise step {done}/{total}", step=done, steps=total)
+
+        yield log_step
         return
     with Progress(TextColumn("denoise"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=False) as progress:

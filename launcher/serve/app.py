@@ -61,7 +61,8 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(store: JobStore, settings: ServeSettings, health: Health, *, tokens: tuple[str, ...] = ()) -> Any:
+def create_app(store: JobStore, settings: ServeSettings, health: Health, *, tokens: tuple[str, ...] = (),
+               metrics: Any = None) -> Any:
     def token_of(request: Request) -> str | None:
         """The server token this request carries (None: none of them)."""
         given = request.headers.get("authorization", "")
@@ -198,7 +199,15 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def get_metrics(request: Request) -> Response:
+        from launcher.serve.metrics import CONTENT_TYPE
+
+        if metrics is None:
+            return _error(404, "no metrics here")
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
+
     routes = [
+        Route("/metrics", get_metrics),
         Route("/", page), Route("/health", get_health),
         Route("/jobs", post_job, methods=["POST"]), Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", get_job, methods=["GET"]), Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),

@@ -61,8 +61,9 @@ class Front:
     def progress(self, job_id: str, step: int, steps: int) -> None:
         self._call("progress", job_id, step, steps)
 
-    def finish(self, job_id: str, *, error: str | None) -> None:
-        self._call("finish", job_id, error)
+    def finish(self, job_id: str, *, error: str | None, stats: dict[str, Any] | None = None) -> None:
+        """The job ended; `stats` (what it measured) go to /metrics."""
+        self._call("finish", job_id, error, stats)
 
     def requeue(self, job_id: str) -> None:
         self._call("requeue", job_id)
@@ -129,13 +130,15 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     from launcher.outputs.atomic import write_json
     from launcher.serve.app import Health, create_app
     from launcher.serve.jobs import JobStore
+    from launcher.serve.metrics import Metrics
     from launcher.serve.requests import ServeSettings
 
     options, flags, health_init = conn.recv()
     store = JobStore(options.jobs_dir, max_queue=options.max_queue, max_per_client=options.max_per_client)
     health = Health(**health_init)
     settings = ServeSettings(flags=flags, image_dir=options.image_dir, limits=options.limits)
-    app = create_app(store, settings, health, tokens=options.tokens)
+    metrics = Metrics(store, replicas=health.dp, started=health.started)
+    app = create_app(store, settings, health, tokens=options.tokens, metrics=metrics)
     sock = socket.socket(fileno=listen_fd)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     # on a thread: uvicorn then leaves signals alone (ours are ignored; rank 0 decides when to stop)
@@ -153,8 +156,12 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     def set_health(state: str, error: str | None) -> None:
         health.state, health.error = state, error
 
+    def finish(job_id: str, error: str | None, stats: dict[str, Any] | None) -> None:
+        store.finish(job_id, error=error)
+        metrics.job_finished(stats)
+
     calls = {"take": lambda n, wait: store.take(n, wait=wait, stop=never), "progress": store.progress,
-             "finish": lambda job_id, error: store.finish(job_id, error=error), "requeue": store.requeue,
+             "finish": finish, "requeue": store.requeue,
              "fail_running": store.fail_running, "set_health": set_health, "stopped": store.stopped,
              "interrupt_running": store.interrupt_running, "running": store.running, "counts": store.counts}
     while True:

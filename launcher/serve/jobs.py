@@ -238,6 +238,18 @@ class JobStore:
                     write_json(self.job_dir(job.id) / INTERRUPT, {"reason": "requeue"})
             return [j.id for j in running]
 
+    def busy_seconds(self, *, since: float, now: float) -> dict[int, float]:
+        """Per dp replica, the seconds since `since` it spent running jobs (the running ones up to `now`)."""
+        busy: dict[int, float] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                if job.replica is None or job.started is None or job.started < since:
+                    continue
+                end = now if job.state == "running" else job.finished
+                if end is not None:
+                    busy[job.replica] = busy.get(job.replica, 0.0) + max(0.0, end - job.started)
+        return busy
+
     def running(self) -> list[str]:
         with self._lock:
             return [j.id for j in sorted(self._jobs.values(), key=_order) if j.state == "running"]

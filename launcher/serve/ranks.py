@@ -22,6 +22,7 @@ from launcher.config import RunConfig
 from launcher.errors import peer_lost
 from launcher.serve.front import Front
 from launcher.serve.jobs import Job, interrupted, write_progress
+from launcher.serve.metrics import job_stats
 from launcher.serve.requests import job_config
 
 #: seconds between heartbeats while the queue is empty (also the latency of picking up a new job)
@@ -51,6 +52,8 @@ class Outcome:
     #: stopped at a step boundary (DELETE, or a stop that cannot wait): the step it stopped after
     stopped_at: int | None = None
     steps: int = 0
+    #: what the job measured, for /metrics (`metrics.job_stats` of its manifest)
+    stats: dict[str, Any] | None = None
 
 
 class Interrupted(Exception):
@@ -123,7 +126,7 @@ class RankLoop:
 
         assert self.store is not None
         if result.stopped_at is None:
-            self.store.finish(result.job_id, error=result.error)
+            self.store.finish(result.job_id, error=result.error, stats=result.stats)
             return
         state = self.store.stopped(result.job_id)
         what = "cancelled" if state == "cancelled" else "stopped; queued again (no file written)"
@@ -171,4 +174,4 @@ class RankLoop:
             return None
         manifest["serve"] = {"job": job.job_id, "dp_group": self.world.dp_rank}
         write_json(manifest_path_for(job.config.save_file), manifest)
-        return Outcome(job.job_id)
+        return Outcome(job.job_id, stats=job_stats(manifest))
