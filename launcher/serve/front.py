@@ -26,6 +26,10 @@ from typing import Any
 from launcher.serve.jobs import Job
 
 
+#: seconds between looks at the queue while a replica is free
+TAKE_POLL_S = 0.05
+
+
 class FrontGone(RuntimeError):
     """The HTTP process died or closed its end of the pipe."""
 
@@ -55,8 +59,15 @@ class Front:
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def take(self, n: int, *, wait: float) -> list[Job]:
-        return self._call("take", n, wait)
+    def take(self, n: int, *, wait: float, replica: int = 0) -> list[Job]:
+        """Up to `n` queued jobs for `replica`, waiting up to `wait` s. Polled from this side: a call
+        holds the pipe, which rank 0's other threads (dispatchers, progress) share."""
+        deadline = time.monotonic() + wait
+        while True:
+            jobs = self._call("take", n, 0, replica)
+            if jobs or time.monotonic() >= deadline:
+                return jobs
+            time.sleep(TAKE_POLL_S)
 
     def progress(self, job_id: str, step: int, steps: int) -> None:
         self._call("progress", job_id, step, steps)
@@ -160,7 +171,7 @@ def _serve(conn: Connection, listen_fd: int) -> None:
         store.finish(job_id, error=error)
         metrics.job_finished(stats)
 
-    calls = {"take": lambda n, wait: store.take(n, wait=wait, stop=never), "progress": store.progress,
+    calls = {"take": lambda n, wait, replica: store.take(n, wait=wait, stop=never, replica=replica), "progress": store.progress,
              "finish": finish, "requeue": store.requeue,
              "fail_running": store.fail_running, "set_health": set_health, "stopped": store.stopped,
              "interrupt_running": store.interrupt_running, "running": store.running, "counts": store.counts}

@@ -255,16 +255,17 @@ class JobStore:
             return [j.id for j in sorted(self._jobs.values(), key=_order) if j.state == "running"]
 
     # -- rank-loop side -----------------------------------------------------------------------
-    def take(self, n: int, *, wait: float, stop: threading.Event | None = None) -> list[Job]:
-        """Up to `n` queued jobs, oldest first, marked running; waits up to `wait` s for the first."""
+    def take(self, n: int, *, wait: float, stop: threading.Event | None = None, replica: int = 0) -> list[Job]:
+        """Up to `n` queued jobs, oldest first, marked running on dp replicas `replica`, `replica` + 1, ...;
+        waits up to `wait` s for the first."""
         with self._lock:
             deadline = time.monotonic() + wait
             while stop is None or not stop.is_set():
                 queued = sorted((j for j in self._jobs.values() if j.state == "queued"), key=_order)
                 if queued:
                     taken = queued[:n]
-                    for replica, job in enumerate(taken):
-                        job.state, job.started, job.replica = "running", time.time(), replica
+                    for offset, job in enumerate(taken):
+                        job.state, job.started, job.replica = "running", time.time(), replica + offset
                         job.step, job.steps = 0, int(job.request.get("sample_steps") or 0)
                         self._save(job)
                     return taken
