@@ -5,7 +5,8 @@
     python scripts/bench_serve_replicas.py --repo /tmp/rounds    # another checkout, e.g. the round design:
         mkdir /tmp/rounds && git archive 2ee3ced | tar -x -C /tmp/rounds   # the commit before it
 
-Builds the tiny t2v-A14B checkpoint, starts `magcache-launch serve` under torchrun with 2 ranks
+Builds the `--preset bench` t2v-A14B checkpoint (two ~53 M-parameter DiT experts, as
+serve_load_test.py and bench_parallel.py do: a step costs more than a job's fixed work), starts `magcache-launch serve` under torchrun with 2 ranks
 (2 dp replicas of one rank each, gloo, CPU) from `--repo`, submits all jobs at once, alternating
 --short-steps and --long-steps (seeded; --size, --frame-num), waits for every one, and prints per kind
 the mean wait (started - created, from the server's own job records) and the total time (first
@@ -15,7 +16,6 @@ back to back. Prints one JSON object; measured figures only.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -27,14 +27,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(ROOT / "scripts"))
+from serve_load_test import _maker  # noqa: E402 - the tiny-checkpoint maker, loaded as the load test does
 
 
 def _call(url: str, method: str = "GET", body: dict | None = None) -> dict:
@@ -103,12 +97,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--short-steps", type=int, default=2)
     parser.add_argument("--long-steps", type=int, default=8)
-    parser.add_argument("--size", default="192*192", help="larger than the tests' 64*64, so steps outweigh the "
-                        "fixed cost of a job (text encoding, decode, files)")
+    parser.add_argument("--size", default="128*128")
     parser.add_argument("--frame-num", type=int, default=9)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serve-replicas-") as tmp:
-        ckpt = _maker().make_tiny_checkpoint("t2v-A14B", "official", Path(tmp) / "ckpt")
+        ckpt = _maker().make_tiny_checkpoint("t2v-A14B", "official", Path(tmp) / "ckpt", preset="bench")
         results = {}
         for repo in args.repo or [ROOT]:
             work = Path(tmp) / f"run{len(results)}"

@@ -95,6 +95,13 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s:\n{self.output()}")
 
+    def wait_step(self, job_id: str, step: int, timeout: float = 60) -> None:
+        """Until the running job has done `step` denoise steps."""
+        deadline = time.monotonic() + timeout
+        while self.call("GET", f"/jobs/{job_id}")[1]["progress"]["step"] < step:
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.1)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -57,7 +57,7 @@ def hub(monkeypatch, tmp_path):
     return cache
 
 
-def test_offline_resolution(hub, tiny_ckpt, tmp_path):
+def test_offline_resolution(hub, tiny_ckpt, tmp_path, monkeypatch):
     from launcher.checkpoint import inspect_checkpoint
 
     task = TASKS["t2v-A14B"]
@@ -74,7 +74,7 @@ def test_offline_resolution(hub, tiny_ckpt, tmp_path):
         resolve_ckpt_dir("Wan-AI/Wan2.2-I2V-A14B", TASKS["i2v-A14B"], download=True)
     local = tmp_path / "Wan-AI" / "here"
     local.mkdir(parents=True)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert not is_repo_id("Wan-AI/here") and resolve_ckpt_dir("Wan-AI/here", task) == Path("Wan-AI/here")
 
 

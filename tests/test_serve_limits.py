@@ -106,10 +106,7 @@ def test_hostile_client_cancel_and_stop(tiny_ckpt, tmp_path):
         # -- cancel a running job: it stops at a step, leaves no file, the replica takes the next job
         long_id = server.submit(LONG)
         after = server.submit({"prompt": "next in line", "seed": 2})
-        deadline = time.monotonic() + 60
-        while server.call("GET", f"/jobs/{long_id}")[1]["progress"]["step"] < 2:
-            assert time.monotonic() < deadline, server.output()
-            time.sleep(0.1)
+        server.wait_step(long_id, 2)
         status, reply = server.call("DELETE", f"/jobs/{long_id}")
         assert status == 202 and reply["state"] == "running" and reply["cancelling"] is True
         cancelled = server.wait(long_id, timeout=60)
@@ -197,3 +194,23 @@ def test_hostile_client_cancel_and_stop(tiny_ckpt, tmp_path):
     finally:
         again.kill()
     assert json.loads((jobs_dir / running / "state.json").read_text())["state"] == "queued"
+
+
+def test_cancel_stops_every_rank_of_a_replica(tiny_ckpt, tmp_path):
+    """torchrun, 2 ranks = one replica with Ulysses 2 (a collective each step): DELETE stops both
+    ranks at the same step (else the next collective would hang), and the replica takes the next job."""
+    jobs_dir = tmp_path / "jobs"
+    server = Server(tiny_ckpt("t2v-A14B"), jobs_dir, "--ulysses_size", "2", "--max-steps", "100000",
+                    "--dist-timeout", "60", nproc=2)
+    try:
+        long_id = server.submit(LONG)
+        after = server.submit({"prompt": "next in line", "seed": 2})
+        server.wait_step(long_id, 2)
+        assert server.call("DELETE", f"/jobs/{long_id}")[0] == 202
+        assert server.wait(long_id, timeout=60)["state"] == "cancelled"
+        assert sorted(p.name for p in (jobs_dir / long_id).iterdir()) == ["request.json", "state.json"]
+        assert server.wait(after)["state"] == "done"
+        assert server.call("GET", "/health")[1]["state"] == "ready"
+        assert server.stop(signal.SIGTERM, timeout=60) == 0
+    finally:
+        server.kill()
