@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 
 import pytest
@@ -194,3 +195,23 @@ def test_body_reader_and_bind_check():
     refusal = check_bind("0.0.0.0", (), False)
     assert refusal is not None and "--token" in refusal and "--insecure" in refusal and "\n" not in refusal
     assert check_bind("0.0.0.0", ("t",), False) is None and check_bind("10.1.2.3", (), True) is None
+
+
+def test_openai_fields():
+    """seconds -> the nearest 4n+1 frames at the task's fps; size WxH; model is the task, its Hub
+    repositories, or the Hub repository the server was started from."""
+    from launcher.serve.openai_api import frames_for, job_fields
+
+    assert [frames_for(s, 16) for s in (5, 4, 0.01, 1)] == [81, 65, 1, 17]
+    assert frames_for(5, 24) == 121  # ti2v-5B's 5 s
+    served = ServeSettings(flags={"task": "ti2v-5B", "ckpt_dir": "me/wan-finetune"})
+    fields = job_fields({"prompt": "a cat", "model": "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "seconds": "2",
+                         "size": "1280x704", "seed": 7}, served.task, served.model_names)
+    assert fields == {"prompt": "a cat", "frame_num": 49, "size": "1280*704", "seed": 7}
+    assert job_fields({"prompt": "x", "model": "me/wan-finetune"}, served.task, served.model_names)["prompt"] == "x"
+    for given, reason in (({"model": "sora-2"}, "this server runs ti2v-5B (Wan-AI/Wan2.2-TI2V-5B, "),
+                          ({"seconds": "4", "frame_num": 5}, "seconds or frame_num, not both"),
+                          ({"seconds": "soon"}, "not a number"), ({"seconds": "-1"}, "must be > 0"),
+                          ({"size": "1280*704"}, "expected WIDTHxHEIGHT"), ({"colour": "red"}, "unknown field")):
+        with pytest.raises(BadRequest, match=re.escape(reason)):
+            job_fields({"prompt": "a cat", **given}, served.task, served.model_names)

@@ -213,7 +213,7 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         Route("/jobs/{job_id}", get_job, methods=["GET"]), Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/jobs/{job_id}/video", get_video), Route("/jobs/{job_id}/manifest", get_manifest),
         Route("/jobs/{job_id}/events", events),
-        *openai_routes(store, settings.task, read, submit),
+        *openai_routes(store, settings, read, submit),
     ]
     return _BearerToken(Starlette(routes=routes), authorized)
 

@@ -51,13 +51,14 @@ def frames_for(seconds: float, fps: int) -> int:
     return 4 * max(0, round((seconds * fps - 1) / 4)) + 1
 
 
-def job_fields(given: dict[str, Any], task: Any) -> dict[str, Any]:
-    """OpenAI create parameters (plus this server's extra fields) -> `/jobs` request fields."""
+def job_fields(given: dict[str, Any], task: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """OpenAI create parameters (plus this server's extra fields) -> `/jobs` request fields;
+    `names`: what `model` may say (the task first)."""
     fields = {k: v for k, v in given.items() if k not in _OPENAI_FIELDS}
     fields["prompt"] = given.get("prompt")
     model = given.get("model")
-    if model not in (None, "") and model not in task.model_names:
-        raise BadRequest(f"model {model!r}: this server runs {task.name} ({', '.join(task.model_names[1:])})")
+    if model not in (None, "") and model not in names:
+        raise BadRequest(f"model {model!r}: this server runs {names[0]} ({', '.join(names[1:])})")
     if given.get("size") not in (None, ""):
         size = str(given["size"])
         if size.count("x") != 1:
@@ -134,10 +135,11 @@ async def _given(request: Request, body: bytes) -> dict[str, Any]:
     return obj
 
 
-def routes(store: JobStore, task: Any, read: Callable[[Request], Awaitable[bytes | Response]],
+def routes(store: JobStore, settings: Any, read: Callable[[Request], Awaitable[bytes | Response]],
            submit: Callable[[dict[str, Any], Request, dict[str, Any]], Awaitable[Job | Response]]) -> list[Route]:
     """`read`: the body under the server's limits (or the refusal); `submit`: queue typed fields
     (plus stored extras), or the refusal."""
+    task, names = settings.task, settings.model_names
 
     def find(request: Request) -> Job | None:
         video_id = request.path_params["video_id"]
@@ -149,7 +151,7 @@ def routes(store: JobStore, task: Any, read: Callable[[Request], Awaitable[bytes
             return _as_openai(body)
         try:
             given = await _given(request, body)
-            fields = job_fields(given, task)
+            fields = job_fields(given, task, names)
         except BadRequest as e:
             return error(400, str(e))
         model = given.get("model") or None  # stored to be shown back as asked; not a run field

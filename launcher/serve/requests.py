@@ -55,6 +55,15 @@ class ServeSettings:
 
         return TASKS[self.flags["task"]]
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """What a client may call the model: the task, its official Hub repositories, and the Hub
+        repository --ckpt_dir names, if it names one."""
+        from launcher.hub import is_repo_id
+
+        ckpt = str(self.flags.get("ckpt_dir") or "")
+        return self.task.model_names + ((ckpt,) if is_repo_id(ckpt) and ckpt not in self.task.model_names else ())
+
 
 def _typed(obj: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(obj) - set(FIELDS))
