@@ -133,6 +133,6 @@ def test_cli_generate_from_the_hub_cache(tiny_ckpt, tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.with_suffix(".json").read_text())["checkpoint"]["dir"] == str(snapshot)
-    proc = subprocess.run([*args[:4], "Wan-AI/Wan2.2-I2V-A14B", *args[5:]], capture_output=True, text=True,
+    proc = subprocess.run([*args[:5], "Wan-AI/Wan2.2-I2V-A14B", *args[6:]], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300, check=False)
     assert proc.returncode == 2 and f"not in the Hub cache {cache}" in proc.stderr

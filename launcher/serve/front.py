@@ -165,6 +165,8 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     never = threading.Event()
 
     def set_health(state: str, error: str | None) -> None:
+        if health.state == "unhealthy" and state != "unhealthy":
+            return  # a lost rank is final: a stop signal arriving after it (torchrun's) does not hide it
         health.state, health.error = state, error
 
     def finish(job_id: str, error: str | None, stats: dict[str, Any] | None) -> None:
