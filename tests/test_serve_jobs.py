@@ -215,3 +215,19 @@ def test_openai_fields():
                           ({"size": "1280*704"}, "expected WIDTHxHEIGHT"), ({"colour": "red"}, "unknown field")):
         with pytest.raises(BadRequest, match=re.escape(reason)):
             job_fields({"prompt": "a cat", **given}, served.task, served.model_names)
+
+
+@pytest.mark.slow
+def test_open_address_without_token_refuses_to_start(tmp_path):
+    """`serve --host 0.0.0.0` without --token: exit 2 with one line, before any checkpoint is read."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    args = [sys.executable, "-m", "launcher", "serve", "--ckpt_dir", str(tmp_path / "none"), "--host", "0.0.0.0",
+            "--jobs-dir", str(tmp_path / "jobs")]
+    proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --host 0.0.0.0: other machines can reach this address and there is no --token; give --token "
+        "(or MAGCACHE_TOKEN), or --insecure to serve it open anyway"]  # --insecure: test_body_reader_and_bind_check
