@@ -15,6 +15,7 @@ from launcher.config import (
     run_config_from_flags,
 )
 from launcher.errors import UsageError, is_input_error
+from launcher.serve.limits import Limits
 from launcher.signals import install_signal_handlers
 from launcher.options import (
     Role,
@@ -198,20 +199,41 @@ def sweep(
 def serve(
     host: Annotated[str, typer.Option("--host", help="address to listen on (default: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port; the URL goes to JOBS_DIR/server.json)")] = 8000,
-    token: Annotated[Optional[str], typer.Option("--token", envvar="MAGCACHE_TOKEN", help="require 'Authorization: Bearer TOKEN' on every request (or env MAGCACHE_TOKEN)")] = None,
+    token: Annotated[Optional[list[str]], typer.Option("--token", envvar="MAGCACHE_TOKEN", help="require 'Authorization: Bearer TOKEN' on every request (or env MAGCACHE_TOKEN); repeat for one token per client")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="serve an address other machines reach without a --token")] = False,
     jobs_dir: Annotated[Path, typer.Option("--jobs-dir", "--jobs_dir", help="requests, states and videos; a restart resumes its queue")] = Path("magcache-jobs"),
     max_queue: Annotated[int, typer.Option("--max-queue", "--max_queue", help="queued jobs beyond this get HTTP 429")] = 100,
+    max_queue_per_client: Annotated[Optional[int], typer.Option("--max-queue-per-client", help="queued + running jobs one client (token, or address without tokens) may hold; default half of --max-queue")] = None,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="largest frame_num a request may ask for")] = Limits.max_frames,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="most sample_steps a request may ask for")] = Limits.max_steps,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="largest width*height a request may ask for")] = Limits.max_pixels,
+    max_image_pixels: Annotated[int, typer.Option("--max-image-pixels", help="largest uploaded image (width*height, read from its header)")] = Limits.max_image_pixels,
+    max_body_mb: Annotated[int, typer.Option("--max-body-mb", help="largest request body in MiB (HTTP 413 beyond)")] = Limits.max_body_mb,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="seconds a client may take to send a request body (HTTP 408 beyond)")] = Limits.body_timeout_s,
+    stop_grace: Annotated[float, typer.Option("--stop-grace", help="seconds SIGTERM lets the running jobs finish before stopping them at a step (they stay queued)")] = 60.0,
     image_dir: Annotated[Optional[Path], typer.Option("--image-dir", "--image_dir", help="requests may name image files under this folder (else base64 only)")] = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="text, or json: one JSON object per log line")] = "text",
     **flags: Any,
 ) -> None:
     """Keep the models loaded and generate jobs posted over HTTP (single process, torchrun or srun).
 
     Rank 0 serves the JSON API and a web page at /; every rank runs the queued jobs in step, spare
-    ranks as data-parallel replicas. SIGTERM stops intake, finishes the running jobs and exits 0.
+    ranks as data-parallel replicas. SIGTERM stops intake, lets the running jobs finish within
+    --stop-grace (a second signal: now), keeps the rest queued and exits 0.
     """
     from launcher.serve import ServeOptions, run_serve
 
-    options = ServeOptions(host=host, port=port, token=token, jobs_dir=jobs_dir, max_queue=max_queue, image_dir=image_dir)
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format {log_format}: choose text or json")
+    if log_format == "json":
+        from launcher.outputs.report import use_json_logs
+
+        use_json_logs()
+    limits = Limits(max_body_mb=max_body_mb, max_frames=max_frames, max_steps=max_steps, max_pixels=max_pixels,
+                    max_image_pixels=max_image_pixels, body_timeout_s=body_timeout)
+    options = ServeOptions(host=host, port=port, tokens=tuple(token or ()), insecure=insecure, jobs_dir=jobs_dir,
+                           max_queue=max_queue, max_queue_per_client=max_queue_per_client, image_dir=image_dir,
+                           limits=limits, stop_grace=stop_grace)
     raise typer.Exit(run_serve(options, flags))
 
 

@@ -470,7 +470,9 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         raise UsageError("--prompt is empty; give the text to generate from")
     if f["ckpt_dir"] is None:
         raise UsageError("--ckpt_dir is required: the folder with the Wan2.2 checkpoint")
-    ckpt = Path(f["ckpt_dir"])
+    from launcher.hub import resolve_ckpt_dir
+
+    ckpt = resolve_ckpt_dir(f["ckpt_dir"], spec, download=f["download"], revision=f["revision"])
     if check_paths and not ckpt.is_dir():
         raise UsageError(f"--ckpt_dir {ckpt}: directory not found")
     if check_paths:

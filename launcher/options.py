@@ -46,6 +46,9 @@ class Role(enum.Enum):
     OUTPUT = "output"
     #: `plan --gpus`: the cluster to price layouts for (no run reads them)
     CLUSTER = "cluster"
+    #: where a Hub --ckpt_dir's files come from (revision, download): resolved into the checkpoint
+    #: folder before any run, so the folder (a MODEL flag) is what a run and its resume key see
+    SOURCE = "source"
 
 
 #: per_video: a batch line and a serve request may set the flag for one video
@@ -67,7 +70,7 @@ class Declared:
     field: str | None = None
 
 
-REQUEST, MODEL, PLACEMENT, SAMPLING, MAGCACHE, OUTPUT, CLUSTER = Role
+REQUEST, MODEL, PLACEMENT, SAMPLING, MAGCACHE, OUTPUT, CLUSTER, SOURCE = Role
 _d = Declared
 
 
@@ -84,7 +87,9 @@ def request_params(
 
 def model_params(
     task: Annotated[str, _d(MODEL, schedule=True), _opt("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
-    ckpt_dir: Annotated[Optional[Path], _d(MODEL), _opt("--ckpt-dir", "--ckpt_dir", help="checkpoint folder (official or diffusers layout)")] = None,
+    ckpt_dir: Annotated[Optional[Path], _d(MODEL), _opt("--ckpt-dir", "--ckpt_dir", help="checkpoint folder (official or diffusers layout), or a Hub repository such as Wan-AI/Wan2.2-TI2V-5B (from the local Hub cache)")] = None,
+    download: Annotated[bool, _d(SOURCE), _opt("--download", help="fetch a Hub --ckpt_dir's missing files (only those the task reads)")] = False,
+    revision: Annotated[Optional[str], _d(SOURCE), _opt("--revision", help="branch, tag or commit of a Hub --ckpt_dir (default main)")] = None,
     offload_model: Annotated[Optional[str], _d(PLACEMENT), _opt("--offload-model", "--offload_model", help="True/False: move the idle expert to CPU (official default True on one GPU)")] = None,
     convert_model_dtype: Annotated[bool, _d(MODEL), _opt("--convert-model-dtype", "--convert_model_dtype", help="cast DiT weights to --dtype")] = False,
     t5_cpu: Annotated[bool, _d(PLACEMENT), _opt("--t5-cpu", "--t5_cpu", help="keep the T5 encoder on CPU")] = False,

@@ -56,15 +56,20 @@ class Server:
         raise AssertionError(f"server not ready within {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text()
 
+    def said(self) -> str:
+        """The log as one line of words (a console may wrap long lines where it likes)."""
+        return " ".join(self.output().split())
+
     def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-             token: str | None = "default") -> tuple[int, Any]:
+             token: str | None = "default", content_type: str = "application/json") -> tuple[int, Any]:
         """(status, parsed JSON or bytes)."""
         token = self.token if token == "default" else token
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
@@ -89,6 +94,13 @@ class Server:
                 return job
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s:\n{self.output()}")
+
+    def wait_step(self, job_id: str, step: int, timeout: float = 60) -> None:
+        """Until the running job has done `step` denoise steps."""
+        deadline = time.monotonic() + timeout
+        while self.call("GET", f"/jobs/{job_id}")[1]["progress"]["step"] < step:
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         if self.proc.poll() is None:

@@ -48,6 +48,10 @@ OTHER_VIDEO = {
 def test_every_flag_of_a_run_has_a_role_and_the_value_lists_cover_each_role():
     roles = declarations()
     assert set(flag_defaults()) | set(flags_where(role=Role.CLUSTER)) == set(roles)
+    # a Hub --ckpt_dir's revision and download resolve into the checkpoint folder before any run:
+    # the folder (ckpt_dir, below) is what a run and its resume key see, never these two
+    assert set(flags_where(role=Role.SOURCE)) == {"revision", "download"}
+    assert not {"revision", "download"} & set(flags_of(run_config_from_flags(BASE, check_paths=False)))
     placed = set(flags_where(role=Role.PLACEMENT)) | set(flags_where(role=Role.OUTPUT)) - {"save_file"}
     assert set(SAME_VIDEO) == placed
     shaping = {f for f in roles if roles[f].role in (Role.MODEL, Role.REQUEST, Role.SAMPLING, Role.MAGCACHE)}

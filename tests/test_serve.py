@@ -80,6 +80,7 @@ def _sse(server: Server, job_id: str) -> list[dict]:
     return events
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK's note on OpenAI's own service
 def test_one_process_server(tiny_ckpt, tmp_path, reference_video):
     """5 concurrent jobs equal `generate`; 400s reach no rank; SSE progress; submit; SIGTERM exits 0."""
     server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs")
@@ -130,19 +131,62 @@ def test_one_process_server(tiny_ckpt, tmp_path, reference_video):
         assert server.call("DELETE", f"/jobs/{ids[0]}")[0] == 409  # done: not cancellable
         assert server.call("GET", "/jobs/20990101000000000000-deadbeef")[0] == 404
         assert server.call("GET", "/jobs/../../etc")[0] == 404
+        _openai_videos_api(server, reference_video)
         assert server.stop(signal.SIGTERM) == 0
     finally:
         server.kill()
+
+
+def _openai_videos_api(server: Server, reference_video) -> None:
+    """The official `openai` package as the client of /v1/videos: the same bytes as `generate`."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt, seed = PROMPTS[3]
+    video = client.videos.create(prompt=prompt, model="t2v-A14B", size="64x64", extra_body={"seed": seed})
+    assert video.status in ("queued", "in_progress") and video.size == "64x64" and video.model == "t2v-A14B"
+    deadline = time.monotonic() + 120
+    while video.status not in ("completed", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        video = client.videos.retrieve(video.id)
+    assert video.status == "completed" and video.progress == 100 and video.completed_at >= video.created_at
+    assert client.videos.download_content(video.id).read() == reference_video(prompt, seed)
+
+    # the Hub name; seconds -> the nearest 4n+1 frames at the task's 16 fps, said in the answer
+    short = client.videos.create(prompt="a short one", model="Wan-AI/Wan2.2-T2V-A14B", seconds="1",
+                                 extra_body={"sample_steps": 1, "seed": 5})
+    extra = short.model_extra
+    assert (extra["frame_num"], extra["fps"], short.seconds) == (17, 16, "1.06") and extra["seed"] == 5
+    assert short.model == "Wan-AI/Wan2.2-T2V-A14B"
+    assert {v.id for v in client.videos.list()} >= {video.id, short.id}
+    with pytest.raises(openai.BadRequestError, match="this server runs t2v-A14B"):
+        client.videos.create(prompt="x", model="sora-2")
+    with pytest.raises(openai.BadRequestError, match="image is not used by t2v-A14B"):  # the multipart upload arrived
+        client.videos.create(prompt="x", input_reference=("first.png", base64.b64decode(_png_base64()), "image/png"))
+    with pytest.raises(openai.BadRequestError, match="over this server's --max-steps"):
+        client.videos.create(prompt="x", extra_body={"sample_steps": 100000})
+    status, reply = server.call("POST", "/v1/videos", {"prompt": "json body", "size": "64x64", "frame_num": 6})
+    assert status == 400 and "frame_num 6: must be 4n+1" in reply["error"]["message"]
+    deadline = time.monotonic() + 120
+    while client.videos.retrieve(short.id).status != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    deleted = client.videos.delete(short.id)
+    assert deleted.deleted is True and deleted.id == short.id
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(short.id)
 
 
 def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
     """Token 401s, a full queue 429s, DELETE cancels; SIGTERM finishes the running job and exits 0;
     a new server on the same folder runs the queued job and serves the finished video."""
     ckpt, jobs_dir = tiny_ckpt("t2v-A14B"), tmp_path / "jobs"
-    first = Server(ckpt, jobs_dir, "--max-queue", "2", token="s3cret")
+    first = Server(ckpt, jobs_dir, "--max-queue", "2", "--max-queue-per-client", "10", "--stop-grace", "600",
+                   token="s3cret")
     try:
-        assert first.call("GET", "/health", token=None)[0] == 401
-        assert first.call("GET", "/", token="wrong")[0] == 401
+        assert first.call("GET", "/health", token=None) == (200, {"ok": True})  # a liveness probe: nothing else
+        assert first.call("GET", "/jobs", token="wrong")[0] == 401
         assert first.call("POST", "/jobs", {"prompt": "a cat"}, token=None)[0] == 401
         assert first.call("GET", "/jobs")[1] == {"jobs": []}  # the 401 POST queued nothing
         assert first.call("GET", "/?token=s3cret", token=None)[0] == 200  # the page passes it in the URL
@@ -157,6 +201,9 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
         assert first.call("DELETE", f"/jobs/{cancelled}")[1]["state"] == "cancelled"
         assert first.call("DELETE", f"/jobs/{cancelled}")[0] == 409
         assert first.stop(signal.SIGTERM) == 0
+        log = first.said()
+        assert f"stopping (SIGTERM): finishing job {running} (up to --stop-grace 600 s), 1 queued kept" in log
+        assert "stopped: 1 queued job(s) kept" in log
     finally:
         first.kill()
     on_disk = {p.name: json.loads((p / "state.json").read_text())["state"] for p in jobs_dir.iterdir() if p.is_dir()
@@ -165,6 +212,7 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
 
     second = Server(ckpt, jobs_dir)
     try:
+        assert f"resuming 1 queued job(s) from the last run: {queued} " in second.said()
         assert second.wait(queued)["state"] == "done"
         assert second.call("GET", f"/jobs/{queued}/video")[1] == reference_video(*PROMPTS[0])
         assert second.call("GET", f"/jobs/{running}/video")[1] == (jobs_dir / running / "video.mp4").read_bytes()
@@ -177,7 +225,7 @@ def test_restart_resumes_queue(tiny_ckpt, tmp_path, reference_video):
 def test_two_ranks_with_dp_replica(tiny_ckpt, tmp_path, reference_video):
     """torchrun, 2 ranks = 2 dp replicas: 5 concurrent jobs on both, videos equal `generate`'s;
     SIGKILL of rank 1 mid-job: /health unhealthy, the job fails, exit non-zero within --dist-timeout."""
-    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", "--dist-timeout", "30", nproc=2)
+    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", "--dist-timeout", "30", "--max-steps", "100000", nproc=2)
     try:
         health = server.call("GET", "/health")[1]
         assert health["world"] == 2 and health["dp"] == 2 and len(health["pids"]) == 2
@@ -189,10 +237,7 @@ def test_two_ranks_with_dp_replica(tiny_ckpt, tmp_path, reference_video):
             assert server.call("GET", f"/jobs/{job_id}/video")[1] == reference_video(prompt, seed)
 
         doomed = server.submit({"prompt": "never ends", "seed": 5, "sample_steps": 100000})
-        deadline = time.monotonic() + 60
-        while server.call("GET", f"/jobs/{doomed}")[1]["progress"]["step"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        server.wait_step(doomed, 2)
         os.kill(health["pids"][1], signal.SIGKILL)
         killed = time.monotonic()
         unhealthy = None
@@ -238,19 +283,26 @@ def _chromium() -> str | None:
 
 
 def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
-    """The page at / submits a prompt, shows progress and plays the video (Debian's Chromium)."""
+    """The page at / asks for the token, then submits a prompt with MagCache unchecked (the server's
+    default is on), shows progress and plays the video (Debian's Chromium)."""
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no Chromium on PATH and apt-get could not install it (run: apt-get install chromium)")
     prompt, seed = PROMPTS[2]
-    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", token="page-token")
+    server = Server(tiny_ckpt("t2v-A14B"), tmp_path / "jobs", "--use-magcache", token="page-token")
     try:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
             page = browser.new_page()
-            page.goto(f"{server.url}/?token=page-token")
+            page.goto(server.url)  # no token: a page that asks for it, not raw JSON
+            page.wait_for_selector("#token", state="visible")
+            assert page.is_hidden("#job") and "server up" in page.text_content("#health")
+            page.fill("#token", "page-token")
+            page.click("#enter")
             page.wait_for_function("document.getElementById('health').textContent.includes('ready')")
+            assert page.is_checked("#magcache")  # the server's default
+            page.uncheck("#magcache")
             page.fill("#prompt", prompt)
             page.fill("#seed", str(seed))
             page.click("#submit")
@@ -262,6 +314,7 @@ def test_page_in_headless_browser(tiny_ckpt, tmp_path, reference_video):
             browser.close()
         assert duration > 0
         job_id = src.split("/")[2]
+        assert server.call("GET", f"/jobs/{job_id}/manifest")[1]["magcache"]["enabled"] is False
         assert server.call("GET", f"/jobs/{job_id}/video")[1] == reference_video(prompt, seed)
         assert server.stop() == 0
     finally:

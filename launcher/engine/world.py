@@ -158,6 +158,43 @@ class World:
         """Every rank of this dp replica's `obj`, in replica order (cfg-major, sp-minor)."""
         return self._replica_gather(obj)
 
+    @property
+    def replica_leaders(self) -> list[int]:
+        """The first (output) rank of each dp replica (rank order is dp-major)."""
+        per = self.world_size // self.dp_size
+        return [r * per for r in range(self.dp_size)]
+
+    def dispatch_groups(self) -> dict[int, "dist.ProcessGroup"]:
+        """Per dp replica r >= 1, a gloo group of rank 0 and r's leader without a practical timeout
+        (a job's result comes back when the video is made), for the server's per-replica dispatch.
+        Every rank builds every one, in order; returned: the ones this rank is in."""
+        g = self._groups
+        if g.ctx is None or not g.ctx.is_distributed or self.dp_size == 1:
+            return {}
+        import datetime
+
+        import torch.distributed as dist
+
+        mine = {}
+        for replica, leader in enumerate(self.replica_leaders[1:], start=1):
+            group = dist.new_group([0, leader], backend="gloo", timeout=datetime.timedelta(days=7))
+            if self.rank in (0, leader):
+                g.ctx.adopt([group])
+                mine[replica] = group
+        return mine
+
+    def replica_broadcast(self, obj: Any) -> Any:
+        """This replica's leader's `obj` on every rank of the replica (no-op alone)."""
+        if self.cfg_size * self.sp_size == 1:
+            return obj
+        return self._replica_gather(obj)[0]
+
+    def agree_in_replica(self, flag: bool) -> bool:
+        """True on every rank of this dp replica when any of them says so (one small gather; no-op alone)."""
+        if self.cfg_size * self.sp_size == 1:
+            return flag
+        return any(self._replica_gather(bool(flag)))
+
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed everywhere (a drawn seed must be the same on every rank)."""
         return self.all_gather_object(seed)[0]

@@ -56,13 +56,37 @@ def print_plan(the_plan: Plan, *, task: str, target: TargetResult | None = None,
         out.print(f"[yellow]warning:[/] {w}")
 
 
-def log(message: str) -> None:
-    """One status line on stderr (callers print on the output rank only)."""
+#: `serve --log-format json`: every log line (and the denoise progress) is one JSON object on stderr
+_json_logs = False
+
+
+def use_json_logs() -> None:
+    global _json_logs
+    _json_logs = True
+
+
+def _json_line(level: str, message: str, **fields: Any) -> None:
+    import json
+
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": level, "message": message,
+              **fields}
+    sys.stderr.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    sys.stderr.flush()
+
+
+def log(message: str, **fields: Any) -> None:
+    """One status line on stderr (callers print on the output rank only); `fields` go into JSON logs."""
+    if _json_logs:
+        _json_line("info", message, **fields)
+        return
     console.print(f"[dim]\\[magcache-launch][/] {escape(message)}", soft_wrap=True)
 
 
 def warn(message: str) -> None:
     """One warning line on stderr, never wrapped (a log file keeps it whole for grep)."""
+    if _json_logs:
+        _json_line("warning", message)
+        return
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
@@ -125,7 +149,7 @@ def progress_bar(total_steps: int, *, enabled: bool, forwards: Callable[[], list
     if not enabled:
         yield None
         return
-    if not console.is_terminal:
+    if _json_logs or not console.is_terminal:
         first: list[float] = []  # when step 1 ended
         last = [-every_s]
 
@@ -137,8 +161,12 @@ def progress_bar(total_steps: int, *, enabled: bool, forwards: Callable[[], list
                 last[0] = now
                 decisions = forwards()
                 skipped = sum(1 for d in decisions if d.skip)
-                console.print(progress_line(done, total, now - first[0], len(decisions) - skipped, skipped),
-                              markup=False, highlight=False, soft_wrap=True)
+                line = progress_line(done, total, now - first[0], len(decisions) - skipped, skipped)
+                if _json_logs:
+                    _json_line("info", line, step=done, steps=total, skipped=skipped,
+                               computed=len(decisions) - skipped)
+                else:
+                    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
         yield on_line
         return

@@ -9,6 +9,7 @@ JobStore; none of them waits for the ranks, and none runs in a rank's interprete
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import shutil
@@ -24,16 +25,19 @@ from starlette.routing import Route
 
 from launcher.serve.jobs import (
     TERMINAL,
+    Job,
     JobStore,
     NotCancellable,
     QueueFull,
     is_job_id,
     new_job_id,
 )
-from launcher.serve.requests import BadRequest, ServeSettings, relocate, validate
+from launcher.serve.limits import LimitExceeded, read_body
+from launcher.serve.openai_api import routes as openai_routes
+from launcher.serve.requests import BadRequest, ServeSettings, parse_body, relocate, validate_fields
 
-#: an uploaded first frame as base64 fits well below this
-MAX_BODY = 32 << 20
+#: answered without the token: the page (it asks for the token) and /health's up/down
+OPEN_PATHS = frozenset({"/", "/health"})
 PAGE = Path(__file__).with_name("page.html")
 
 
@@ -57,13 +61,28 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(store: JobStore, settings: ServeSettings, health: Health, *, token: str | None = None) -> Any:
-    def authorized(request: Request) -> bool:
-        if token is None:
-            return True
+def create_app(store: JobStore, settings: ServeSettings, health: Health, *, tokens: tuple[str, ...] = (),
+               metrics: Any = None) -> Any:
+    def token_of(request: Request) -> str | None:
+        """The server token this request carries (None: none of them)."""
         given = request.headers.get("authorization", "")
         given = given[7:] if given.lower().startswith("bearer ") else request.query_params.get("token", "")
-        return hmac.compare_digest(given.encode(), token.encode())
+        found = None
+        for token in tokens:  # every one compared: the time taken says nothing about which matched
+            if hmac.compare_digest(given.encode(), token.encode()):
+                found = token
+        return found
+
+    def authorized(request: Request) -> bool:
+        return not tokens or token_of(request) is not None
+
+    def client_of(request: Request) -> str:
+        """Whose share of the queue a job counts against: its token (hashed: state.json is on disk),
+        or the peer address when the server has no tokens."""
+        token = token_of(request) if tokens else None
+        if token is not None:
+            return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        return "addr:" + (request.client.host if request.client else "unknown")
 
     def job_or_404(request: Request):
         job_id = request.path_params["job_id"]
@@ -74,32 +93,56 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         return Response(PAGE.read_text(encoding="utf-8"), media_type="text/html; charset=utf-8")
 
     async def get_health(request: Request) -> JSONResponse:
+        if not authorized(request):  # a liveness probe: up or down, nothing else
+            return JSONResponse({"ok": health.ok}, status_code=200 if health.ok else 503)
         body = {"ok": health.ok, "world": health.world, "dp": health.dp, "state": health.state,
                 "error": health.error, "jobs": store.counts(), "pids": health.pids,
+                "defaults": {"use_magcache": bool(settings.flags.get("use_magcache"))},
                 "uptime_s": round(time.time() - health.started, 1)}
         return JSONResponse(body, status_code=200 if health.ok else 503)
 
-    async def post_job(request: Request) -> JSONResponse:
+    async def read(request: Request) -> bytes | Response:
+        """The body under --max-body-mb and --body-timeout, or the refusal (also while stopping)."""
         if health.state in ("stopping", "unhealthy"):
             return _error(503, f"the server is {health.state}; not accepting jobs")
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _error(413, f"request body over {MAX_BODY >> 20} MiB")
-        return await asyncio.to_thread(_submit, body)
+        try:
+            return await read_body(request.stream(), request.headers.get("content-length"), settings.limits)
+        except LimitExceeded as e:
+            return _error(e.status, str(e))
 
-    def _submit(body: bytes) -> JSONResponse:
+    async def submit(fields: dict[str, Any], request: Request, extra: dict[str, Any] | None = None) -> Job | Response:
+        """Typed request fields -> a queued job, or the refusal (400 invalid, 429 no room)."""
+        return await asyncio.to_thread(_submit, fields, client_of(request), extra or {})
+
+    def _submit(fields: dict[str, Any], client: str, extra: dict[str, Any]) -> Job | Response:
+        try:
+            store.check_room(client)
+        except QueueFull as e:
+            return _error(429, str(e))
         staged = store.stage()
         try:
-            request = validate(body, settings, staged)
+            request = dict(validate_fields(fields, settings, staged), **extra)
             job_id = new_job_id()
-            job = store.add(job_id, relocate(request, staged, store.job_dir(job_id)), staged)
+            return store.add(job_id, relocate(request, staged, store.job_dir(job_id)), staged, client)
         except BadRequest as e:
             return _error(400, str(e))
         except QueueFull as e:
             return _error(429, str(e))
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        return JSONResponse({"id": job.id, "state": job.state, "seed": request["seed"]}, status_code=202,
+
+    async def post_job(request: Request) -> Response:
+        body = await read(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            fields = parse_body(body)
+        except BadRequest as e:
+            return _error(400, str(e))
+        job = await submit(fields, request)
+        if isinstance(job, Response):
+            return job
+        return JSONResponse({"id": job.id, "state": job.state, "seed": job.request["seed"]}, status_code=202,
                             headers={"Location": f"/jobs/{job.id}"})
 
     async def list_jobs(request: Request) -> JSONResponse:
@@ -114,7 +157,8 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
         if job is None:
             return _error(404, "no such job")
         try:
-            return JSONResponse(store.cancel(job.id).public())
+            job = store.cancel(job.id)  # a running job stops at its next step: 202 until it has
+            return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
         except NotCancellable as e:
             return _error(409, str(e))
 
@@ -155,12 +199,21 @@ def create_app(store: JobStore, settings: ServeSettings, health: Health, *, toke
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def get_metrics(request: Request) -> Response:
+        from launcher.serve.metrics import CONTENT_TYPE
+
+        if metrics is None:
+            return _error(404, "no metrics here")
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
+
     routes = [
+        Route("/metrics", get_metrics),
         Route("/", page), Route("/health", get_health),
         Route("/jobs", post_job, methods=["POST"]), Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", get_job, methods=["GET"]), Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/jobs/{job_id}/video", get_video), Route("/jobs/{job_id}/manifest", get_manifest),
         Route("/jobs/{job_id}/events", events),
+        *openai_routes(store, settings, read, submit),
     ]
     return _BearerToken(Starlette(routes=routes), authorized)
 
@@ -174,7 +227,7 @@ class _BearerToken:
         self.authorized = authorized
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not self.authorized(Request(scope)):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self.authorized(Request(scope)):
             response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer T)"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)

@@ -26,6 +26,10 @@ from typing import Any
 from launcher.serve.jobs import Job
 
 
+#: seconds between looks at the queue while a replica is free
+TAKE_POLL_S = 0.05
+
+
 class FrontGone(RuntimeError):
     """The HTTP process died or closed its end of the pipe."""
 
@@ -33,11 +37,12 @@ class FrontGone(RuntimeError):
 class Front:
     """Rank 0's handle on the HTTP process: the JobStore and /health calls the rank loop needs."""
 
-    def __init__(self, proc: subprocess.Popen, conn: Connection, jobs_dir: Path, requeued: int) -> None:
+    def __init__(self, proc: subprocess.Popen, conn: Connection, jobs_dir: Path, resumed: dict[str, list[str]]) -> None:
         self.proc = proc
         self.conn = conn
         self.root = Path(jobs_dir)
-        self.requeued = requeued
+        #: the queue found on disk at start: {"queued": ids oldest first, "was_running": ids}
+        self.resumed = resumed
         self._lock = threading.Lock()  # main thread, watchdog and signal helper threads share the pipe
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -54,17 +59,39 @@ class Front:
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def take(self, n: int, *, wait: float) -> list[Job]:
-        return self._call("take", n, wait)
+    def take(self, n: int, *, wait: float, replica: int = 0) -> list[Job]:
+        """Up to `n` queued jobs for `replica`, waiting up to `wait` s. Polled from this side: a call
+        holds the pipe, which rank 0's other threads (dispatchers, progress) share."""
+        deadline = time.monotonic() + wait
+        while True:
+            jobs = self._call("take", n, 0, replica)
+            if jobs or time.monotonic() >= deadline:
+                return jobs
+            time.sleep(TAKE_POLL_S)
 
     def progress(self, job_id: str, step: int, steps: int) -> None:
         self._call("progress", job_id, step, steps)
 
-    def finish(self, job_id: str, *, error: str | None) -> None:
-        self._call("finish", job_id, error)
+    def finish(self, job_id: str, *, error: str | None, stats: dict[str, Any] | None = None) -> None:
+        """The job ended; `stats` (what it measured) go to /metrics."""
+        self._call("finish", job_id, error, stats)
 
     def requeue(self, job_id: str) -> None:
         self._call("requeue", job_id)
+
+    def stopped(self, job_id: str) -> str:
+        """A job its replica stopped at a step: cancelled (DELETE) or queued again; the new state."""
+        return self._call("stopped", job_id)
+
+    def interrupt_running(self) -> list[str]:
+        """Ask every running job to stop at its next step (they go back to the queue)."""
+        return self._call("interrupt_running")
+
+    def running(self) -> list[str]:
+        return self._call("running")
+
+    def counts(self) -> dict[str, int]:
+        return self._call("counts")
 
     def fail_running(self, message: str) -> list[str]:
         return self._call("fail_running", message)
@@ -100,11 +127,11 @@ def start_front(sock: socket.socket, options: Any, flags: dict[str, Any], health
         proc.kill()
         raise RuntimeError("the HTTP process did not start within 120 s")
     try:
-        kind, requeued = conn.recv()
+        kind, resumed = conn.recv()
     except EOFError:
         raise RuntimeError(f"the HTTP process exited ({proc.wait()}) before serving") from None
     assert kind == "ready"
-    return Front(proc, conn, options.jobs_dir, requeued)
+    return Front(proc, conn, options.jobs_dir, resumed)
 
 
 # -- the HTTP process ---------------------------------------------------------------------------
@@ -114,12 +141,15 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     from launcher.outputs.atomic import write_json
     from launcher.serve.app import Health, create_app
     from launcher.serve.jobs import JobStore
+    from launcher.serve.metrics import Metrics
     from launcher.serve.requests import ServeSettings
 
     options, flags, health_init = conn.recv()
-    store = JobStore(options.jobs_dir, max_queue=options.max_queue)
+    store = JobStore(options.jobs_dir, max_queue=options.max_queue, max_per_client=options.max_per_client)
     health = Health(**health_init)
-    app = create_app(store, ServeSettings(flags=flags, image_dir=options.image_dir), health, token=options.token)
+    settings = ServeSettings(flags=flags, image_dir=options.image_dir, limits=options.limits)
+    metrics = Metrics(store, replicas=health.dp, started=health.started)
+    app = create_app(store, settings, health, tokens=options.tokens, metrics=metrics)
     sock = socket.socket(fileno=listen_fd)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1))
     # on a thread: uvicorn then leaves signals alone (ours are ignored; rank 0 decides when to stop)
@@ -131,15 +161,22 @@ def _serve(conn: Connection, listen_fd: int) -> None:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     write_json(Path(options.jobs_dir) / "server.json", {"url": url, "pid": os.getppid(), "http_pid": os.getpid(),
                                                         "world": health.world})
-    conn.send(("ready", store.requeued))
+    conn.send(("ready", {"queued": store.resumed, "was_running": sorted(store.was_running)}))
     never = threading.Event()
 
     def set_health(state: str, error: str | None) -> None:
+        if health.state == "unhealthy" and state != "unhealthy":
+            return  # a lost rank is final: a stop signal arriving after it (torchrun's) does not hide it
         health.state, health.error = state, error
 
-    calls = {"take": lambda n, wait: store.take(n, wait=wait, stop=never), "progress": store.progress,
-             "finish": lambda job_id, error: store.finish(job_id, error=error), "requeue": store.requeue,
-             "fail_running": store.fail_running, "set_health": set_health}
+    def finish(job_id: str, error: str | None, stats: dict[str, Any] | None) -> None:
+        store.finish(job_id, error=error)
+        metrics.job_finished(stats)
+
+    calls = {"take": lambda n, wait, replica: store.take(n, wait=wait, stop=never, replica=replica), "progress": store.progress,
+             "finish": finish, "requeue": store.requeue,
+             "fail_running": store.fail_running, "set_health": set_health, "stopped": store.stopped,
+             "interrupt_running": store.interrupt_running, "running": store.running, "counts": store.counts}
     while True:
         try:
             method, args = conn.recv()

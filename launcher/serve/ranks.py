@@ -1,26 +1,28 @@
-"""The rank loop: every rank of the world runs it in step; rank 0 decides, the others follow.
+"""The rank loop: every rank of a dp replica runs it in step; each replica takes the next job when free.
 
-Each turn rank 0 takes up to dp_size queued jobs and sends one message to the whole world on the
-CPU (gloo) group: a job per dp replica (a round), "idle" (a heartbeat, at least once a second,
-so a dead rank is noticed while nothing runs), or "stop". Every replica runs its job with the
-loaded session, concurrently with the others; its output rank writes the video and manifest.
-The round ends with a gather of the replicas' results on the patient group (a replica that
-finishes first waits for the slowest, however long its video takes).
+Rank 0 holds the job queue (the HTTP process, front.py, over a pipe). For its own replica it takes
+the next job on the main thread; for each other replica a dispatcher thread on rank 0 takes one
+and sends it to that replica's leader over a gloo group of the two (`World.dispatch_groups`),
+then waits for the result. A replica's leader passes each message to its other ranks (a small
+gather in the replica): a job, "idle" (a heartbeat each second while the queue is empty, so the
+replica's groups never time out and a new job starts within a second) or "stop". A short job
+never waits for another replica's long one: there are no rounds.
 
-The HTTP process (front.py) never calls a collective: rank 0 asks it for jobs and reports back.
+The HTTP process never calls a collective: rank 0 asks it for jobs and reports back.
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from launcher.config import RunConfig
 from launcher.errors import one_line, peer_lost
 from launcher.serve.front import Front
-from launcher.serve.jobs import Job, write_progress
+from launcher.serve.jobs import Job, interrupted, write_progress
+from launcher.serve.metrics import job_stats
 from launcher.serve.requests import job_config
 
 #: seconds between heartbeats while the queue is empty (also the latency of picking up a new job)
@@ -37,16 +39,29 @@ class Assignment:
 
 @dataclass(slots=True)
 class Turn:
-    """Rank 0's message of one turn; `jobs[r]` is dp replica r's job (None: it idles this round)."""
+    """What a replica does next: run `job`, "idle" (a heartbeat) or "stop"."""
 
-    kind: str  # "round" | "idle" | "stop"
-    jobs: list[Assignment | None] = field(default_factory=list)
+    kind: str  # "job" | "idle" | "stop"
+    job: Assignment | None = None
 
 
 @dataclass(slots=True)
 class Outcome:
     job_id: str
     error: str | None = None
+    #: stopped at a step boundary (DELETE, or a stop that cannot wait): the step it stopped after
+    stopped_at: int | None = None
+    steps: int = 0
+    #: what the job measured, for /metrics (`metrics.job_stats` of its manifest)
+    stats: dict[str, Any] | None = None
+
+
+class Interrupted(Exception):
+    """This replica's job was asked to stop; raised at a step boundary on every rank of the replica."""
+
+    def __init__(self, step: int, steps: int) -> None:
+        super().__init__(f"stopped after step {step}/{steps}")
+        self.step, self.steps = step, steps
 
 
 class RankLoop:
@@ -59,25 +74,27 @@ class RankLoop:
         self.flags = flags
         self.store = store
         self.stop = stop
-        self.rounds = 0
+        self.jobs_run = 0
+        #: rank 0: replica -> its group with that replica's leader; a leader: {its replica: that group}
+        self.groups = world.dispatch_groups()
+        self.failure: BaseException | None = None
 
-    def _next_turn(self) -> Turn:
+    def _next_turn(self, replica: int) -> Turn:
+        """Rank 0: the next queued job for `replica`, else idle or stop."""
         assert self.store is not None
-        if self.stop.is_set():
-            return Turn("stop")
-        jobs = self.store.take(self.world.dp_size, wait=HEARTBEAT_S)
-        if self.stop.is_set():  # SIGTERM while waiting: these jobs have not started
-            for job in jobs:
-                self.store.requeue(job.id)
-            return Turn("stop")
-        if not jobs:
-            return Turn("idle")
-        assignments: list[Assignment | None] = [None] * self.world.dp_size
-        for replica, job in enumerate(jobs):
-            assignments[replica] = self._assign(job)
-        if not any(assignments):
-            return Turn("idle")
-        return Turn("round", assignments)
+        while True:
+            if self.stop.is_set():
+                return Turn("stop")
+            jobs = self.store.take(1, wait=HEARTBEAT_S, replica=replica)
+            if self.stop.is_set():  # SIGTERM while waiting: this job has not started
+                for job in jobs:
+                    self.store.requeue(job.id)
+                return Turn("stop")
+            if not jobs:
+                return Turn("idle")
+            assignment = self._assign(jobs[0])
+            if assignment is not None:
+                return Turn("job", assignment)
 
     def _assign(self, job: Job) -> Assignment | None:
         assert self.store is not None
@@ -91,21 +108,76 @@ class RankLoop:
 
     def run(self) -> None:
         """Until rank 0 says stop. A failed collective (dead peer) propagates: the job must end."""
+        dispatchers = []
+        if self.world.rank == 0:
+            for replica, group in self.groups.items():
+                thread = threading.Thread(target=self._dispatch, args=(replica, group), daemon=True,
+                                          name=f"dispatch-{replica}")
+                thread.start()
+                dispatchers.append(thread)
+        self._replica_loop()
+        for thread in dispatchers:
+            thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def _replica_loop(self) -> None:
+        """Every rank of this replica, in step: the leader's turn, then the job if there is one."""
+        import torch.distributed as dist
+
+        leader = self.world.rank == self.world.replica_leaders[self.world.dp_rank]
+        group = self.groups.get(self.world.dp_rank) if leader and self.world.rank != 0 else None
         while True:
-            turn = self.world.all_gather_object(self._next_turn() if self.world.rank == 0 else None)[0]
+            turn = None
+            if self.world.rank == 0:
+                turn = self._next_turn(0)
+            elif group is not None:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=0, group=group)
+                turn = box[0]
+            turn = self.world.replica_broadcast(turn)
             if turn.kind == "stop":
                 return
             if turn.kind == "idle":
                 continue
-            self.rounds += 1
-            mine = turn.jobs[self.world.dp_rank] if self.world.dp_rank < len(turn.jobs) else None
-            outcome = self._run_job(mine) if mine is not None else None
-            results = self.world.all_gather_object(outcome, patient=True)
+            outcome = self._run_job(turn.job)
+            self.jobs_run += 1
             if self.world.rank == 0:
-                assert self.store is not None
-                for result in results:
-                    if result is not None:
-                        self.store.finish(result.job_id, error=result.error)
+                if outcome is not None:
+                    self._report(outcome)
+            elif group is not None:
+                dist.send_object_list([outcome], dst=0, group=group)
+
+    def _dispatch(self, replica: int, group: Any) -> None:
+        """Rank 0's thread for replica `replica` (>= 1): send it the next job, wait for its result."""
+        import torch.distributed as dist
+
+        leader = self.world.replica_leaders[replica]
+        try:
+            while True:
+                turn = self._next_turn(replica)
+                dist.send_object_list([turn], dst=leader, group=group)
+                if turn.kind == "stop":
+                    return
+                if turn.kind == "job":
+                    box: list[Any] = [None]
+                    dist.recv_object_list(box, src=leader, group=group)
+                    if box[0] is not None:
+                        self._report(box[0])
+        except Exception as e:  # noqa: BLE001 - a dead leader: the watchdog ends the server; stop here
+            self.failure = self.failure or e
+            self.stop.set()
+
+    def _report(self, result: Outcome) -> None:
+        from launcher.outputs.report import log
+
+        assert self.store is not None
+        if result.stopped_at is None:
+            self.store.finish(result.job_id, error=result.error, stats=result.stats)
+            return
+        state = self.store.stopped(result.job_id)
+        what = "cancelled" if state == "cancelled" else "stopped; queued again (no file written)"
+        log(f"job {result.job_id} {what} after step {result.stopped_at}/{result.steps}")
 
     def _progress(self, job: Assignment) -> Callable[[int, int], None] | None:
         if not self.world.is_output_rank:
@@ -116,6 +188,19 @@ class RankLoop:
             return lambda done, total: store.progress(job.job_id, done, total)
         return lambda done, total: write_progress(job.job_dir, done, total)
 
+    def _on_step(self, job: Assignment) -> Callable[[int, int], None]:
+        """Progress, then the step-boundary stop: every rank of the replica agrees on the job folder's
+        interrupt file (a rank alone might see it one step before the others)."""
+        progress = self._progress(job)
+
+        def on_step(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            if done < total and self.world.agree_in_replica(interrupted(job.job_dir)):
+                raise Interrupted(done, total)
+
+        return on_step
+
     def _run_job(self, job: Assignment) -> Outcome | None:
         """This replica's job; an Outcome from its output rank (None elsewhere)."""
         from launcher.outputs.atomic import manifest_path_for, write_json
@@ -124,7 +209,9 @@ class RankLoop:
         assert job.config.save_file is not None
         try:
             manifest = self.session.generate(job.config, job.seed, Outputs(video=job.config.save_file),
-                                             on_step=self._progress(job))
+                                             on_step=self._on_step(job))
+        except Interrupted as e:  # before any file was written: nothing partial is left
+            return Outcome(job.job_id, stopped_at=e.step, steps=e.steps) if self.world.is_output_rank else None
         except Exception as e:
             if peer_lost(e) is not None:
                 raise
@@ -134,4 +221,4 @@ class RankLoop:
             return None
         manifest["serve"] = {"job": job.job_id, "dp_group": self.world.dp_rank}
         write_json(manifest_path_for(job.config.save_file), manifest)
-        return Outcome(job.job_id)
+        return Outcome(job.job_id, stats=job_stats(manifest))

@@ -18,6 +18,7 @@ from typing import Any
 from launcher.config import RunConfig, draw_seed, item_config
 from launcher.errors import InputError
 from launcher.options import LINE, REQUEST_ONLY, declarations, flags_where, value_type
+from launcher.serve.limits import LimitExceeded, Limits
 
 #: a flag's value type -> the JSON types a request may give it as (bool is never an int/float here)
 _JSON_TYPES: dict[type, tuple[type, ...]] = {str: (str,), Path: (str,), int: (int,), float: (int, float),
@@ -46,6 +47,23 @@ class ServeSettings:
 
     flags: dict[str, Any]
     image_dir: Path | None = None
+    limits: Limits = Limits()
+
+    @property
+    def task(self) -> Any:
+        """The TaskSpec this server runs."""
+        from launcher.wan.tasks import TASKS
+
+        return TASKS[self.flags["task"]]
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """What a client may call the model: the task, its official Hub repositories, and the Hub
+        repository --ckpt_dir names, if it names one."""
+        from launcher.hub import is_repo_id
+
+        ckpt = str(self.flags.get("ckpt_dir") or "")
+        return self.task.model_names + ((ckpt,) if is_repo_id(ckpt) and ckpt not in self.task.model_names else ())
 
 
 def _typed(obj: dict[str, Any]) -> dict[str, Any]:
@@ -77,15 +95,25 @@ def _decode_image(value: str) -> bytes:
     return raw
 
 
-def _image_format(raw: bytes) -> str:
+def _image_format(raw: bytes, limits: Limits) -> str:
+    """The file suffix of an accepted image; its size is checked from the header, before any decoding."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            im.verify()
+            width, height = im.size
             fmt = im.format or ""
+            if width * height <= limits.max_image_pixels:
+                im.verify()
+    except Image.DecompressionBombError:  # PIL's own header check, far above ours
+        raise BadRequest(f"field 'image': over this server's --max-image-pixels {limits.max_image_pixels}; "
+                         "send a smaller image") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for broken data
         raise BadRequest("field 'image': not an image PIL can read; send a PNG or JPEG") from None
+    try:
+        limits.check_image_size(width, height)
+    except LimitExceeded as e:
+        raise BadRequest(str(e)) from None
     if fmt not in _IMAGE_TYPES:
         raise BadRequest(f"field 'image': {fmt or 'unknown'} images are not accepted; send a PNG or JPEG")
     return _IMAGE_TYPES[fmt]
@@ -103,12 +131,34 @@ def _place_image(value: str, settings: ServeSettings, staged: Path) -> Path:
             raise BadRequest(f"field 'image': {value} is outside --image-dir")
         if not path.is_file():
             raise BadRequest(f"field 'image': {value} not found under --image-dir")
-        _image_format(path.read_bytes())
+        _image_format(path.read_bytes(), settings.limits)
         return path
     raw = _decode_image(value)
-    target = staged / f"image{_image_format(raw)}"
+    target = staged / f"image{_image_format(raw, settings.limits)}"
     target.write_bytes(raw)
     return target
+
+
+def from_text(key: str, text: str) -> Any:
+    """A form field's text as the JSON value its FIELDS entry takes (multipart sends only strings)."""
+    kinds = FIELDS.get(key, (str,))
+    if bool in kinds:
+        if text.lower() in ("true", "1", "on", "yes"):
+            return True
+        if text.lower() in ("false", "0", "off", "no"):
+            return False
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def typed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The request fields of `obj`, type-checked (BadRequest names an unknown or mistyped field)."""
+    return _typed(obj)
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -146,8 +196,15 @@ def _as_fields(message: str) -> str:
 
 
 def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, Any]:
-    """The stored form of a request (seed drawn, image placed in `staged`); BadRequest if invalid."""
-    request = parse_body(body)
+    """The stored form of a JSON request body (seed drawn, image placed in `staged`); BadRequest if invalid."""
+    return validate_fields(parse_body(body), settings, staged)
+
+
+def validate_fields(request: dict[str, Any], settings: ServeSettings, staged: Path) -> dict[str, Any]:
+    """The stored form of typed request fields (see `parse_body`); BadRequest if invalid.
+
+    `resolved` records what the ranks will make (frames, fps, size), for the answers that describe it.
+    """
     if "image" in request:
         request["image"] = str(_place_image(request["image"], settings, staged))
     seed = request.get("seed", int(settings.flags.get("base_seed", -1)))
@@ -158,7 +215,13 @@ def validate(body: bytes, settings: ServeSettings, staged: Path) -> dict[str, An
         config = job_config(request, settings.flags, staged)
     except InputError as e:
         raise BadRequest(_as_fields(str(e).splitlines()[0])) from None
+    try:
+        settings.limits.check_config(config)
+    except LimitExceeded as e:
+        raise BadRequest(str(e)) from None
     request["sample_steps"] = config.sample_steps
+    request["resolved"] = {"frame_num": config.frame_num, "fps": config.task.sample_fps, "width": config.width,
+                           "height": config.height}
     return request
 
 

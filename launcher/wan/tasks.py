@@ -51,6 +51,8 @@ class TaskSpec:
     num_heads: int
     supported_sizes: tuple[str, ...]
     image: Literal["none", "required", "optional"]
+    #: the official checkpoint's Hugging Face Hub repository (its diffusers form adds "-Diffusers")
+    hub_repo: str = ""
     t5_checkpoint: str = "models_t5_umt5-xxl-enc-bf16.pth"
     t5_tokenizer: str = "google/umt5-xxl"
     vae_checkpoint: str = "Wan2.1_VAE.pth"
@@ -62,6 +64,11 @@ class TaskSpec:
     def spatial_stride(self) -> int:
         """Pixels per token side: VAE stride x patch size (16 for A14B, 32 for 5B)."""
         return self.vae_stride[1] * self.patch_size[1]
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """What a client may call this model: the task, its Hub repository and that repository's diffusers form."""
+        return (self.name, self.hub_repo, f"{self.hub_repo}-Diffusers")
 
     @property
     def expert_folders(self) -> dict[str, str]:
@@ -77,18 +84,21 @@ TASKS: dict[str, TaskSpec] = {
         z_dim=16, dit_in_channels=16, experts=("high", "low"), boundary=0.875, sample_shift=12.0,
         sample_steps=40, guide_scale=(3.0, 4.0), frame_num=81, sample_fps=16, num_heads=40,
         supported_sizes=("720*1280", "1280*720", "480*832", "832*480"), image="none",
+        hub_repo="Wan-AI/Wan2.2-T2V-A14B",
     ),
     "i2v-A14B": TaskSpec(
         name="i2v-A14B", mode="i2v", vae_version="2.1", vae_stride=(4, 8, 8), patch_size=(1, 2, 2),
         z_dim=16, dit_in_channels=36, experts=("high", "low"), boundary=0.900, sample_shift=5.0,
         sample_steps=40, guide_scale=(3.5, 3.5), frame_num=81, sample_fps=16, num_heads=40,
         supported_sizes=("720*1280", "1280*720", "480*832", "832*480"), image="required",
+        hub_repo="Wan-AI/Wan2.2-I2V-A14B",
     ),
     "ti2v-5B": TaskSpec(
         name="ti2v-5B", mode="ti2v", vae_version="2.2", vae_stride=(4, 16, 16), patch_size=(1, 2, 2),
         z_dim=48, dit_in_channels=48, experts=("single",), boundary=None, sample_shift=5.0,
         sample_steps=50, guide_scale=(5.0, 5.0), frame_num=121, sample_fps=24, num_heads=24,
         supported_sizes=("704*1280", "1280*704"), image="optional", vae_checkpoint="Wan2.2_VAE.pth",
+        hub_repo="Wan-AI/Wan2.2-TI2V-5B",
     ),
 }
 
