@@ -23,6 +23,7 @@ from launcher.checkpoint.load import (
 )
 from launcher.checkpoint.lora import LoraPlan, with_loras
 from launcher.config import RunConfig
+from launcher.engine.host_memory import host_modules, plan_host_memory
 from launcher.engine.placement import Placement
 from launcher.wan.dit import compile_blocks
 from launcher.wan.parallelize import ParallelWan, parallelize_wan
@@ -33,16 +34,17 @@ if TYPE_CHECKING:
     from parallel.mesh import ParallelMesh
 
 
-def _host_homes(par: ParallelWan, placement: Placement) -> dict[str, HostResident]:
-    """Experts that move between host and GPU get a pinned host home once, at load (faster swaps);
-    an expert loaded on the GPU goes back there after its host copy is made."""
+def _host_homes(par: ParallelWan, placement: Placement, *, pin: bool) -> dict[str, HostResident]:
+    """Experts that move between host and GPU get a host home once, at load (pinned where
+    `plan_host_memory` found room: faster swaps); an expert loaded on the GPU goes back there
+    after its host copy is made."""
     memory = placement.memory
     if placement.device.type != "cuda" or par.dit_sharded or not (memory.swap_experts or memory.park_dit_before_decode):
         return {}
     homes = {}
     for name, dit in par.experts.items():
         on_gpu = dit.model.patch_embedding.weight.device.type == "cuda"
-        homes[name] = HostResident(dit.model, pin=True)
+        homes[name] = HostResident(dit.model, pin=pin)
         if on_gpu:
             homes[name].to(placement.device)
     return homes
@@ -68,6 +70,8 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
             set_meta_dtypes(model, lambda key, model=model: half if not key.startswith("blocks.")
                             else model.get_parameter(key).dtype)
 
+    pin, _ = plan_host_memory(config, placement, host_modules(
+        placement, experts.values(), text_encoder, dit_sharded=par.dit_sharded, t5_sharded=par.t5_sharded))
     if config.compile:
         compile_blocks(par.experts.values())
     memory = placement.memory
@@ -99,6 +103,6 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
         swap_experts=memory.swap_experts,
         park_dit_before_decode=memory.park_dit_before_decode,
         offload_text_encoder=not par.t5_sharded and memory.t5_home != memory.t5_runs_on,
-        residency=_host_homes(par, placement),
+        residency=_host_homes(par, placement, pin=pin),
     )
     return models, par
