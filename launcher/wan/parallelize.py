@@ -116,7 +116,7 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
         else:
             sharding = UlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp)
         if dit_fsdp or t5_fsdp:
-            fsdp_mesh = mesh.submesh("sp")
+            fsdp_mesh = mesh.fsdp_mesh()
     if mesh is not None and mesh.dims.cfg > 1:
         exchange = CfgParallelBranches(mesh.cfg_group, mesh.cfg_rank)
     shard_dit, shard_t5 = dit_fsdp and fsdp_mesh is not None, t5_fsdp and fsdp_mesh is not None
