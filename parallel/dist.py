@@ -42,6 +42,13 @@ def _pick_device(env: LaunchEnv, preference: DevicePreference) -> torch.device:
     return torch.device("cuda", env.local_rank % count)
 
 
+def bind_device(device: torch.device, *, set_device: Callable[[torch.device], None] | None = None) -> None:
+    """Make `device` this process's current CUDA device (no-op off CUDA): without it a process told
+    to use cuda:N still creates a stray context on cuda:0 with its first default-device call."""
+    if device.type == "cuda":
+        (set_device or torch.cuda.set_device)(device)
+
+
 def _init_method(env: LaunchEnv) -> str:
     if env.kind == "torchrun":
         return "env://"  # lets torchrun hand over its own TCPStore instead of opening a second one
@@ -284,7 +291,7 @@ def init_distributed(
     if dist.is_initialized():
         raise LaunchError("torch.distributed is already initialized; call init_distributed once per process")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        bind_device(device)
         nccl_failure_settings()
         backend = "cpu:gloo,cuda:nccl"
     else:

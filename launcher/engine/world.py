@@ -287,8 +287,18 @@ def start_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool 
             "prompts over replicas"
         )
     if env.world_size == 1:
-        return World(placement=placement_for(config), launch_kind=env.kind)
+        return single_world(config, launch_kind=env.kind)
     return _start_distributed(config, env, dims, patient=allow_data_parallel and dims.dp > 1)
+
+
+def single_world(config: RunConfig, *, launch_kind: str = "single",
+                 set_device: Callable[[torch.device], None] | None = None) -> World:
+    """The one-process World, its device made current (`--device cuda:N` must not touch cuda:0)."""
+    from parallel.dist import bind_device
+
+    placement = placement_for(config)
+    bind_device(placement.device, set_device=set_device)
+    return World(placement=placement, launch_kind=launch_kind)
 
 
 def _start_distributed(config: RunConfig, env: "LaunchEnv", dims: "ParallelDims", *, patient: bool) -> World:
