@@ -97,6 +97,21 @@ SCHEDULE_FLAGS = frozenset({"task", "image", "sample_steps", "sample_shift", "sa
                             "magcache_split", "magcache_reset_at_switch", "magcache_ratios"})
 
 
+def attention_here(requested: str, device: str | None, dtype: str | None) -> dict[str, str]:
+    """The attention kernel a run with these flags would use on this machine (what the manifest will record)."""
+    import torch
+
+    from launcher.engine.placement import DTYPES, resolve_device
+    from parallel.attention import AttentionBackendError, Host, resolve
+
+    dev = resolve_device(device, 0)
+    compute = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    try:
+        return {"requested": requested, "kernel": resolve(requested, Host.of(dev, compute)), "device": str(dev)}
+    except AttentionBackendError as e:  # plan only reports: generate would refuse with this line
+        return {"requested": requested, "kernel": f"nothing (refused: {e})", "device": str(dev)}
+
+
 @app.command()
 @compose_params(request_params, model_params, sampling_params, magcache_params, output_params, layout_params)
 def plan(
@@ -148,13 +163,16 @@ def plan(
                                magcache=bool(f["use_magcache"]),
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
                                vae_parallel=f["vae_parallel"] != "off")
+    attention = attention_here(f["attention"], f["device"], f["dtype"])
     if as_json:
         print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
-                                         target=target), **(layouts or {})}))
+                                         target=target), **(layouts or {}), "attention": attention}))
     else:
         print_plan(the_plan, task=spec.name, target=target)
         if layouts is not None:
             print_layouts(layouts)
+        console.print(f"attention: --attention {attention['requested']} runs {attention['kernel']} on "
+                      f"{attention['device']} (this machine)")
     if verbose:
         defaults = flag_defaults()
         ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]

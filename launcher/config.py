@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from parallel.attention import BACKENDS
 from launcher.errors import InputError
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
@@ -282,6 +283,8 @@ class RunConfig:
     loras: tuple[LoraSpec, ...]
     #: "auto": every rank of a generation decodes a band of rows (launcher.wan.vae_parallel); "off": one rank
     vae_parallel: Literal["auto", "off"] = "auto"
+    #: --attention as given (parallel.attention resolves it on the rank's device: Placement.attention)
+    attention: str = "auto"
 
     @property
     def max_area(self) -> int:
@@ -479,7 +482,9 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
                          f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
     passthrough = {k: f[k] for k in ("negative_prompt", "base_seed", "convert_model_dtype", "t5_cpu", "t5_fsdp",
                                      "dit_fsdp", "ulysses_size", "ring_size", "cfg_parallel", "dtype", "device", "overwrite",
-                                     "compile", "vae_parallel")}
+                                     "compile", "vae_parallel", "attention")}
+    if passthrough["attention"] not in BACKENDS:
+        raise UsageError(f"--attention {passthrough['attention']}: choose one of {', '.join(BACKENDS)}")
     return RunConfig(
         task=spec, ckpt_dir=ckpt, prompt=prompt, size=size, width=width, height=height, frame_num=frame_num,
         image=img, sample_solver=solver, sample_steps=steps, sample_shift=shift,

@@ -46,6 +46,7 @@ def model_params(
     dtype: Annotated[Optional[str], _opt("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on CUDA, float32 on CPU)")] = None,
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,
     dist_timeout: Annotated[float, _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
+    attention: Annotated[str, _opt("--attention", help="attention kernel: auto (FlashAttention-3 on Hopper, then cuDNN, FlashAttention-2, SDPA: the first that runs here), sdpa, flash2, flash3 or cudnn (refused in one line where it cannot run)")] = "auto",
     compile: Annotated[bool, _opt("--compile", help="torch.compile the DiT block once, reused by every block of every expert (the first step pays the compile)")] = False,
     vae_parallel: Annotated[str, _opt("--vae-parallel", "--vae_parallel", help="auto: split the VAE decode by rows over every rank of a generation (equal to one rank); off: the output rank decodes alone")] = "auto",
     lora: Annotated[Optional[list[str]], _opt("--lora", help="FILE[:SCALE] LoRA merged into every expert at load time (repeatable; scale 1 by default)")] = None,

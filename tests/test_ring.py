@@ -18,9 +18,9 @@ from e2e_helpers import generate
 from parallel_jobs.spawn import run_job
 from safetensors.torch import load_file
 
+from parallel.attention import attend_with_lse
 from parallel.mesh import ParallelConfigError, ParallelDims
 from parallel.ring import (
-    attend_with_lse,
     block_valid,
     merge_partial,
     ring_attention,

@@ -82,7 +82,7 @@ class World:
         return {"size": self.world_size, "launch": self.launch_kind, "mesh": self.mesh_shape,
                 "backend": None if ctx is None else ctx.backend,
                 "rendezvous": None if ctx is None or ctx.route is None else ctx.route.as_dict(),
-                "device": str(self.placement.device), "dtype": str(self.placement.compute_dtype).replace("torch.", ""),
+                "device": str(self.placement.device), "attention": self.placement.attention, "dtype": str(self.placement.compute_dtype).replace("torch.", ""),
                 "memory": asdict(self.placement.memory)}
 
     # -- what MagCache needs from the ranks of one branch ---------------------------------------

@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
 
 from magcache.controller import BlockRunner
+from parallel.attention import attend
 
 
 class SequenceSharding(Protocol):
     """How the token sequence is spread over the ranks that compute one branch."""
 
     size: int
+    #: the attention kernel every attention of the DiT runs (parallel.attention)
+    kernel: str
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Pad `dim` to a multiple of `size` and return this rank's contiguous chunk."""
@@ -66,16 +69,14 @@ def _official_rms_norm(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return normed * norm.weight if norm.weight is not None else normed
 
 
-def _attend_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA on [B, S, H, D] inputs (SDPA wants [B, H, S, D])."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
 class LocalSequence:
-    """One rank holds the whole sequence: split/gather are identities, attention is plain SDPA."""
+    """One rank holds the whole sequence: split/gather are identities, attention is one kernel call."""
 
     size = 1
+
+    def __init__(self, kernel: str = "sdpa") -> None:
+        #: the attention kernel (a name parallel.attention.resolve returned)
+        self.kernel = kernel
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x
@@ -84,7 +85,7 @@ class LocalSequence:
         return x.narrow(dim, 0, valid_len)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_len: int) -> torch.Tensor:
-        return _attend_local(q, k, v)  # no padding exists on one rank
+        return attend(q, k, v, self.kernel)  # no padding exists on one rank
 
     def local_valid(self, valid_len: int) -> int:
         return valid_len
@@ -187,7 +188,11 @@ class CrossAttnProcessor:
     """Text cross-attention with official WanCrossAttention's precision (see ShardedSelfAttnProcessor).
 
     Each rank attends its own query tokens to the whole text, so no exchange is needed. Wan2.2 has
-    no image context (no CLIP branch), so diffusers' `add_k_proj` path never applies."""
+    no image context (no CLIP branch), so diffusers' `add_k_proj` path never applies. `kernel`: the
+    run's attention kernel (parallel.attention), the self-attention's."""
+
+    def __init__(self, kernel: str = "sdpa") -> None:
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -200,7 +205,8 @@ class CrossAttnProcessor:
         if attn.add_k_proj is not None:
             raise ValueError("Wan2.2 cross-attention has no image context; this checkpoint has one")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        return _attend_in_half(attn, *_projections(attn, hidden_states, context), _attend_local)
+        return _attend_in_half(attn, *_projections(attn, hidden_states, context),
+                               functools.partial(attend, kernel=self.kernel))
 
 
 def _modulation(table: torch.Tensor, e: torch.Tensor, parts: int) -> list[torch.Tensor]:
@@ -256,7 +262,7 @@ class WanDiT:
         self.sharding: SequenceSharding = sharding or LocalSequence()
         self._state = _ForwardState()
         processor = ShardedSelfAttnProcessor(self.sharding, self._state)
-        cross = CrossAttnProcessor()
+        cross = CrossAttnProcessor(self.sharding.kernel)
         for block in model.blocks:
             block.attn1.set_processor(processor)
             block.attn2.set_processor(cross)
