@@ -217,15 +217,24 @@ def _modulation(table: torch.Tensor, e: torch.Tensor, parts: int) -> list[torch.
 
 
 def official_block_forward(block: torch.nn.Module, x: torch.Tensor, context: torch.Tensor,
-                           tproj: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                           tproj: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                           rounded: torch.Tensor | None = None, half: torch.dtype | None = None) -> torch.Tensor:
     """Official WanAttentionBlock.forward on diffusers' WanTransformerBlock modules.
 
     diffusers casts the residual stream back to the input dtype after every add (bf16 under
     autocast); official lets `x + y * e` promote to float32 and keeps it there. Module mapping:
     official norm1/norm3/norm2 = diffusers norm1/norm2/norm3, self_attn/cross_attn = attn1/attn2.
+
+    Under autocast the first block alone receives half-precision x (from the patch embedding) and
+    its norm1 output is rounded to that dtype (official `WanLayerNorm(...).type_as(x)`). The
+    compiled block takes every x in float32 instead (exact) and redoes that rounding where the
+    bool tensor `rounded` says so (a value, not a guard), so one graph serves every block.
     """
     shift, scale, gate, c_shift, c_scale, c_gate = _modulation(block.scale_shift_table, tproj, 6)
-    y = block.attn1(block.norm1(x).float() * (1 + scale) + shift, None, None, rotary)
+    normed = block.norm1(x)
+    if rounded is not None and half is not None:
+        normed = torch.where(rounded, normed.to(half).float(), normed)
+    y = block.attn1(normed.float() * (1 + scale) + shift, None, None, rotary)
     x = x + y * gate
     x = x + block.attn2(block.norm2(x), context, None, None)
     y = block.ffn(block.norm3(x).float() * (1 + c_scale) + c_shift)
@@ -372,12 +381,35 @@ def compile_blocks(dits: Iterable[WanDiT]) -> None:
     Blocks of both experts have the same structure and shapes, and dynamo inlines the module's
     parameters as graph inputs, so the whole stack shares one graph (compiled once, at the first
     forward) instead of one per block; `dynamic=False` because shapes are fixed for a request.
-    Compiling the block, not the model, keeps MagCache's skip and the Ulysses exchange eager.
+    Under autocast the residual stream enters the first block in the half dtype and the others in
+    float32: `_UniformBlock` hands every block float32 (see `official_block_forward`), so that
+    difference is no second graph. Compiling the block, not the model, keeps MagCache's skip and
+    the Ulysses exchange eager.
     """
     compiled = torch.compile(official_block_forward, dynamic=False)
     for dit in dits:
         for block in dit.model.blocks:
-            block.forward = functools.partial(compiled, block)
+            block.forward = _UniformBlock(compiled, block)
+
+
+class _UniformBlock:
+    """A block's forward through the shared compiled function, with the input dtype made uniform."""
+
+    _flags: dict[tuple[torch.device, bool], torch.Tensor] = {}
+
+    def __init__(self, compiled: Callable[..., torch.Tensor], block: torch.nn.Module) -> None:
+        self.compiled = compiled
+        self.block = block
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor, tproj: torch.Tensor,
+                 rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        device = x.device.type
+        half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (x.device, x.dtype != torch.float32)
+        flag = self._flags.get(key)
+        if flag is None:  # made once per device: no host-to-device copy per block
+            flag = self._flags[key] = torch.tensor(key[1], device=x.device)
+        return self.compiled(self.block, x.float(), context, tproj, rotary, flag, half)
 
 
 def pad_context(context: torch.Tensor, text_len: int) -> torch.Tensor:
