@@ -20,6 +20,10 @@ from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
 
 
+#: --dist-timeout that outlasts a cold --compile of the DiT block (minutes on 8 ranks sharing the CPU for Triton)
+COLD_COMPILE_TIMEOUT_S = 900
+
+
 class UsageError(InputError):
     """A flag with a bad value. The CLI prints the message as one line and exits 2."""
 
@@ -308,6 +312,10 @@ class RunConfig:
         if self.size not in self.task.supported_sizes and self.size.replace("x", "*") not in self.task.supported_sizes:
             out.append(f"--size {self.size} is not one of {self.task.name}'s trained sizes "
                        f"({', '.join(self.task.supported_sizes)}); expect lower quality")
+        if self.compile and self.dist_timeout_s < COLD_COMPILE_TIMEOUT_S:
+            out.append(f"--compile with --dist-timeout {self.dist_timeout_s:g}: a rank still compiling its first block "
+                       f"keeps its peers waiting in the first collective; use --dist-timeout {COLD_COMPILE_TIMEOUT_S} "
+                       "or more until the compile cache is warm")
         return out
 
     @property

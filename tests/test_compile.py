@@ -51,3 +51,24 @@ def test_compiled_blocks_under_bf16_autocast_are_one_graph_and_equal_eager(tiny_
         scale = eager[name].abs().max().item()
         assert err <= 2e-2 * scale, f"{name}: compiled differs from eager by {err:.2e} (output scale {scale:.2e})"
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.slow
+def test_a_server_seeing_nine_sizes_keeps_a_compiled_graph_for_each():
+    """serve/batch vary the size: past dynamo's default recompile limit (8) the blocks would fall
+    back to eager for good. Counted with the "eager" backend (dynamo's graphs, no C++ build)."""
+    from launcher.wan.dit import RECOMPILE_LIMIT, WanDiT
+    from tests.test_dit_attention_dtype import _tiny_block_model
+
+    dit = WanDiT(_tiny_block_model())
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks([dit], backend="eager")
+    sizes = 9  # one past dynamo's default limit
+    assert RECOMPILE_LIMIT >= sizes
+    for frames in range(1, sizes + 1):
+        latent = torch.randn(4, frames, 4, 4)
+        with torch.no_grad():
+            dit.forward(latent, torch.tensor([500.0]), dit.embed_text(torch.randn(1, 8, 16)),
+                        runner=__import__("magcache.controller", fromlist=["x"]).ComputeAll(), index=0)
+    assert counters["stats"]["unique_graphs"] == sizes, dict(counters["stats"])

@@ -375,7 +375,12 @@ class WanDiT:
         return temb, tproj
 
 
-def compile_blocks(dits: Iterable[WanDiT]) -> None:
+#: compiled block graphs kept per run (one per (size, frames) seen): serve, batch and sweep vary the
+#: sizes; past dynamo's default of 8 every new size would run the blocks eagerly for the rest of the process
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(dits: Iterable[WanDiT], *, backend: str = "inductor") -> None:
     """Regional compilation: one `torch.compile` of the block function, called by every block.
 
     Blocks of both experts have the same structure and shapes, and dynamo inlines the module's
@@ -384,9 +389,14 @@ def compile_blocks(dits: Iterable[WanDiT]) -> None:
     Under autocast the residual stream enters the first block in the half dtype and the others in
     float32: `_UniformBlock` hands every block float32 (see `official_block_forward`), so that
     difference is no second graph. Compiling the block, not the model, keeps MagCache's skip and
-    the Ulysses exchange eager.
+    the Ulysses exchange eager. Each new (size, frames) compiles one more graph, kept up to
+    RECOMPILE_LIMIT. `backend`: torch.compile's (tests count graphs with "eager").
     """
-    compiled = torch.compile(official_block_forward, dynamic=False)
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    compiled = torch.compile(official_block_forward, dynamic=False, backend=backend)
     for dit in dits:
         for block in dit.model.blocks:
             block.forward = _UniformBlock(compiled, block)
