@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -49,6 +50,18 @@ def check_heads(num_heads: int, sp: int) -> None:
     if num_heads % sp:
         raise ParallelConfigError(f"--ulysses_size {sp} does not divide the {num_heads} attention heads; "
                                   f"use one of {_divisors(num_heads)}")
+
+
+def enumerated_group(partition: list[list[int]], backend: str, timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """This rank's group of `partition`, every group of it built with `backend` (collective: all ranks
+    call it with the same partition, in the same order)."""
+    group, _ = dist.new_subgroups_by_enumeration(partition, timeout=timeout, backend=backend)
+    return group
+
+
+def one_dim_mesh(group: dist.ProcessGroup, device_type: str, name: str) -> DeviceMesh:
+    """A 1-D DeviceMesh over an existing group (no group is created)."""
+    return DeviceMesh.from_group(group, device_type, mesh_dim_names=(name,))
 
 
 def compute_backend(device: torch.device) -> str:
@@ -208,15 +221,12 @@ class ParallelMesh:
                                                mesh=layout, mesh_dim_names=tuple(axes))
         for name in FLAT:
             if name in self._groups:
-                self._meshes[name] = DeviceMesh.from_group(self._groups[name], self._device_type,
-                                                           mesh_dim_names=(name,))
+                self._meshes[name] = one_dim_mesh(self._groups[name], self._device_type, name)
         ctx.adopt([*self._groups.values(), *self._cpu_groups.values()], release=self.release)
 
     def _enumerate(self, name: str, backend: str) -> dist.ProcessGroup:
         """Every group along `name` (collective: all ranks build all of them, in the same order); this rank's."""
-        group, _ = dist.new_subgroups_by_enumeration(self.dims.partition(name), timeout=self._ctx.timeout,
-                                                     backend=backend)
-        return group
+        return enumerated_group(self.dims.partition(name), backend, self._ctx.timeout)
 
     def _live(self) -> None:
         if self._released:
@@ -277,7 +287,7 @@ class ParallelMesh:
         if self._fsdp is None:
             group = self._enumerate("sp", self.backend)
             self._ctx.adopt([group])
-            self._fsdp = DeviceMesh.from_group(group, self._device_type, mesh_dim_names=("sp",))
+            self._fsdp = one_dim_mesh(group, self._device_type, "sp")
         return self._fsdp
 
     def group(self, name: str) -> dist.ProcessGroup | None:
