@@ -10,7 +10,8 @@ import torch
 from launcher.checkpoint import inspect_checkpoint
 from launcher.checkpoint.load import build_transformer_on_meta, load_transformer
 from launcher.config import UsageError
-from launcher.engine.host_memory import PIN_MARGIN_BYTES, HostMemory, decide_pinning, module_bytes, ranks_per_node
+from launcher.engine.host_memory import PIN_MARGIN_BYTES, HostMemory, decide_pinning, module_bytes
+from launcher.wan.threads import ranks_per_node
 from launcher.wan.tasks import TASKS
 
 GIB = 2**30

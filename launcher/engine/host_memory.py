@@ -9,7 +9,6 @@ need is this rank's bytes times the ranks on the node. Against /proc/meminfo:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from launcher.config import RunConfig, UsageError
 from launcher.engine.placement import Placement
+from launcher.wan.threads import ranks_per_node
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ class HostMemory:
             key, _, rest = line.partition(":")
             fields[key] = int(rest.split()[0]) * 1024  # kB
         return cls(available=fields["MemAvailable"], swap_free=fields.get("SwapFree", 0))
-
-
-def ranks_per_node() -> int:
-    """Ranks sharing this host (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node), else 1."""
-    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(var, "").split("(")[0]
-        if value.isdigit():
-            return int(value)
-    return 1
 
 
 def host_modules(placement: Placement, experts: Iterable[nn.Module], text_encoder: nn.Module, *,

@@ -28,6 +28,7 @@ from launcher.engine.placement import Placement
 from launcher.wan.dit import compile_blocks
 from launcher.wan.parallelize import ParallelWan, parallelize_wan
 from launcher.wan.residency import HostResident
+from launcher.wan.threads import cpu_phase
 from launcher.wan.pipeline import Models
 
 if TYPE_CHECKING:
@@ -52,6 +53,13 @@ def _host_homes(par: ParallelWan, placement: Placement, *, pin: bool) -> dict[st
 
 def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
                 mesh: "ParallelMesh | None" = None, loras: LoraPlan | None = None) -> tuple[Models, ParallelWan]:
+    """`_load_models` with the rank's cores: reading, dtype conversion and the LoRA merge are CPU work."""
+    with cpu_phase():
+        return _load_models(config, info, placement, mesh, loras)
+
+
+def _load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
+                 mesh: "ParallelMesh | None", loras: LoraPlan | None) -> tuple[Models, ParallelWan]:
     """Every module of the task on this rank, ready for `WanPipeline`, and how they were split.
 
     `loras` are merged into each expert's tensors as they are read (after sharding: an FSDP rank
