@@ -122,10 +122,11 @@ class ParallelDims:
             raise ParallelConfigError("--cfg-parallel needs an even number of ranks (>= 2): launch with torchrun or srun")
         per = ring * ulysses * cfg
         if world_size % per:
+            ring_part = f"--ring_size {ring} x " if ring > 1 else ""
             raise ParallelConfigError(
-                f"--ring_size {ring} x --ulysses_size {ulysses} x config {cfg} = {per} ranks per video, but "
+                f"{ring_part}--ulysses_size {ulysses} x config {cfg} = {per} ranks per video, but "
                 f"{world_size} were launched; launch a multiple of {per} ranks or change "
-                "--ring_size/--ulysses_size/--cfg-parallel")
+                f"{'--ring_size/' if ring > 1 else ''}--ulysses_size/--cfg-parallel")
         return cls(dp=world_size // per, cfg=cfg, sp=ring * ulysses, world_size=world_size, ring=ring)
 
     def degree(self, name: str) -> int:
