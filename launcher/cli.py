@@ -96,6 +96,15 @@ def calibrate(
 SCHEDULE_FLAGS = frozenset(flags_where(schedule=True))
 
 
+def attention_here(requested: str) -> dict[str, Any]:
+    """What `--attention` will choose from, said without torch (`plan` never imports it): the kernel
+    named, or for auto the kernels this Python has in auto's order; each rank takes the first that runs
+    on its device, and the manifest records the one that ran."""
+    from parallel.attention_choices import installed_kernels
+
+    return {"requested": requested, "candidates": installed_kernels() if requested == "auto" else [requested]}
+
+
 @app.command()
 @compose_params(request_params, model_params, sampling_params, magcache_params, output_params, layout_params)
 def plan(
@@ -140,12 +149,15 @@ def plan(
                                magcache=bool(f["use_magcache"]),
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
                                vae_parallel=f["vae_parallel"] != "off")
+    attention = attention_here(f["attention"])
     if as_json:
-        print(json.dumps({**plan_to_json(setup, extra_warnings=extra), **(layouts or {})}))
+        print(json.dumps({**plan_to_json(setup, extra_warnings=extra), **(layouts or {}), "attention": attention}))
     else:
         print_plan(the_plan, task=spec.name, target=setup.target)
         if layouts is not None:
             print_layouts(layouts)
+        console.print(f"attention: --attention {attention['requested']} takes the first that runs on each rank's "
+                      f"device of {', '.join(attention['candidates'])} (the manifest records the kernel used)")
     if verbose:
         defaults = flag_defaults()
         ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]

@@ -17,11 +17,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from parallel.attention_choices import BACKENDS
 from launcher.errors import InputError, UsageError
 from launcher.preflight import check_checkpoint_files, lora_header
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
 
+
+#: --dist-timeout that outlasts a cold --compile of the DiT block (minutes on 8 ranks sharing the CPU for Triton)
+COLD_COMPILE_TIMEOUT_S = 900
 
 Solver = Literal["unipc", "dpm++", "euler"]
 
@@ -292,6 +296,8 @@ class RunConfig:
     loras: tuple[LoraSpec, ...]
     #: "auto": every rank of a generation decodes a band of rows (launcher.wan.vae_parallel); "off": one rank
     vae_parallel: Literal["auto", "off"] = "auto"
+    #: --attention as given (parallel.attention resolves it on the rank's device: Placement.attention)
+    attention: str = "auto"
 
     @property
     def max_area(self) -> int:
@@ -321,6 +327,10 @@ class RunConfig:
                            "(steers away from what it learned); give a positive scale to apply it")
             elif lora.scale == 0:
                 out.append(f"{lora.flag} {lora.path}:0: scale 0 changes no weight; drop the flag or give a scale")
+        if self.compile and self.dist_timeout_s < COLD_COMPILE_TIMEOUT_S:
+            out.append(f"--compile with --dist-timeout {self.dist_timeout_s:g}: a rank still compiling its first block "
+                       f"keeps its peers waiting in the first collective; use --dist-timeout {COLD_COMPILE_TIMEOUT_S} "
+                       "or more until the compile cache is warm")
         return out
 
     @property
@@ -506,6 +516,8 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         raise UsageError(f"--cfg-parallel with guidance scale 1 ({', '.join(one_branch)} expert): such steps run the "
                          "cond forward alone, so half the ranks would idle; drop --cfg-parallel and give those ranks "
                          f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
+    if f["attention"] not in BACKENDS:
+        raise UsageError(f"--attention {f['attention']}: choose one of {', '.join(BACKENDS)}")
     # every flag that names a RunConfig field goes in as given; then the values resolved above
     as_given = {fld: f[flag] for flag, fld in _FIELD_OF_FLAG.items() if flag in f}
     return RunConfig(**{

@@ -86,6 +86,7 @@ def request_params(
 
 
 def model_params(
+
     task: Annotated[str, _d(MODEL, schedule=True), _opt("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
     ckpt_dir: Annotated[Optional[Path], _d(MODEL), _opt("--ckpt-dir", "--ckpt_dir", help="checkpoint folder (official or diffusers layout), or a Hub repository such as Wan-AI/Wan2.2-TI2V-5B (from the local Hub cache)")] = None,
     download: Annotated[bool, _d(SOURCE), _opt("--download", help="fetch a Hub --ckpt_dir's missing files (only those the task reads)")] = False,
@@ -101,6 +102,7 @@ def model_params(
     dtype: Annotated[Optional[str], _d(MODEL), _opt("--dtype", help="bfloat16, float16 or float32 (default: bfloat16 on CUDA, float32 on CPU)")] = None,
     device: Annotated[Optional[str], _d(MODEL), _opt("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)")] = None,
     dist_timeout: Annotated[float, _d(PLACEMENT), _opt("--dist-timeout", "--dist_timeout", help="seconds before a stuck collective fails the job")] = 600.0,
+    attention: Annotated[str, _d(PLACEMENT), _opt("--attention", help="attention kernel: auto (FlashAttention-3 on Hopper, then cuDNN, FlashAttention-2, SDPA: the first that runs here), sdpa, flash2, flash3 or cudnn (refused in one line where it cannot run)")] = "auto",
     compile: Annotated[bool, _d(PLACEMENT), _opt("--compile", help="torch.compile the DiT block once, reused by every block of every expert (the first step pays the compile)")] = False,
     vae_parallel: Annotated[str, _d(PLACEMENT), _opt("--vae-parallel", "--vae_parallel", help="auto: split the VAE decode by rows over every rank of a generation (equal to one rank); off: the output rank decodes alone")] = "auto",
     lora: Annotated[Optional[list[str]], _d(MODEL), _opt("--lora", help="FILE[:SCALE] LoRA merged into every expert at load time (repeatable; scale 1 by default)")] = None,

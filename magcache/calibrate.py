@@ -45,18 +45,35 @@ class CalibrationRecord:
 
 
 class CalibrationRecorder:
-    """A block cache that never skips and records the ratio statistics of every forward."""
+    """A block cache that never skips and records the ratio statistics of every forward.
+
+    The per-forward token sums stay on the device (and go through `reduce_sum` there); they are
+    brought to the host together, with one sync, the first time `records` is read, so calibrating
+    never drains the GPU queue between forwards.
+    """
 
     def __init__(self, reduce_sum: ReduceSum | None = None) -> None:
         self.reduce_sum = reduce_sum
-        self._residual: list[Tensor | None] = [None, None]
-        self.records: list[CalibrationRecord] = []
-        self.decisions: list[Decision] = []
+        self.reset()
 
     def reset(self) -> None:
-        self._residual = [None, None]
-        self.records = []
-        self.decisions = []
+        self._residual: list[Tensor | None] = [None, None]
+        self._records: list[CalibrationRecord] = []
+        #: (index, expert, valid, [sum d, sum d^2, n, sum cos] on the device) not yet read back
+        self._pending: list[tuple[int, str, Any, Tensor]] = []
+        self.decisions: list[Decision] = []
+
+    @property
+    def records(self) -> list[CalibrationRecord]:
+        if self._pending:
+            sums = torch.stack([p[3] for p in self._pending]).tolist()  # the one host sync
+            for (index, expert, valid, _), row in zip(self._pending, sums):
+                ratio, std, cos_dist, tokens = _statistics(row, valid, index)
+                self._records.append(CalibrationRecord(index=index, step=index // 2, branch=branch_of(index),
+                                                       expert=expert, ratio=ratio, std=std,
+                                                       cos_dist=cos_dist, tokens=tokens))
+            self._pending = []
+        return self._records
 
     def forward(
         self,
@@ -72,16 +89,15 @@ class CalibrationRecorder:
         b = index % 2
         previous = self._residual[b]
         if previous is not None:  # like upstream, the cache spans both experts
-            ratio, std, cos_dist, tokens = self._statistics(residual, previous, valid)
-            self.records.append(CalibrationRecord(index=index, step=index // 2, branch=branch_of(index),
-                                                  expert=expert, ratio=ratio, std=std,
-                                                  cos_dist=cos_dist, tokens=tokens))
+            self._pending.append((index, expert, valid if not isinstance(valid, Tensor) else "mask",
+                                  self._sums(residual, previous, valid)))
         self._residual[b] = residual
         self.decisions.append(Decision(index=index, step=index // 2, branch=branch_of(index),
                                        expert=expert, retained=False, skip=False))
         return out
 
-    def _statistics(self, cur: Tensor, prev: Tensor, valid: int | Tensor | None) -> tuple[float, float, float, int]:
+    def _sums(self, cur: Tensor, prev: Tensor, valid: int | Tensor | None) -> Tensor:
+        """[sum (ratio - 1), sum (ratio - 1)^2, valid tokens, sum cos distance] over the whole group, on the device."""
         dtype = torch.promote_types(cur.dtype, torch.float32)  # bf16 residuals: norms in float32
         cur, prev = cur.to(dtype), prev.to(dtype)
         ratio = torch.linalg.vector_norm(cur, dim=-1) / torch.linalg.vector_norm(prev, dim=-1)
@@ -93,13 +109,16 @@ class CalibrationRecorder:
         d = torch.where(mask, ratio.double() - 1, zero)
         cos = torch.where(mask, cos_dist.double(), zero)
         sums = torch.stack([d.sum(), (d * d).sum(), mask.sum(dtype=torch.float64), cos.sum()])
-        if self.reduce_sum is not None:
-            sums = self.reduce_sum(sums)
-        s_d, s_dd, n, s_cos = sums.tolist()
-        if n < 1:
-            raise ValueError(f"no valid tokens to calibrate on at forward; check the valid-token count {valid!r}")
-        var = (s_dd - s_d * s_d / n) / (n - 1) if n > 1 else 0.0
-        return 1 + s_d / n, math.sqrt(max(var, 0.0)), s_cos / n, int(n)
+        return self.reduce_sum(sums) if self.reduce_sum is not None else sums
+
+
+def _statistics(row: Sequence[float], valid: Any, index: int) -> tuple[float, float, float, int]:
+    """(mean ratio, its std, mean cosine distance, tokens) from one forward's group-wide sums."""
+    s_d, s_dd, n, s_cos = row
+    if n < 1:
+        raise ValueError(f"no valid tokens to calibrate on at forward {index}; check the valid-token count {valid!r}")
+    var = (s_dd - s_d * s_d / n) / (n - 1) if n > 1 else 0.0
+    return 1 + s_d / n, math.sqrt(max(var, 0.0)), s_cos / n, int(n)
 
 
 def _token_mask(valid: int | Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:

@@ -1,4 +1,4 @@
-"""The process group a rank joins, its device, and a teardown that never aborts.
+"""The process group a rank joins, its device, and a teardown that never hangs and never aborts the process.
 
 How the process was launched (torchrun, srun, single) is read by `parallel.launch`; a world of
 one never creates a process group, so the single-process path needs no torch.distributed.
@@ -42,6 +42,13 @@ def _pick_device(env: LaunchEnv, preference: DevicePreference) -> torch.device:
     return torch.device("cuda", env.local_rank % count)
 
 
+def bind_device(device: torch.device, *, set_device: Callable[[torch.device], None] | None = None) -> None:
+    """Make `device` this process's current CUDA device (no-op off CUDA): without it a process told
+    to use cuda:N still creates a stray context on cuda:0 with its first default-device call."""
+    if device.type == "cuda":
+        (set_device or torch.cuda.set_device)(device)
+
+
 def _init_method(env: LaunchEnv) -> str:
     if env.kind == "torchrun":
         return "env://"  # lets torchrun hand over its own TCPStore instead of opening a second one
@@ -70,6 +77,8 @@ class DistContext:
     _groups: list[weakref.ref] = field(default_factory=list, repr=False)
     _releasers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _closed: bool = field(default=False, repr=False)
+    #: how the groups ended: "destroy" (clean exit), "abort" (after a failure), None (still open / one process)
+    ended_by: str | None = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:
@@ -121,7 +130,8 @@ class DistContext:
         TensorImpl::decref_pyobject -> take_gil -> PyThread_exit_thread).
 
         Fix: (1) on a clean exit, one CPU all-reduce as a barrier, so no rank closes its sockets
-        while a peer still needs them; (2) destroy_process_group; (3) drop every reference this
+        while a peer still needs them; (2) destroy_process_group (after a failure: abort every
+        group, which never waits for a peer that may be dead); (3) drop every reference this
         context and the meshes it adopted hold, and collect, so each ProcessGroupGloo destructor
         runs now, while the interpreter is alive: it waits for its queue and joins its workers
         without holding the GIL, and they finish freeing their last Work normally.
@@ -143,7 +153,16 @@ class DistContext:
                 dist.all_reduce(torch.zeros(1), group=self.cpu_group)
         finally:
             if dist.is_initialized():
-                dist.destroy_process_group()
+                # After a failure a peer may be gone: a graceful NCCL destroy can wait on it forever
+                # (ncclCommDestroy flushes work the dead peer never matches). Abort every group
+                # instead, NCCL and gloo alike, so a survivor exits within --dist-timeout.
+                self.ended_by = "destroy" if clean else "abort"
+                if clean:
+                    dist.destroy_process_group()
+                else:
+                    from torch.distributed.distributed_c10d import _abort_process_group
+
+                    _abort_process_group()
             for release in reversed(self._releasers):
                 release()
             self._releasers.clear()
@@ -272,7 +291,7 @@ def init_distributed(
     if dist.is_initialized():
         raise LaunchError("torch.distributed is already initialized; call init_distributed once per process")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        bind_device(device)
         nccl_failure_settings()
         backend = "cpu:gloo,cuda:nccl"
     else:

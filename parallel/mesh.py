@@ -1,24 +1,38 @@
-"""The one place that turns degrees (dp, cfg, sp) into a DeviceMesh, groups and coordinates.
+"""The one place that turns degrees (dp, cfg, ring, ulysses) into process groups and coordinates.
 
-Nothing else in the project computes ranks: callers ask `ParallelMesh` for the sp group, the
-cfg group or this rank's cfg half. Rank order is dp-major, sp-minor, so the ranks of one
-sequence group are neighbours. Inside it (ring x Ulysses) the order is ring-major, Ulysses-minor:
-a Ulysses group is consecutive ranks (one node, fastest links, all-to-all) and a ring group strides
-over them (across nodes, where point-to-point to one neighbour suits the slower link).
+Nothing else in the project computes ranks or checks degrees: callers ask `ParallelMesh` for the
+sp group, the cfg group or this rank's cfg half. The layout is one row-major (dp, cfg, ring,
+ulysses) grid: a Ulysses group is consecutive ranks (one node, fastest links, all-to-all), a ring
+group strides over them (across nodes, point-to-point to one neighbour), and the ranks of one
+video are neighbours. Two flattened dims are named as well (torchtitan / diffusers 0.42 style):
+`sp` = ring x ulysses (the sequence group: attention, the FSDP shards, the MagCache agreement) and
+`replica` = cfg x sp (every rank of one video: the split VAE decode).
+
+Every group is built by enumeration with an explicit backend (`new_subgroups_by_enumeration`,
+"nccl" on CUDA, "gloo" on the CPU) and wrapped as a DeviceMesh (`DeviceMesh.from_group`). So the
+CUDA path is the very code the CPU tests run on gloo, and nothing goes through `split_group` on
+the mixed "cpu:gloo,cuda:nccl" world group (which splits gloo with NCCL's options).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
+import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 if TYPE_CHECKING:
     from parallel.dist import DistContext
 
-DimName = Literal["dp", "cfg", "sp"]
-DIM_NAMES: tuple[DimName, ...] = ("dp", "cfg", "sp")
+#: the grid's axes, slowest first
+AXES: tuple[str, ...] = ("dp", "cfg", "ring", "ulysses")
+#: flattened dims: name -> the axes it spans
+FLAT: dict[str, tuple[str, ...]] = {"sp": ("ring", "ulysses"), "replica": ("cfg", "ring", "ulysses")}
+DimName = Literal["dp", "cfg", "ring", "ulysses", "sp", "replica"]
+DIM_NAMES: tuple[str, ...] = ("dp", "cfg", "sp")
 
 
 class ParallelConfigError(ValueError):
@@ -32,15 +46,32 @@ def _divisors(n: int) -> list[int]:
 def check_heads(num_heads: int, sp: int) -> None:
     """Ulysses gives each rank num_heads/sp whole heads, so sp must divide the head count."""
     if sp < 1:
-        raise ParallelConfigError(f"ulysses size must be >= 1, got {sp}")
+        raise ParallelConfigError(f"--ulysses_size must be >= 1, got {sp}")
     if num_heads % sp:
-        raise ParallelConfigError(f"ulysses size {sp} does not divide the {num_heads} attention heads; "
+        raise ParallelConfigError(f"--ulysses_size {sp} does not divide the {num_heads} attention heads; "
                                   f"use one of {_divisors(num_heads)}")
+
+
+def enumerated_group(partition: list[list[int]], backend: str, timeout: timedelta | None = None) -> dist.ProcessGroup:
+    """This rank's group of `partition`, every group of it built with `backend` (collective: all ranks
+    call it with the same partition, in the same order)."""
+    group, _ = dist.new_subgroups_by_enumeration(partition, timeout=timeout, backend=backend)
+    return group
+
+
+def one_dim_mesh(group: dist.ProcessGroup, device_type: str, name: str) -> DeviceMesh:
+    """A 1-D DeviceMesh over an existing group (no group is created)."""
+    return DeviceMesh.from_group(group, device_type, mesh_dim_names=(name,))
+
+
+def compute_backend(device: torch.device) -> str:
+    """The backend of a mesh's groups on this device (explicit: never the mixed world group's split)."""
+    return "gloo" if device.type == "cpu" else "nccl"
 
 
 @dataclass(frozen=True, slots=True)
 class ParallelDims:
-    """Degrees of the three mesh dims; world = dp * cfg * sp. Pure data, checked on creation."""
+    """Degrees of the grid: world = dp * cfg * sp, sp = ring * ulysses. Pure data, checked on creation."""
 
     #: data-parallel replicas (independent prompts/seeds)
     dp: int
@@ -73,35 +104,69 @@ class ParallelDims:
         return self.sp // self.ring
 
     @classmethod
-    def from_world(cls, world_size: int, *, sp: int = 1, cfg: int = 1, ring: int = 1) -> ParallelDims:
-        """Whatever the sequence group (ring x `sp`, `sp` being the Ulysses degree) and cfg leave over becomes dp."""
+    def from_world(cls, world_size: int, *, ulysses: int = 1, cfg: int = 1, ring: int = 1,
+                   num_heads: int | None = None) -> ParallelDims:
+        """Whatever one video's ranks (cfg x ring x ulysses) leave over becomes dp; every degree rule
+        of the launcher's flags is checked here, with the flag to change in the one-line message."""
         if not isinstance(world_size, int) or world_size < 1:
             raise ParallelConfigError(f"world size must be an integer >= 1, got {world_size!r}")
-        if sp < 1:
-            raise ParallelConfigError(f"ulysses size must be >= 1, got {sp}")
+        if num_heads is not None:
+            check_heads(num_heads, ulysses)
+        if ulysses < 1:
+            raise ParallelConfigError(f"--ulysses_size must be >= 1, got {ulysses}")
         if ring < 1:
-            raise ParallelConfigError(f"ring size must be >= 1, got {ring}")
+            raise ParallelConfigError(f"--ring_size must be >= 1, got {ring}")
         if cfg not in (1, 2):
             raise ParallelConfigError(f"cfg degree must be 1 or 2 (cond/uncond halves), got {cfg}")
-        per = ring * sp * cfg
+        if cfg == 2 and world_size < 2:
+            raise ParallelConfigError("--cfg-parallel needs an even number of ranks (>= 2): launch with torchrun or srun")
+        per = ring * ulysses * cfg
         if world_size % per:
-            ring_part = f"ring size {ring} x " if ring > 1 else ""
-            raise ParallelConfigError(f"{world_size} ranks are not divisible by {ring_part}ulysses size {sp} x cfg {cfg} = "
-                                      f"{per}; launch a multiple of {per} ranks or change "
-                                      f"{'--ring_size/' if ring > 1 else ''}--ulysses_size/--cfg-parallel")
-        return cls(dp=world_size // per, cfg=cfg, sp=ring * sp, world_size=world_size, ring=ring)
+            ring_part = f"--ring_size {ring} x " if ring > 1 else ""
+            raise ParallelConfigError(
+                f"{ring_part}--ulysses_size {ulysses} x config {cfg} = {per} ranks per video, but "
+                f"{world_size} were launched; launch a multiple of {per} ranks or change "
+                f"{'--ring_size/' if ring > 1 else ''}--ulysses_size/--cfg-parallel")
+        return cls(dp=world_size // per, cfg=cfg, sp=ring * ulysses, world_size=world_size, ring=ring)
 
-    def degree(self, name: DimName) -> int:
-        return {"dp": self.dp, "cfg": self.cfg, "sp": self.sp}[name]
+    def degree(self, name: str) -> int:
+        """Size of an axis or of a flattened dim."""
+        axes = {"dp": self.dp, "cfg": self.cfg, "ring": self.ring, "ulysses": self.ulysses}
+        if name in axes:
+            return axes[name]
+        if name in FLAT:
+            return math.prod(axes[a] for a in FLAT[name])
+        raise KeyError(f"no mesh dim {name!r}; the dims are {AXES + tuple(FLAT)}")
+
+    def grid(self) -> torch.Tensor:
+        """Global ranks laid out as the (dp, cfg, ring, ulysses) grid, row-major."""
+        return torch.arange(self.world_size).reshape(*(self.degree(a) for a in AXES))
+
+    def axes_of(self, name: str) -> tuple[str, ...]:
+        return FLAT.get(name, (name,))
+
+    def partition(self, name: str) -> list[list[int]]:
+        """Every group along a dim (an axis or a flattened dim): the ranks that differ only along it."""
+        spanned = self.axes_of(name)
+        if any(a not in AXES for a in spanned):
+            raise KeyError(f"no mesh dim {name!r}; the dims are {AXES + tuple(FLAT)}")
+        others = [i for i, a in enumerate(AXES) if a not in spanned]
+        inner = [AXES.index(a) for a in spanned]
+        return self.grid().permute(*others, *inner).reshape(-1, self.degree(name)).tolist()
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """This rank's index along every axis and flattened dim."""
+        coords = dict(zip(AXES, (int(c) for c in (self.grid() == rank).nonzero()[0])))
+        for name, spanned in FLAT.items():
+            index = 0
+            for a in spanned:
+                index = index * self.degree(a) + coords[a]
+            coords[name] = index
+        return coords
 
     def sequence_groups(self) -> tuple[list[list[int]], list[list[int]]]:
-        """Global ranks of every (Ulysses groups, ring groups) of the world, ring-major inside each sp group."""
-        u, r = self.ulysses, self.ring
-        ulysses, ring = [], []
-        for base in range(0, self.world_size, self.sp):
-            ulysses += [[base + i * u + j for j in range(u)] for i in range(r)]
-            ring += [[base + i * u + j for i in range(r)] for j in range(u)]
-        return ulysses, ring
+        """Global ranks of every (Ulysses groups, ring groups) of the world."""
+        return self.partition("ulysses"), self.partition("ring")
 
     def build(self, ctx: DistContext) -> ParallelMesh:
         """Create the groups (collective: every rank calls it, in the same order)."""
@@ -112,93 +177,72 @@ class ParallelDims:
 
 
 class ParallelMesh:
-    """Groups and coordinates of this rank, backed by one DeviceMesh over the dims larger than 1.
+    """Groups and coordinates of this rank: one DeviceMesh over the axes larger than 1, and 1-D
+    meshes for the flattened `sp` and `replica` dims, every group built by enumeration.
 
-    Dims of size 1 are left out of the DeviceMesh (no idle gloo threads, no connections); for
-    them `group()` is None, `coordinate()` is 0, and every parallel/ function treats a None group
-    as "one rank": plain computation, no collective.
+    Dims of size 1 get no group (no idle gloo threads, no communicators): `group()` is None,
+    `coordinate()` is 0, and every parallel/ function treats a None group as "one rank".
+    A flattened dim that spans one non-trivial axis is that axis' group, not a second one.
+    On CUDA each dim the host reads CPU values over (sp, cfg) also gets a gloo twin, and FSDP gets
+    its own communicator over the sp ranks (`fsdp_mesh`), so its all-gathers never queue behind
+    Ulysses' all-to-alls on one NCCL stream.
     """
 
     def __init__(self, dims: ParallelDims, ctx: DistContext) -> None:
         self.dims = dims
         self.rank = ctx.rank
-        self._names = tuple(n for n in DIM_NAMES if dims.degree(n) > 1)
-        self._mesh: DeviceMesh | None = None
-        self._cpu_mesh: DeviceMesh | None = None
-        self._coords = {n: 0 for n in DIM_NAMES}
+        self.backend = compute_backend(ctx.device)
+        self._device_type = ctx.device.type
+        self._ctx = ctx
+        self._coords = dims.coordinates(ctx.rank) if ctx.is_distributed else {n: 0 for n in (*AXES, *FLAT)}
         self._released = False
-        self._replica: dist.ProcessGroup | None = None
-        self._ulysses: dist.ProcessGroup | None = None
-        self._ring: dist.ProcessGroup | None = None
-        if not ctx.is_distributed or not self._names:
+        self._groups: dict[str, dist.ProcessGroup] = {}
+        self._cpu_groups: dict[str, dist.ProcessGroup] = {}
+        self._meshes: dict[str, DeviceMesh] = {}
+        self._mesh: DeviceMesh | None = None
+        self._fsdp: DeviceMesh | None = None
+        if not ctx.is_distributed:
             return
-        shape = tuple(dims.degree(n) for n in self._names)
-        self._mesh = init_device_mesh(ctx.device.type, shape, mesh_dim_names=self._names)
-        if ctx.device.type == "cpu":
-            self._cpu_mesh = self._mesh  # already gloo: its groups carry CPU tensors
-        else:
-            # Explicit gloo twins: on CUDA the mesh may split NCCL communicators, which carry no
-            # CPU tensors; the MagCache decision is agreed on these.
-            self._cpu_mesh = init_device_mesh("cpu", shape, mesh_dim_names=self._names,
-                                              backend_override={n: "gloo" for n in self._names})
-        for n in self._names:
-            self._coords[n] = self._mesh.get_local_rank(n)
-        self._replica = self._replica_group(ctx)
-        self._ulysses, self._ring = self._sequence_subgroups(ctx)
-        extra = [g for g in (self._ulysses, self._ring) if g is not None and g is not self.group("sp")]
-        ctx.adopt([*self._all_groups(), self._replica, *extra], release=self.release)
+        axes = [a for a in AXES if dims.degree(a) > 1]
+        for a in axes:
+            self._groups[a] = self._enumerate(a, self.backend)
+        for name, spanned in FLAT.items():
+            live = [a for a in spanned if dims.degree(a) > 1]
+            if len(live) == 1:
+                self._groups[name] = self._groups[live[0]]
+            elif live:
+                self._groups[name] = self._enumerate(name, self.backend)
+        for name in ("cfg", "sp"):
+            if name in self._groups:
+                self._cpu_groups[name] = (self._groups[name] if self.backend == "gloo"
+                                          else self._enumerate(name, "gloo"))
+        if axes:
+            layout = dims.grid().reshape(*(dims.degree(a) for a in axes))
+            self._mesh = DeviceMesh.from_group([self._groups[a] for a in axes], self._device_type,
+                                               mesh=layout, mesh_dim_names=tuple(axes))
+        for name in FLAT:
+            if name in self._groups:
+                self._meshes[name] = one_dim_mesh(self._groups[name], self._device_type, name)
+        ctx.adopt([*self._groups.values(), *self._cpu_groups.values()], release=self.release)
 
-    def _sequence_subgroups(self, ctx: DistContext) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
-        """(Ulysses group, ring group) of this rank on the compute backend; None where the degree is 1.
+    def _enumerate(self, name: str, backend: str) -> dist.ProcessGroup:
+        """Every group along `name` (collective: all ranks build all of them, in the same order); this rank's."""
+        return enumerated_group(self.dims.partition(name), backend, self._ctx.timeout)
 
-        With one of the two degrees 1 the other is the whole sp group; only ring x Ulysses > 1 x > 1
-        builds new groups (collective: every rank builds every one).
-        """
-        d = self.dims
-        sp = self.group("sp")
-        if d.ring == 1:
-            return sp, None
-        if d.ulysses == 1:
-            return None, sp
-        backend = "gloo" if ctx.device.type == "cpu" else None
-        ulysses_ranks, ring_ranks = d.sequence_groups()
-        ulysses, _ = dist.new_subgroups_by_enumeration(ulysses_ranks, backend=backend)
-        ring, _ = dist.new_subgroups_by_enumeration(ring_ranks, backend=backend)
-        return ulysses, ring
-
-    def _replica_group(self, ctx: DistContext) -> dist.ProcessGroup | None:
-        """cfg x sp ranks of this dp replica on the compute backend (collective: every rank builds every one).
-
-        Only built when both dims exceed 1; otherwise the replica is the one non-trivial dim's group.
-        """
-        d = self.dims
-        if d.cfg == 1 or d.sp == 1:
-            return None
-        per = d.cfg * d.sp
-        group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(r * per, (r + 1) * per)) for r in range(d.dp)],
-            backend="gloo" if ctx.device.type == "cpu" else None)
-        return group
-
-    def _all_groups(self) -> list[dist.ProcessGroup]:
-        meshes = [self._mesh] if self._cpu_mesh is self._mesh else [self._mesh, self._cpu_mesh]
-        return [m.get_group(n) for m in meshes if m is not None for n in self._names]
-
-    def _live(self, mesh: DeviceMesh | None) -> DeviceMesh | None:
+    def _live(self) -> None:
         if self._released:
             raise RuntimeError("ParallelMesh used after DistContext.shutdown(); keep parallel work inside the context")
-        return mesh
 
     def release(self) -> None:
-        """Drop the meshes (called by DistContext.shutdown) so their process groups can be freed."""
-        self._mesh = None
-        self._cpu_mesh = None
-        self._replica = None
-        self._ulysses = self._ring = None
+        """Drop the meshes and groups (called by DistContext.shutdown) so the process groups can be freed."""
+        self._groups.clear()
+        self._cpu_groups.clear()
+        self._meshes.clear()
+        self._mesh = self._fsdp = None
         self._released = True
 
     # ---- coordinates
-    def coordinate(self, name: DimName) -> int:
+    def coordinate(self, name: str) -> int:
         """This rank's index along a dim (0 on a dim of size 1)."""
         return self._coords[name]
 
@@ -215,21 +259,49 @@ class ParallelMesh:
     def sp_rank(self) -> int:
         return self._coords["sp"]
 
-    # ---- groups
-    def submesh(self, name: DimName) -> DeviceMesh | None:
-        """1-D DeviceMesh along a dim (for FSDP over sp); None when that dim has size 1."""
-        mesh = self._live(self._mesh)
-        return mesh[name] if mesh is not None and name in self._names else None
+    @property
+    def replica_rank(self) -> int:
+        """This rank's index in `replica_group` (cfg-major, sp-minor)."""
+        return self._coords["replica"]
 
-    def group(self, name: DimName) -> dist.ProcessGroup | None:
+    # ---- meshes and groups
+    @property
+    def device_mesh(self) -> DeviceMesh | None:
+        """The (dp, cfg, ring, ulysses) DeviceMesh over the axes larger than 1; None: one rank."""
+        self._live()
+        return self._mesh
+
+    def submesh(self, name: str) -> DeviceMesh | None:
+        """1-D DeviceMesh along an axis or flattened dim; None when it has size 1."""
+        self._live()
+        if name in self._meshes:
+            return self._meshes[name]
+        mesh = self._mesh
+        return mesh[name] if mesh is not None and name in (mesh.mesh_dim_names or ()) else None
+
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """A 1-D mesh over the sp ranks on a communicator of its own (collective on first call:
+        every rank calls it, in the same order); None when sp is 1."""
+        self._live()
+        if "sp" not in self._groups:
+            return None
+        if self._fsdp is None:
+            group = self._enumerate("sp", self.backend)
+            self._ctx.adopt([group])
+            self._fsdp = one_dim_mesh(group, self._device_type, "sp")
+        return self._fsdp
+
+    def group(self, name: str) -> dist.ProcessGroup | None:
         """The group along a dim on the compute device's backend; None when that dim has size 1."""
-        mesh = self._live(self._mesh)
-        return mesh.get_group(name) if mesh is not None and name in self._names else None
+        self._live()
+        return self._groups.get(name)
 
-    def cpu_group(self, name: DimName) -> dist.ProcessGroup | None:
-        """The gloo twin of `group(name)`, for CPU values (the same group on CPU runs)."""
-        mesh = self._live(self._cpu_mesh)
-        return mesh.get_group(name) if mesh is not None and name in self._names else None
+    def cpu_group(self, name: str) -> dist.ProcessGroup | None:
+        """The gloo twin of `group(name)` for CPU values (sp and cfg; the same group on CPU runs)."""
+        self._live()
+        if name not in ("cfg", "sp"):
+            raise KeyError(f"no CPU twin for dim {name!r}; CPU values are exchanged over sp and cfg")
+        return self._cpu_groups.get(name)
 
     @property
     def sp_group(self) -> dist.ProcessGroup | None:
@@ -238,14 +310,12 @@ class ParallelMesh:
     @property
     def ulysses_group(self) -> dist.ProcessGroup | None:
         """The Ulysses (all-to-all) part of the sequence group: consecutive ranks; None when its degree is 1."""
-        self._live(self._mesh)
-        return self._ulysses
+        return self.group("ulysses")
 
     @property
     def ring_group(self) -> dist.ProcessGroup | None:
         """The ring (point-to-point) part of the sequence group, strided over it; None when the ring is 1."""
-        self._live(self._mesh)
-        return self._ring
+        return self.group("ring")
 
     @property
     def cfg_group(self) -> dist.ProcessGroup | None:
@@ -258,16 +328,7 @@ class ParallelMesh:
     @property
     def replica_group(self) -> dist.ProcessGroup | None:
         """Every rank of this dp replica (cfg x sp, the ranks that make one video); None: one rank."""
-        self._live(self._mesh)
-        if self.dims.cfg > 1 and self.dims.sp > 1:
-            return self._replica
-        cfg = self.group("cfg")
-        return cfg if cfg is not None else self.group("sp")
-
-    @property
-    def replica_rank(self) -> int:
-        """This rank's index in `replica_group` (rank order is dp-major, sp-minor)."""
-        return self.cfg_rank * self.dims.sp + self.sp_rank
+        return self.group("replica")
 
     @property
     def branch_group(self) -> dist.ProcessGroup | None:
@@ -285,5 +346,5 @@ class ParallelMesh:
 
     def __repr__(self) -> str:
         d = self.dims
-        return (f"ParallelMesh(dp={d.dp}, cfg={d.cfg}, sp={d.sp} (ring {d.ring}), rank={self.rank}, "
-                f"coords=(dp={self.dp_rank}, cfg={self.cfg_rank}, sp={self.sp_rank}))")
+        return (f"ParallelMesh(dp={d.dp}, cfg={d.cfg}, sp={d.sp} (ring {d.ring} x ulysses {d.ulysses}), "
+                f"rank={self.rank}, coords=(dp={self.dp_rank}, cfg={self.cfg_rank}, sp={self.sp_rank}))")

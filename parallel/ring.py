@@ -31,39 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.attention import attend, attend_with_lse, check_self_attention
 from parallel.mesh import check_heads
-from parallel.ulysses import (
-    AttentionBackend,
-    _attend,
-    _flash_attn,
-    gather_heads,
-    group_size,
-    scatter_heads,
-)
-
-
-def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, backend: AttentionBackend = "auto") -> tuple[Tensor, Tensor]:
-    """Non-causal attention of [B, Sq, h, D] over [B, Sk, h, D] and its log-sum-exp [B, h, Sq] (float32).
-
-    SDPA does not return the LSE, so this calls the kernels underneath it that do: on CPU the
-    same flash kernel SDPA runs (identical output), on CUDA flash-attn (half dtypes) or torch's
-    flash / memory-efficient kernels.
-    """
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))                     # [B, h, S, D]
-    if not q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
-        return out.transpose(1, 2), lse.float()
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if half and backend != "sdpa":
-        flash = _flash_attn()
-        if flash is not None:
-            out, lse, _ = flash(q, k, v, return_attn_probs=True)
-            return out, lse.float()
-    if half:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)
-        return res[0].transpose(1, 2), res[1].float()
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)
-    return res[0].transpose(1, 2), res[1][..., : q.shape[1]].float()        # the LSE may be padded on Sq
+from parallel.ulysses import gather_heads, group_size, scatter_heads
 
 
 def merge_partial(acc: tuple[Tensor, Tensor] | None, part: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -85,24 +55,19 @@ def block_valid(block: int, block_len: int, valid_len: int) -> int:
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *,
-                   valid_len: int | None, backend: AttentionBackend = "auto") -> Tensor:
+                   valid_len: int | None, kernel: str = "sdpa") -> Tensor:
     """Self-attention over the ring group's whole sequence; q, k, v, out are this rank's block [B, S/R, h, D].
 
     Block r holds positions r*S/R ... (r+1)*S/R - 1; `valid_len` is the unpadded global length.
     Per call each rank sends R-1 k/v blocks to its next neighbour and receives R-1 from the
-    previous one (2 * (R-1) * B * S/R * h * D elements).
+    previous one (2 * (R-1) * B * S/R * h * D elements). Every block is attended to with `kernel`
+    (a name `parallel.attention.resolve` returned), whose LSE merges the blocks.
     """
     n = group_size(group)
     s_blk = q.shape[1]
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have one shape for self-attention, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    seq = s_blk * n
-    keep = seq if valid_len is None else valid_len
-    if not 0 < keep <= seq:
-        raise ValueError(f"valid_len {valid_len} must be in 1..{seq} (the padded sequence length)")
+    keep = check_self_attention(q, k, v, valid_len, s_blk * n)
     if n == 1:
-        return _attend(q, k[:, :keep], v[:, :keep], backend)
+        return attend(q, k[:, :keep], v[:, :keep], kernel)
     me = dist.get_rank(group)
     nxt, prv = dist.get_global_rank(group, (me + 1) % n), dist.get_global_rank(group, (me - 1) % n)
     kv = torch.stack([k, v]).contiguous()                                   # one message per hop
@@ -115,7 +80,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
                                            dist.P2POp(dist.irecv, incoming, prv, group)])
         valid = block_valid((me - step) % n, s_blk, keep)
         if valid:
-            acc = merge_partial(acc, attend_with_lse(q, kv[0, :, :valid], kv[1, :, :valid], backend))
+            acc = merge_partial(acc, attend_with_lse(q, kv[0, :, :valid], kv[1, :, :valid], kernel))
         for req in reqs:
             req.wait()
         if reqs:
@@ -126,7 +91,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
 
 def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group: dist.ProcessGroup | None,
                   ring_group: dist.ProcessGroup | None, *, valid_len: int | None,
-                  backend: AttentionBackend = "auto") -> Tensor:
+                  kernel: str = "sdpa") -> Tensor:
     """Ring x Ulysses self-attention; q, k, v, out are [B, S/(R*U), H, D] local (R*U ranks, ring outer).
 
     This rank's shard index in the sequence group must be ring_rank * U + ulysses_rank, which is
@@ -136,5 +101,5 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, ulysses_group: dist.ProcessGr
     check_heads(q.shape[2], u)
     if u > 1:
         q, k, v = scatter_heads(q, k, v, ulysses_group)                     # [B, S/R, H/U, D]
-    out = ring_attention(q, k, v, ring_group, valid_len=valid_len, backend=backend)
+    out = ring_attention(q, k, v, ring_group, valid_len=valid_len, kernel=kernel)
     return gather_heads(out, ulysses_group) if u > 1 else out

@@ -7,19 +7,13 @@ the result equals the unpadded single-rank attention.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from yunchang.comm.all_to_all import SeqAllToAll4D
 
+from parallel.attention import attend, check_self_attention
 from parallel.mesh import check_heads
-
-AttentionBackend = Literal["sdpa", "flash", "auto"]
-
 
 def group_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -62,28 +56,6 @@ def gather_sequence(local: Tensor, dim: int, group: dist.ProcessGroup | None, va
     return full.narrow(dim, 0, valid_len)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, backend: AttentionBackend) -> Tensor:
-    """[B, Sq, h, D] x [B, Sk, h, D] -> [B, Sq, h, D], non-causal."""
-    if backend == "flash" or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-        flash = _flash_attn()
-        if flash is not None:
-            return flash(q, k, v)
-        if backend == "flash":
-            raise RuntimeError("attention backend 'flash' needs CUDA tensors in fp16/bf16 and the flash-attn "
-                               "package; install it (pip install '.[gpu]') or use backend='sdpa'")
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-def _flash_attn() -> Callable[..., Tensor] | None:
-    """flash-attn's kernel, imported on first use and only for CUDA tensors (it has no CPU build)."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
-
-
 def _pack_heads(x: Tensor, n: int) -> Tensor:
     """[B, s, 3, H, D] -> [B, s, 3H, D] ordered so each of the n head chunks holds its own q, k, v."""
     b, s, three, h, d = x.shape
@@ -91,26 +63,20 @@ def _pack_heads(x: Tensor, n: int) -> Tensor:
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *,
-                      valid_len: int | None, backend: AttentionBackend = "sdpa") -> Tensor:
+                      valid_len: int | None, kernel: str = "sdpa") -> Tensor:
     """Self-attention over the whole (sharded) sequence; q, k, v, out are [B, S/N, H, D] local.
 
     q, k and v travel in one all-to-all (three times fewer messages than one each). `valid_len`
     is the unpadded global length: keys past it are padding from `split_sequence` and excluded.
+    `kernel`: a name `parallel.attention.resolve` returned.
     """
     n = group_size(group)
-    b, s_local, h, d = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have one shape for self-attention, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    check_heads(h, n)
-    seq = s_local * n
-    keep = seq if valid_len is None else valid_len
-    if not 0 < keep <= seq:
-        raise ValueError(f"valid_len {valid_len} must be in 1..{seq} (the padded sequence length)")
+    keep = check_self_attention(q, k, v, valid_len, q.shape[1] * n)
+    check_heads(q.shape[2], n)
     if n == 1:
-        return _attend(q, k[:, :keep], v[:, :keep], backend)
+        return attend(q, k[:, :keep], v[:, :keep], kernel)
     qf, kf, vf = scatter_heads(q, k, v, group)                          # each [B, S, H/N, D]
-    out = _attend(qf, kf[:, :keep], vf[:, :keep], backend)              # padded queries kept: shapes stay even
+    out = attend(qf, kf[:, :keep], vf[:, :keep], kernel)                # padded queries kept: shapes stay even
     return gather_heads(out, group)                                     # [B, S/N, H, D]
 
 

@@ -1,32 +1,44 @@
 #!/usr/bin/env python
-"""The prepared GPU proof: one command, one GPU, at most ~8 minutes, every step under its own timeout.
+"""The prepared GPU proof: one command, one GPU, steps whose GPU budgets add up to 420 s (7 minutes).
 
-    python scripts/gpu_check.py                 # on a CUDA machine: writes benchmarks/results/gpu-<device>.json
-                                                # and the "GPU check" section of BENCHMARKS.md
-    python scripts/gpu_check.py --rehearse      # on CPU, every step at tiny size (CI runs this): proves
-                                                # the script itself, measures nothing about GPUs
-    python scripts/gpu_check.py --render-only   # BENCHMARKS.md from the stored gpu-*.json
+    python scripts/gpu_check.py --results-dir DIR   # on a CUDA machine: each step's JSON lands in DIR
+                                                    # the moment the step ends (a run cut off at any
+                                                    # point keeps every finished step's figures)
+    python scripts/gpu_check.py --save              # also writes benchmarks/results/gpu-<device>.json and
+                                                    # the "GPU check" section of BENCHMARKS.md (the repo)
+    python scripts/gpu_check.py --rehearse          # on CPU, every step at tiny size (CI runs this): proves
+                                                    # the script itself, measures nothing about GPUs
+    python scripts/gpu_check.py --only S0,S4        # a subset
+    python scripts/gpu_check.py --render-only       # BENCHMARKS.md from the stored gpu-*.json
 
-Steps (each a child process of this script, killed at its timeout; one failing step does not stop
-the others, and the JSON records each step's status, seconds and figures or error):
+Nothing is written into the repository unless --save is given. Steps (each a child process of this
+script, killed at its budget; one failing step does not stop the others; each records its status,
+seconds and figures or error):
 
-- S0 versions, device, flash-attn, NCCL;
+- S0 versions, device, attention kernels importable, NCCL;
 - S1 the noise our CUDA generator draws equals official's draw (`torch.Generator(device)`);
 - S2 CUDA vs CPU float32 on a tiny checkpoint with TF32 off: one DiT forward and 3 CFG steps
   of each task, relative difference <= 1e-5;
 - S3 CLI runs on the tiny checkpoints: the three tasks in the default dtype, and t2v with
-  `--offload_model True`, `--convert_model_dtype`, `--compile`: exit 0, finite latents, and
-  MagCache's skipped forwards equal `plan --json`'s;
+  `--offload_model True`, `--convert_model_dtype`: exit 0, finite latents, MagCache's skipped
+  forwards equal `plan --json`'s, the attention kernel the manifest records;
+- S3c the same t2v CLI run with `--compile` (its own step: a Triton failure loses nothing else);
 - S4 real A14B block dimensions (dim 5120, 40 heads, FFN 13824; 2 blocks, random weights) at the
-  480P and 720P token counts: our blocks vs diffusers' blocks (ms per block, TFLOP/s), the bf16
-  error of each against a float32 copy, eager vs `--compile`;
-- S5 one-rank NCCL + gloo groups, a 2-D mesh (`split_group` on the mixed parent) with its gloo
-  twin, and an FSDP2-loaded model equal to a plainly loaded one;
+  480P and 720P token counts: our blocks (with the kernel `--attention auto` picks) vs diffusers'
+  blocks (ms per block, TFLOP/s, the attention backend of each), the bf16 error of each against a
+  float32 copy; the pinned host bytes of the blocks against their weight bytes;
+- S4c the same blocks under `--compile`: first-call seconds, eager and compiled ms per block at
+  480P and 720P;
+- S5 one-rank NCCL + gloo groups built the way parallel/mesh.py builds every mesh dim (groups by
+  enumeration with an explicit backend, wrapped by `DeviceMesh.from_group`), and an FSDP2-loaded
+  model on such a mesh equal to a plainly loaded one;
 - S6 Wan2.2 VAE decode peak memory at 1280*704 (random weights, real config), and what that means
   next to the ti2v-5B DiT on a 24 GB card with and without `--offload_model`.
 
-Under `--rehearse` the same code runs on the CPU with tiny sizes: figures are recorded as a
-rehearsal and never rendered as GPU figures.
+Adding a step: a function `(args) -> dict` (with "ok") decorated with `@step("S7", "what", gpu_s=..,
+rehearsal_s=..)`; keep the GPU budgets' sum at or under GPU_BUDGET_S (`tests/test_gpu_check.py`
+checks it). Under `--rehearse` the same code runs on the CPU with tiny sizes: figures are recorded
+as a rehearsal and never rendered as GPU figures.
 """
 from __future__ import annotations
 
@@ -39,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +71,29 @@ from benchmarks.common import (  # noqa: E402
 MARKDOWN = ROOT / "BENCHMARKS.md"
 SECTION = "gpu-check"
 STEP_PREFIX = "GPUCHECK "
-#: seconds per step on a GPU (the whole run stays under ~8 minutes); rehearsal gets its own budget
-TIMEOUTS = {"S0": 60, "S1": 30, "S2": 90, "S3": 200, "S4": 200, "S5": 60, "S6": 90}
-REHEARSAL_TIMEOUTS = {"S0": 60, "S1": 60, "S2": 240, "S3": 900, "S4": 300, "S5": 120, "S6": 120}
+#: the whole check on one H100 (a 7-minute slot less margin): the steps' GPU budgets add up to at most this
+GPU_BUDGET_S = 420
+
+
+@dataclass(frozen=True)
+class Step:
+    title: str
+    run: Callable[[argparse.Namespace], dict[str, Any]]
+    #: seconds the step may take on one GPU (its child is killed there)
+    gpu_s: int
+    #: seconds under --rehearse on a CPU (tiny sizes, but CPU inductor builds are slow)
+    rehearsal_s: int
+
+
+STEPS: dict[str, Step] = {}
+
+
+def step(name: str, title: str, *, gpu_s: int, rehearsal_s: int) -> Callable:
+    """Register a step (in run order)."""
+    def register(fn: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable:
+        STEPS[name] = Step(title, fn, gpu_s, rehearsal_s)
+        return fn
+    return register
 TASK_FOLDERS = {"t2v-A14B": ("high_noise_model", "low_noise_model"), "i2v-A14B": ("high_noise_model", "low_noise_model"),
                 "ti2v-5B": (".",)}
 
@@ -99,6 +132,13 @@ def _timed(fn: Callable[[], Any], device, repeat: int = 3) -> tuple[float, Any]:
     return sorted(times)[len(times) // 2], out
 
 
+def _kernel(device) -> str:
+    """The attention kernel `--attention auto` runs for bf16 on `device` (what our blocks use below)."""
+    from parallel.attention import Host, resolve
+
+    return resolve("auto", Host.of(device, _torch().bfloat16))
+
+
 def _rel(a, b) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -123,6 +163,7 @@ def _tiny_checkpoints(root: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------- steps
+@step("S0", "versions and device", gpu_s=20, rehearsal_s=60)
 def step_s0(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.metadata as md
     import importlib.util
@@ -142,7 +183,9 @@ def step_s0(args: argparse.Namespace) -> dict[str, Any]:
         "packages": {p: version(p) for p in ("diffusers", "transformers", "accelerate", "safetensors", "yunchang",
                                              "flash-attn", "flash_attn", "imageio-ffmpeg")},
         "flash_attn_importable": importlib.util.find_spec("flash_attn") is not None,
+        "flash_attn_interface_importable": importlib.util.find_spec("flash_attn_interface") is not None,
         "device": str(device),
+        "attention_auto_bf16": _kernel(device),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -152,6 +195,7 @@ def step_s0(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+@step("S1", "CUDA noise equals official's draw", gpu_s=15, rehearsal_s=60)
 def step_s1(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     from launcher.wan.conditioning import draw_noise
@@ -185,6 +229,7 @@ def _loop(forward, spec, latent0, contexts, mask, z, steps: int = 3, guide: floa
     return latent
 
 
+@step("S2", "CUDA vs CPU float32, TF32 off", gpu_s=50, rehearsal_s=240)
 def step_s2(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     from launcher.checkpoint import inspect_checkpoint
@@ -244,13 +289,14 @@ def _cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 600) ->
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
-def step_s3(args: argparse.Namespace) -> dict[str, Any]:
+def _cli_runs(args: argparse.Namespace, runs: list[tuple[str, list[str]]], folder: str) -> dict[str, Any]:
+    """`generate` on the tiny checkpoints for each (task, extra flags); each run checked against `plan --json`."""
     torch = _torch()
     from safetensors.torch import load_file
 
     device = _device(args.rehearse)
     ckpts = _tiny_checkpoints(Path(args.workdir) / "ckpt")
-    work = Path(args.workdir) / "s3"
+    work = Path(args.workdir) / folder
     work.mkdir(parents=True, exist_ok=True)
     image = work / "first.png"
     from PIL import Image
@@ -259,10 +305,7 @@ def step_s3(args: argparse.Namespace) -> dict[str, Any]:
     # the GPU default is bf16; on the CPU rehearsal bf16 must be asked for (autocast runs there too)
     dtype = [] if device.type == "cuda" else ["--dtype", "bfloat16"]
     magcache = ["--use_magcache", "--magcache_thresh", "0.5", "--sample_steps", "8"]
-    runs = [("t2v-A14B", []), ("i2v-A14B", ["--image", str(image)]), ("ti2v-5B", []),
-            ("t2v-A14B", ["--offload_model", "True"]), ("t2v-A14B", ["--convert_model_dtype"])]
-    if device.type == "cuda":  # the rehearsal leaves it out: a CPU inductor build costs minutes and
-        runs.append(("t2v-A14B", ["--compile"]))  # tests/test_compile.py proves compile on CPU already
+    runs = [(task, [str(image) if f == "{image}" else f for f in extra]) for task, extra in runs]
     results = []
     for task, extra in runs:
         name = f"{task}{''.join(extra).replace('--', '-').replace('/', '_')[:40]}"
@@ -281,12 +324,23 @@ def step_s3(args: argparse.Namespace) -> dict[str, Any]:
             plan = _cli("plan", *common, *extra, "--json")
             planned = json.loads(plan.stdout)["skipped_forwards"] if plan.returncode == 0 else None
             entry.update(finite=bool(torch.isfinite(lat).all()), skipped=manifest["magcache"]["skipped_forwards"],
-                         planned=planned)
+                         planned=planned, attention=manifest["world"].get("attention"))
             entry["ok"] = entry["finite"] and entry["skipped"] == planned
         else:
             entry.update(ok=False, error=proc.stderr.strip().splitlines()[-1:] if proc.stderr else [])
         results.append(entry)
     return {"runs": results, "ok": all(r["ok"] for r in results)}
+
+
+@step("S3", "CLI: three tasks, offload, convert", gpu_s=80, rehearsal_s=900)
+def step_s3(args: argparse.Namespace) -> dict[str, Any]:
+    return _cli_runs(args, [("t2v-A14B", []), ("i2v-A14B", ["--image", "{image}"]), ("ti2v-5B", []),
+                            ("t2v-A14B", ["--offload_model", "True"]), ("t2v-A14B", ["--convert_model_dtype"])], "s3")
+
+
+@step("S3c", "CLI: t2v with --compile", gpu_s=60, rehearsal_s=900)
+def step_s3c(args: argparse.Namespace) -> dict[str, Any]:
+    return _cli_runs(args, [("t2v-A14B", ["--compile", "--dist-timeout", "900"])], "s3c")
 
 
 def _block_config(rehearse: bool) -> dict[str, int]:
@@ -302,103 +356,145 @@ def _block_flops(dim: int, ffn: int, tokens: int, text: int = 512) -> float:
     return float(linear + attention)
 
 
-def step_s4(args: argparse.Namespace) -> dict[str, Any]:
-    torch = _torch()
-    from diffusers import WanTransformer3DModel
+class _Blocks:
+    """S4/S4c's model: two A14B-dimension blocks (random weights), a float32 reference, our blocks
+    with the kernel `--attention auto` picks, diffusers' blocks, and their inputs at 480P / 720P."""
 
-    from launcher.wan.dit import WanDiT, compile_blocks, rope_angles
+    def __init__(self, args: argparse.Namespace) -> None:
+        torch = _torch()
+        from diffusers import WanTransformer3DModel
 
-    device = _device(args.rehearse)
-    cfg = _block_config(args.rehearse)
-    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    torch.manual_seed(0)
-    fp32 = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, **cfg).eval()
-    ours_model = WanTransformer3DModel.from_config(fp32.config).eval()
-    ours_model.load_state_dict(fp32.state_dict())
-    diffusers_model = WanTransformer3DModel.from_config(fp32.config).eval()
-    diffusers_model.load_state_dict(fp32.state_dict())
-    for m in (fp32, ours_model, diffusers_model):
-        m.to(device)
-    ours = WanDiT(ours_model)
-    # 480P / 720P 81-frame token counts of A14B: 21 x 30 x 52 and 21 x 45 x 80 patches
-    grids = {"480P": (21, 30, 52), "720P": (21, 45, 80)} if not args.rehearse else {"tiny": (2, 4, 6)}
-    half = torch.bfloat16
-    results: dict[str, Any] = {"dim": dim, "heads": cfg["num_attention_heads"], "ffn": cfg["ffn_dim"],
-                               "blocks": cfg["num_layers"]}
-    def inputs(grid: tuple[int, int, int]):
+        from launcher.wan.dit import LocalSequence, WanDiT
+
+        self.torch = torch
+        self.device = device = _device(args.rehearse)
+        self.cfg = cfg = _block_config(args.rehearse)
+        self.dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        torch.manual_seed(0)
+        self.fp32 = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256,
+                                          **cfg).eval()
+        self.kernel = _kernel(device)
+        self.ours = WanDiT(self.copy(), LocalSequence(self.kernel))
+        self.fp32.to(device)
+        # 480P / 720P 81-frame token counts of A14B: 21 x 30 x 52 and 21 x 45 x 80 patches
+        self.grids = {"480P": (21, 30, 52), "720P": (21, 45, 80)} if not args.rehearse else {"tiny": (2, 4, 6)}
+        self.half = torch.bfloat16
+
+    def copy(self):
+        from diffusers import WanTransformer3DModel
+
+        m = WanTransformer3DModel.from_config(self.fp32.config).eval()
+        m.load_state_dict(self.fp32.state_dict())
+        return m.to(self.device)
+
+    def inputs(self, grid: tuple[int, int, int]):
+        from launcher.wan.dit import rope_angles
+
+        torch, device, dim = self.torch, self.device, self.dim
         g = torch.Generator(device=device).manual_seed(1)
         tokens = grid[0] * grid[1] * grid[2]
         # bf16-valued tokens and text states, as the autocast patch and text embeddings hand them over
-        x = torch.randn(1, tokens, dim, generator=g, device=device).to(half).float()
-        context = (torch.randn(1, 512, dim, generator=g, device=device) * 0.5).to(half).float()
+        x = torch.randn(1, tokens, dim, generator=g, device=device).to(self.half).float()
+        context = (torch.randn(1, 512, dim, generator=g, device=device) * 0.5).to(self.half).float()
         tproj = torch.randn(1, 6, dim, generator=g, device=device) * 0.1
-        return x, context, tproj, rope_angles(grid, cfg["attention_head_dim"], device=device)
+        return x, context, tproj, rope_angles(grid, self.cfg["attention_head_dim"], device=device)
 
-    def runner(blocks, inp, *, amp: bool = True, rotary=None):
+    def runner(self, blocks, inp, *, amp: bool = True, rotary=None):
         """The blocks one after another on `inp` (our rotary unless diffusers' is given)."""
+        torch = self.torch
         x, context, tproj, rope = inp
 
         def run():
-            with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=amp):
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.half, enabled=amp):
                 h = x
                 for block in blocks:
                     h = block(h, context, tproj, rope if rotary is None else rotary)
                 return h.float()
         return run
 
-    reference_dit = WanDiT(fp32)
-    for label, grid in grids.items():
-        inp = inputs(grid)
+    def ms_per_block(self, seconds: float) -> float:
+        return round(seconds / self.cfg["num_layers"] * 1e3, 3)
+
+
+@step("S4", "A14B block dims: ours vs diffusers, attention kernels, bf16 error, pinned bytes", gpu_s=60,
+      rehearsal_s=300)
+def step_s4(args: argparse.Namespace) -> dict[str, Any]:
+    from launcher.wan.dit import WanDiT
+    from launcher.wan.residency import HostResident, rounded_bytes
+
+    b = _Blocks(args)
+    torch, device, cfg = b.torch, b.device, b.cfg
+    diffusers_model = b.copy()
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    results: dict[str, Any] = {
+        "dim": b.dim, "heads": cfg["num_attention_heads"], "ffn": cfg["ffn_dim"], "blocks": cfg["num_layers"],
+        "attention": {"ours": b.kernel,
+                      "diffusers": str(_AttentionBackendRegistry.get_active_backend()[0].value)},
+    }
+    reference_dit = WanDiT(b.fp32)
+    for label, grid in b.grids.items():
+        inp = b.inputs(grid)
         tokens = inp[0].shape[1]
-        rope_diffusers = ours_model.rope(torch.zeros(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device=device))
-        ref = runner(reference_dit.blocks, inp, amp=False)()
-        ours_s, ours_out = _timed(runner(ours.blocks, inp), device)
+        rope_diffusers = diffusers_model.rope(torch.zeros(1, 16, grid[0], grid[1] * 2, grid[2] * 2, device=device))
+        ref = b.runner(reference_dit.blocks, inp, amp=False)()
+        ours_s, ours_out = _timed(b.runner(b.ours.blocks, inp), device)
         # what diffusers' own forward hands its blocks under autocast: the patch embedding's bf16 output
         # and time projection cast to the text dtype (its policy: residual stream in bf16)
-        as_diffusers = tuple(t.to(half) for t in inp[:3]) + (inp[3],)
-        diff_s, diff_out = _timed(runner(diffusers_model.blocks, as_diffusers, rotary=rope_diffusers), device)
-        flops = _block_flops(dim, cfg["ffn_dim"], tokens) * cfg["num_layers"]
-        entry = {"tokens": tokens,
-                 "ours_ms_per_block": round(ours_s / cfg["num_layers"] * 1e3, 3),
-                 "diffusers_ms_per_block": round(diff_s / cfg["num_layers"] * 1e3, 3),
-                 "ours_tflops": round(flops / ours_s / 1e12, 2), "diffusers_tflops": round(flops / diff_s / 1e12, 2),
-                 "ours_bf16_rel_to_fp32": _rel(ours_out, ref), "diffusers_bf16_rel_to_fp32": _rel(diff_out, ref)}
-        results[label] = entry
+        as_diffusers = tuple(t.to(b.half) for t in inp[:3]) + (inp[3],)
+        diff_s, diff_out = _timed(b.runner(diffusers_model.blocks, as_diffusers, rotary=rope_diffusers), device)
+        flops = _block_flops(b.dim, cfg["ffn_dim"], tokens) * cfg["num_layers"]
+        results[label] = {"tokens": tokens,
+                          "ours_ms_per_block": b.ms_per_block(ours_s), "diffusers_ms_per_block": b.ms_per_block(diff_s),
+                          "ours_tflops": round(flops / ours_s / 1e12, 2), "diffusers_tflops": round(flops / diff_s / 1e12, 2),
+                          "ours_bf16_rel_to_fp32": _rel(ours_out, ref), "diffusers_bf16_rel_to_fp32": _rel(diff_out, ref)}
         del ref
-    # compiled vs eager at the largest size
-    label, grid = list(grids.items())[-1]
-    compiled = WanDiT(WanTransformer3DModel.from_config(fp32.config).eval())
-    compiled.model.load_state_dict(fp32.state_dict())
-    compiled.model.to(device)
-    compile_blocks([compiled])
-    inp = inputs(grid)
-
-    def run_with(dit):
-        return runner(dit.blocks, inp)
-
-    t0 = time.perf_counter()
-    run_with(compiled)()
-    _sync(device)
-    first_call_s = time.perf_counter() - t0
-    eager_s, eager_out = _timed(run_with(ours), device)
-    comp_s, comp_out = _timed(run_with(compiled), device)
-    results["compile"] = {"size": label, "first_call_s": round(first_call_s, 1),
-                          "eager_ms_per_block": round(eager_s / cfg["num_layers"] * 1e3, 3),
-                          "compiled_ms_per_block": round(comp_s / cfg["num_layers"] * 1e3, 3),
-                          "compiled_vs_eager_rel": _rel(comp_out, eager_out)}
-    results["ok"] = all(math.isfinite(v["ours_bf16_rel_to_fp32"]) for k, v in results.items() if k in grids)
+    # the host home an offloaded expert gets: pinned in place, no power-of-two rounding (issue 23 item 1)
+    del diffusers_model
+    host = b.copy().cpu()
+    sizes = [p.untyped_storage().nbytes() for p in [*host.parameters(), *host.buffers()]]
+    home = HostResident(host, pin=device.type == "cuda")
+    results["host"] = {"weight_bytes": home.storage_bytes, "pinned_bytes": home.pinned_bytes,
+                       "pin_memory_rule_bytes": rounded_bytes(sizes),
+                       "pinned_over_weights": round(home.pinned_bytes / home.storage_bytes, 4)}
+    results["ok"] = all(math.isfinite(results[k]["ours_bf16_rel_to_fp32"]) for k in b.grids) and (
+        device.type != "cuda" or home.pinned_bytes == home.storage_bytes)
     return results
 
 
+@step("S4c", "A14B block dims under --compile: first call, eager vs compiled ms", gpu_s=60, rehearsal_s=600)
+def step_s4c(args: argparse.Namespace) -> dict[str, Any]:
+    from launcher.wan.dit import LocalSequence, WanDiT, compile_blocks
+
+    b = _Blocks(args)
+    compiled = WanDiT(b.copy(), LocalSequence(b.kernel))
+    compile_blocks([compiled])
+    results: dict[str, Any] = {"attention": b.kernel}
+    for label, grid in b.grids.items():
+        inp = b.inputs(grid)
+        t0 = time.perf_counter()
+        b.runner(compiled.blocks, inp)()
+        _sync(b.device)
+        first_call_s = time.perf_counter() - t0
+        eager_s, eager_out = _timed(b.runner(b.ours.blocks, inp), b.device)
+        comp_s, comp_out = _timed(b.runner(compiled.blocks, inp), b.device)
+        results[label] = {"first_call_s": round(first_call_s, 1), "eager_ms_per_block": b.ms_per_block(eager_s),
+                          "compiled_ms_per_block": b.ms_per_block(comp_s),
+                          "compiled_vs_eager_rel": _rel(comp_out, eager_out)}
+    results["ok"] = all(results[k]["compiled_vs_eager_rel"] < 1e-2 for k in b.grids)
+    return results
+
+
+@step("S5", "NCCL + gloo groups by enumeration, DeviceMesh.from_group, FSDP2 load", gpu_s=30, rehearsal_s=120)
 def step_s5(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     import socket
 
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from parallel.fsdp import load_sharded, mixed_precision
+    from parallel.mesh import compute_backend, enumerated_group, one_dim_mesh
 
     device = _device(args.rehearse)
     with socket.socket() as s:
@@ -416,18 +512,22 @@ def step_s5(args: argparse.Namespace) -> dict[str, Any]:
         c = torch.ones(4)
         dist.all_reduce(c)
         out["world_all_reduce"] = bool(t.sum().item() == 4 and c.sum().item() == 4)
-        # the 2-D mesh path of parallel/mesh.py: device mesh (split_group on the mixed parent) + gloo twin
-        mesh = init_device_mesh(device.type, (1, 1), mesh_dim_names=("cfg", "sp"))
-        twin = init_device_mesh("cpu", (1, 1), mesh_dim_names=("cfg", "sp"),
-                                backend_override={"cfg": "gloo", "sp": "gloo"})
+        # how parallel/mesh.py builds every mesh dim: groups by enumeration with an explicit backend
+        # (nccl on CUDA, never split from the mixed world group), wrapped by DeviceMesh.from_group, and
+        # a gloo twin for CPU values; on one rank each partition is [[0]]
         ok = True
+        meshes = {}
         for name in ("cfg", "sp"):
+            group = enumerated_group([[0]], compute_backend(device))
+            twin = enumerated_group([[0]], "gloo")
+            meshes[name] = one_dim_mesh(group, device.type, name)
             a = torch.full((2,), 3.0, device=device)
-            dist.all_reduce(a, group=mesh.get_group(name))
+            dist.all_reduce(a, group=meshes[name].get_group())
             b = torch.full((2,), 3.0)
-            dist.all_reduce(b, op=dist.ReduceOp.MIN, group=twin.get_group(name))
+            dist.all_reduce(b, op=dist.ReduceOp.MIN, group=twin)
             ok = ok and a.sum().item() == 6 and b.sum().item() == 6
-        out["mesh_2d_groups"] = bool(ok)
+            out[f"{name}_backend"] = dist.get_backend(group)
+        out["enumerated_groups"] = bool(ok)
         # FSDP2 on a one-rank mesh, bf16 mixed precision, loaded rows == a plain load
         torch.manual_seed(0)
         plain = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).to(device)
@@ -448,7 +548,7 @@ def step_s5(args: argparse.Namespace) -> dict[str, Any]:
 
         with torch.device("meta"):
             sharded = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
-        one = init_device_mesh(device.type, (1,))
+        one = meshes["sp"]
         for layer in (sharded[0], sharded[2]):
             fully_shard(layer, mesh=one, mp_policy=mixed_precision(torch.bfloat16))
         load_sharded(sharded, Rows(), device=device)
@@ -457,12 +557,13 @@ def step_s5(args: argparse.Namespace) -> dict[str, Any]:
             got = sharded[2](sharded[1](sharded[0](x))).float()
             want = plain(x).float()
         out["fsdp_rel"] = _rel(got, want)
-        out["ok"] = out["world_all_reduce"] and out["mesh_2d_groups"] and out["fsdp_rel"] <= 1e-6
+        out["ok"] = out["world_all_reduce"] and out["enumerated_groups"] and out["fsdp_rel"] <= 1e-6
     finally:
         dist.destroy_process_group()
     return out
 
 
+@step("S6", "VAE decode peak at 1280*704", gpu_s=45, rehearsal_s=120)
 def step_s6(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     from diffusers import AutoencoderKLWan
@@ -502,17 +603,6 @@ def step_s6(args: argparse.Namespace) -> dict[str, Any]:
                    fits_24gb_with_offload=peak + params_gb <= 24.0)
     out["ok"] = bool(torch.isfinite(video).all())
     return out
-
-
-STEPS: dict[str, tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = {
-    "S0": ("versions and device", step_s0),
-    "S1": ("CUDA noise equals official's draw", step_s1),
-    "S2": ("CUDA vs CPU float32, TF32 off", step_s2),
-    "S3": ("CLI: three tasks, offload, convert, compile", step_s3),
-    "S4": ("A14B block dims: ours vs diffusers, bf16 error, compile", step_s4),
-    "S5": ("NCCL + gloo groups, 2-D mesh, FSDP2 load", step_s5),
-    "S6": ("VAE decode peak at 1280*704", step_s6),
-}
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -557,7 +647,8 @@ def render(results_dir: Path, markdown: Path) -> None:
     for rec in records:
         dev = rec["figures"].get("S0", {}).get("figures", {})
         parts.append(f"### {dev.get('name', rec['name'])} — {rec['date']}\n")
-        rows = [(name, STEPS[name][0], step["status"], f"{step['seconds']} s") for name, step in rec["figures"].items()]
+        rows = [(name, STEPS[name].title if name in STEPS else "", result["status"], f"{result['seconds']} s")
+                for name, result in rec["figures"].items()]
         parts.append(markdown_table(["step", "what", "status", "time"], rows, align="lllr"))
         s4 = rec["figures"].get("S4", {}).get("figures", {})
         grid_rows = [(k, v["tokens"], v["ours_ms_per_block"], v["diffusers_ms_per_block"], v["ours_tflops"],
@@ -571,23 +662,50 @@ def render(results_dir: Path, markdown: Path) -> None:
     replace_section(markdown, SECTION, "\n".join(parts))
 
 
+def budget_lines(steps: list[str], rehearse: bool) -> list[str]:
+    """The per-step budgets this run will enforce, and their sum against GPU_BUDGET_S."""
+    key = "rehearsal_s" if rehearse else "gpu_s"
+    total = sum(getattr(STEPS[n], key) for n in steps)
+    lines = [f"[gpu_check] budget {n:<4} GPU {STEPS[n].gpu_s:>3} s, rehearsal {STEPS[n].rehearsal_s:>4} s  {STEPS[n].title}"
+             for n in steps]
+    whole = sum(STEPS[n].gpu_s for n in STEPS)
+    lines.append(f"[gpu_check] budget total {total} s for these steps ({'CPU rehearsal' if rehearse else 'GPU'}); "
+                 f"all steps on a GPU: {whole} s of {GPU_BUDGET_S} s")
+    return lines
+
+
+def _append(results_dir: Path, name: str, result: dict[str, Any], context: dict[str, Any]) -> None:
+    """One finished step: DIR/<step>.json (atomic) and a line in DIR/steps.jsonl, written at once."""
+    payload = {"step": name, "title": STEPS[name].title, **context, **result}
+    tmp = results_dir / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, results_dir / f"{name}.json")
+    with open(results_dir / "steps.jsonl", "a") as f:
+        f.write(json.dumps(payload) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rehearse", action="store_true", help="run every step on CPU at tiny size (CI)")
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset, e.g. S0,S2")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--only", "--steps", dest="steps", default=",".join(STEPS),
+                        help="comma-separated subset, e.g. S0,S2")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="each finished step's JSON lands here at once (default: a new folder under the temp dir)")
+    parser.add_argument("--save", action="store_true",
+                        help="also write the combined record into benchmarks/results and BENCHMARKS.md (the repo)")
     parser.add_argument("--markdown", type=Path, default=MARKDOWN)
-    parser.add_argument("--no-save", action="store_true", help="print the JSON, write nothing")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run-step", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.render_only:
-        render(args.results_dir, args.markdown)
+        render(RESULTS_DIR, args.markdown)
         return 0
     if args.run_step:  # child: one step, one JSON line
-        figures = STEPS[args.run_step][1](args)
+        figures = STEPS[args.run_step].run(args)
         print(STEP_PREFIX + json.dumps(figures), flush=True)
         return 0
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -599,26 +717,32 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device here; run it on a GPU machine, or --rehearse to try the script on CPU",
               file=sys.stderr)
         return 2
-    timeouts = REHEARSAL_TIMEOUTS if args.rehearse else TIMEOUTS
+    results_dir = args.results_dir or Path(tempfile.mkdtemp(prefix="gpu_check_results_"))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for line in budget_lines(steps, args.rehearse):
+        print(line, flush=True)
+    print(f"[gpu_check] results: {results_dir} (one JSON per step, written as each ends)", flush=True)
+    context = {"rehearse": args.rehearse, "date": now_utc()}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         args.workdir = work
         figures: dict[str, Any] = {}
         for name in steps:
-            result = run_step_in_child(name, args, timeouts[name])
+            limit = STEPS[name].rehearsal_s if args.rehearse else STEPS[name].gpu_s
+            result = run_step_in_child(name, args, limit)
             figures[name] = result
-            print(f"[gpu_check] {name} {STEPS[name][0]}: {result['status']} in {result['seconds']} s", flush=True)
+            _append(results_dir, name, result, context)
+            print(f"[gpu_check] {name} {STEPS[name].title}: {result['status']} in {result['seconds']} s", flush=True)
     device_name = figures.get("S0", {}).get("figures", {}).get("name", "cpu")
     slug = "rehearsal-cpu" if args.rehearse else "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
     record = result_record(benchmark="gpu-check", name=f"gpu-{slug}", flags={"rehearse": args.rehearse, "steps": steps},
                            figures=figures, total_runtime_s=round(time.perf_counter() - started, 1))
     ok = all(f["status"] == "ok" for f in figures.values())
-    if args.no_save:
-        print(json.dumps(record, indent=2))
-    else:
-        path = write_result(record, args.results_dir)
-        render(args.results_dir, args.markdown)
-        print(f"[gpu_check] wrote {path} ({'all steps ok' if ok else 'some steps failed'}) at {now_utc()}")
+    if args.save:
+        path = write_result(record, RESULTS_DIR)
+        render(RESULTS_DIR, args.markdown)
+        print(f"[gpu_check] wrote {path} and {args.markdown}")
+    print(f"[gpu_check] {'all steps ok' if ok else 'some steps failed'} at {now_utc()}; per-step JSON in {results_dir}")
     return 0 if ok else 1
 
 

@@ -2,14 +2,16 @@
 # Gather into one folder every wheel an offline GPU machine that already has torch needs to run
 # magcache-launch and scripts/gpu_check.py (diffusers, transformers, yunchang, ...), and nothing it
 # has: torch, its CUDA libraries (nvidia-*) and triton are left out, which is what makes the
-# folder small (tens of MB instead of GBs).
+# folder small (tens of MB instead of GBs). setuptools and wheel are in it: `pip install -e .`
+# builds the project in an isolated environment that needs them ([build-system] requires).
 #
 #   scripts/gpu_wheels.sh [OUT_DIR] [--python-version 3.11] [--platform manylinux2014_x86_64]
 #   # then, on the GPU machine:  pip install --no-index --find-links OUT_DIR -e .  (torch already there)
 #
-# How: pip resolves the project's dependency set once (`pip install --dry-run --report`, against
-# this machine's installed torch, so torch is never downloaded), then downloads exactly those pinned
-# versions, binary wheels only, without dependencies, for the target interpreter and platform.
+# How: pip resolves the project's dependencies and build requirements once, for the target Python
+# and platform (`pip install --dry-run --report --python-version X.Y --only-binary=:all:`, metadata
+# only: torch is never downloaded), then downloads exactly those pinned versions, binary wheels
+# only, without dependencies. tests/test_gpu_wheels.py proves the offline install from the folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/gpu_wheels}"
@@ -28,12 +30,30 @@ VPY="${MAGCACHE_VENV:-$ROOT/.venv}/bin/python"
 PYVER="${PYVER:-$("$VPY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
 mkdir -p "$OUT"
 report="$(mktemp)"
-trap 'rm -f "$report"' EXIT
-# the full set the project needs on top of what is installed (the dry run never touches the venv)
-"$VPY" -m pip install -q --dry-run --ignore-installed --report "$report" "$ROOT" 2>/dev/null
-"$VPY" - "$report" > "$OUT/requirements.txt" <<'PY'
+PLATFORMS=(--platform "$PLATFORM" --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any)
+# the project's dependencies and build requirements, from pyproject.toml
+reqs="$(mktemp)"
+target="$(mktemp -d)"  # pip wants --target with a foreign --platform; a dry run leaves it empty
+trap 'rm -rf "$report" "$reqs" "$target"' EXIT
+"$VPY" - "$ROOT/pyproject.toml" > "$reqs" <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))
+print("\n".join(project["project"]["dependencies"] + project["build-system"]["requires"]))
+PY
+# the full set for the target interpreter (a dry run: metadata only, nothing installed or downloaded)
+"$VPY" -m pip install -q --dry-run --target "$target" --only-binary=:all: --python-version "$PYVER" "${PLATFORMS[@]}" \
+  --report "$report" -r "$reqs" 2>&1 | grep -v "is ignored" >&2 || true
+"$VPY" - "$report" "$ROOT/pyproject.toml" > "$OUT/requirements.txt" <<'PY'
 import json, re, sys
 from packaging.requirements import Requirement
+try:
+    import tomllib
+except ImportError:
+    from pip._vendor import tomli as tomllib
 
 def norm(name):
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -51,17 +71,20 @@ while todo:
         req = Requirement(spec)
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             todo.append(norm(req.name))
-skip = torch_closure | {"magcache-launch", "setuptools", "pip", "wheel"}
+# the build requirements (setuptools, wheel) stay even where torch pulls them in: the offline
+# `pip install -e .` builds in an isolated environment that only the folder can fill
+build = {norm(Requirement(r).name) for r in tomllib.load(open(sys.argv[2], "rb"))["build-system"]["requires"]}
+skip = (torch_closure - build) | {"magcache-launch", "pip"}
 for name, m in sorted(meta.items()):
     if name not in skip and not name.startswith("nvidia-"):
         print(f"{name}=={m['version']}")
 PY
 echo "gathering $(wc -l < "$OUT/requirements.txt") wheels for python $PYVER on $PLATFORM into $OUT" >&2
-"$VPY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --platform "$PLATFORM" \
-  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+"$VPY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" "${PLATFORMS[@]}" \
   -r "$OUT/requirements.txt" -d "$OUT" 2>&1 | grep -v "is ignored" >&2 || true
 # the official package the comparison tests import (no dependencies, see scripts/setup.sh)
-"$VPY" -m pip download -q --no-deps wan22==2.2.11 -d "$OUT" 2>&1 | grep -v "is ignored" >&2 || true
+"$VPY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" "${PLATFORMS[@]}" wan22==2.2.11 \
+  -d "$OUT" 2>&1 | grep -v "is ignored" >&2 || true
 missing=0
 while read -r req; do
   name="${req%%==*}"; ver="${req##*==}"

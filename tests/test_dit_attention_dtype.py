@@ -15,6 +15,7 @@ from launcher.wan.dit import LocalSequence, WanDiT, rope_angles
 
 class RecordingSequence(LocalSequence):
     def __init__(self) -> None:
+        super().__init__()
         self.dtypes: list[tuple[torch.dtype, ...]] = []
 
     def attention(self, q, k, v, valid_len):

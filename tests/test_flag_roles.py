@@ -28,7 +28,7 @@ BASE = {"task": "i2v-A14B", "ckpt_dir": "/ckpt", "prompt": "a cat", "image": "a.
 #: placement and output flags: another value, same video
 SAME_VIDEO = {
     "offload_model": "False", "t5_cpu": True, "t5_fsdp": True, "dit_fsdp": True, "ulysses_size": 2, "ring_size": 2,
-    "cfg_parallel": True, "dist_timeout": 30.0, "compile": True, "vae_parallel": "off",
+    "cfg_parallel": True, "dist_timeout": 30.0, "compile": True, "vae_parallel": "off", "attention": "sdpa",
     "save_frames": "frames", "save_latents": "v.safetensors", "overwrite": True,
 }
 #: model, request, sampling and MagCache flags: another value, another video

@@ -31,6 +31,7 @@ def test_text_tasks_write_video_manifest_and_latents(tiny_ckpt, tmp_path, task):
     assert len(m["magcache"]["decisions"]) == 8 and m["magcache"]["skipped_count"] == 0
     for key in ("timings_s", "peak_memory_mb", "versions", "sha256", "world", "checkpoint", "flags"):
         assert m[key], key
+    assert m["world"]["attention"] == "sdpa"  # the kernel that ran (auto on the CPU)
 
 
 def test_t2v_switches_expert_inside_the_run(tiny_ckpt, tmp_path):

@@ -178,6 +178,8 @@ def test_plan_json_reproduces_the_seed_speedups(capsys, task, flags, speedup):
     assert len(p["forwards"]) == 2 * p["sample_steps"]
     assert set(p["forwards"][0]) >= {"index", "step", "branch", "expert", "retained", "skip"}
     assert p["skipped_forwards"] == [f["index"] for f in p["forwards"] if f["skip"]]
+    # no FlashAttention package here: auto chooses between torch's own kernels (cuDNN on a CUDA GPU, else SDPA)
+    assert p["attention"] == {"requested": "auto", "candidates": ["cudnn", "sdpa"]}
 
 
 GENERATE_FLAGS = ["--ckpt_dir", "/nowhere", "--prompt", "a cat", "--size", "832*480", "--frame_num", "81",

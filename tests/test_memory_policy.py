@@ -94,3 +94,15 @@ def test_device_with_an_index_under_several_ranks_exits_2(tiny_ckpt, tmp_path):
                   MASTER_PORT="29555", TORCHELASTIC_RUN_ID="x")
     proc = run_cli(*base(tiny_ckpt("t2v-A14B"), tmp_path, **{"--device": "cuda:1", "--ulysses_size": "2"}), env=env)
     assert_one_line_error(proc, "--device cuda:1", "every rank", "CUDA_VISIBLE_DEVICES")
+
+
+def test_one_process_on_cuda_n_makes_that_device_current():
+    """--device cuda:3 in one process: cuda:3 becomes the current device before anything runs
+    (else the first default-device call opens a stray context on cuda:0); a CPU run binds nothing."""
+    from launcher.engine.world import single_world
+
+    bound: list[torch.device] = []
+    world = single_world(_config(device="cuda:3"), set_device=bound.append)
+    assert bound == [torch.device("cuda", 3)] and world.placement.device == torch.device("cuda", 3)
+    single_world(_config(device="cpu"), set_device=bound.append)
+    assert bound == [torch.device("cuda", 3)]

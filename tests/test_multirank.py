@@ -107,8 +107,8 @@ def test_layout_errors_exit_2_on_every_rank(tiny_ckpt, tmp_path):
     base = ["generate", "--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--ckpt_dir",
             str(tiny_ckpt("t2v-A14B")), "--prompt", "a cat", "--save_file", str(tmp_path / "v.mp4")]
     cases = [
-        (2, ["--ulysses_size", "4"], "not divisible"),
-        (3, ["--cfg-parallel"], "not divisible"),
+        (2, ["--ulysses_size", "4"], "--ulysses_size 4 x config 1 = 4 ranks per video, but 2 were launched"),
+        (3, ["--cfg-parallel"], "--ulysses_size 1 x config 2 = 2 ranks per video, but 3 were launched"),
         (4, ["--ulysses_size", "2"], "batch"),
         (2, ["--ulysses_size", "8"], "--ulysses_size 8"),
     ]

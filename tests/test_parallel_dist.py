@@ -156,3 +156,15 @@ def test_nccl_failure_settings_fill_only_what_the_user_left_unset(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")  # the user's choice wins
     assert nccl_failure_settings() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_survivor_by_abort_within_seconds():
+    """The failure path aborts the groups (a graceful NCCL destroy can hang on a dead peer); on gloo,
+    the same code: the survivor's collective fails, teardown ends in seconds, no thread is left."""
+    run = run_job("job_peer_dies.py", 2, timeout=120)
+    assert run.returncode != 0 and "terminate called" not in run.output, run.output[-4000:]
+    survivor = run.by_rank()[0]
+    assert survivor["error"] is not None and survivor["ended_by"] == "abort" and not survivor["initialized"]
+    assert survivor["seconds"] < 20, survivor
+    assert survivor["threads_after"] == survivor["threads_before"], survivor

@@ -18,9 +18,9 @@ from e2e_helpers import generate
 from parallel_jobs.spawn import run_job
 from safetensors.torch import load_file
 
+from parallel.attention import attend_with_lse
 from parallel.mesh import ParallelConfigError, ParallelDims
 from parallel.ring import (
-    attend_with_lse,
     block_valid,
     merge_partial,
     ring_attention,
@@ -71,13 +71,13 @@ def test_one_rank_ring_and_usp_are_plain_attention_without_padding():
 
 
 def test_dims_put_ring_outside_ulysses():
-    dims = ParallelDims.from_world(16, sp=4, ring=2, cfg=2)
+    dims = ParallelDims.from_world(16, ulysses=4, ring=2, cfg=2)
     assert (dims.dp, dims.cfg, dims.sp, dims.ring, dims.ulysses) == (1, 2, 8, 2, 4)
-    ulysses, ring = ParallelDims.from_world(8, sp=2, ring=2).sequence_groups()
+    ulysses, ring = ParallelDims.from_world(8, ulysses=2, ring=2).sequence_groups()
     assert ulysses == [[0, 1], [2, 3], [4, 5], [6, 7]]  # neighbours: one node
     assert ring == [[0, 2], [1, 3], [4, 6], [5, 7]]      # strided: across nodes
-    with pytest.raises(ParallelConfigError, match=r"not divisible by ring size 2 x ulysses size 2 x cfg 2 = 8.*--ring_size"):
-        ParallelDims.from_world(4, sp=2, ring=2, cfg=2)
+    with pytest.raises(ParallelConfigError, match=r"--ring_size 2 x --ulysses_size 2 x config 2 = 8 ranks per video, but 4 were launched.*--ring_size"):
+        ParallelDims.from_world(4, ulysses=2, ring=2, cfg=2)
     with pytest.raises(ParallelConfigError, match="ring size 3 does not divide"):
         ParallelDims(dp=1, cfg=1, sp=4, world_size=4, ring=3)
 

@@ -23,26 +23,29 @@ from launcher.checkpoint.load import (
 )
 from launcher.checkpoint.lora import LoraPlan, with_loras
 from launcher.config import RunConfig
+from launcher.engine.host_memory import host_modules, plan_host_memory
 from launcher.engine.placement import Placement
 from launcher.wan.dit import compile_blocks
 from launcher.wan.parallelize import ParallelWan, parallelize_wan
 from launcher.wan.residency import HostResident
+from launcher.wan.threads import cpu_phase
 from launcher.wan.pipeline import Models
 
 if TYPE_CHECKING:
     from parallel.mesh import ParallelMesh
 
 
-def _host_homes(par: ParallelWan, placement: Placement) -> dict[str, HostResident]:
-    """Experts that move between host and GPU get a pinned host home once, at load (faster swaps);
-    an expert loaded on the GPU goes back there after its host copy is made."""
+def _host_homes(par: ParallelWan, placement: Placement, *, pin: bool) -> dict[str, HostResident]:
+    """Experts that move between host and GPU get a host home once, at load (pinned where
+    `plan_host_memory` found room: faster swaps); an expert loaded on the GPU goes back there
+    after its host copy is made."""
     memory = placement.memory
     if placement.device.type != "cuda" or par.dit_sharded or not (memory.swap_experts or memory.park_dit_before_decode):
         return {}
     homes = {}
     for name, dit in par.experts.items():
         on_gpu = dit.model.patch_embedding.weight.device.type == "cuda"
-        homes[name] = HostResident(dit.model, pin=True)
+        homes[name] = HostResident(dit.model, pin=pin)
         if on_gpu:
             homes[name].to(placement.device)
     return homes
@@ -50,6 +53,13 @@ def _host_homes(par: ParallelWan, placement: Placement) -> dict[str, HostResiden
 
 def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
                 mesh: "ParallelMesh | None" = None, loras: LoraPlan | None = None) -> tuple[Models, ParallelWan]:
+    """`_load_models` with the rank's cores: reading, dtype conversion and the LoRA merge are CPU work."""
+    with cpu_phase():
+        return _load_models(config, info, placement, mesh, loras)
+
+
+def _load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
+                 mesh: "ParallelMesh | None", loras: LoraPlan | None) -> tuple[Models, ParallelWan]:
     """Every module of the task on this rank, ready for `WanPipeline`, and how they were split.
 
     `loras` are merged into each expert's tensors as they are read (after sharding: an FSDP rank
@@ -59,7 +69,7 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
     text_encoder = build_text_encoder_on_meta(info, placement.text_dtype)
     half = placement.compute_dtype if placement.autocast else None
     par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp,
-                          dit_compute_dtype=half)
+                          dit_compute_dtype=half, attention=placement.attention)
     if par.dit_sharded and half is not None:
         # official FSDP's MixedPrecision covers the whole DiT: the unsharded root pieces (patch and
         # time embeddings, head) are used in the half dtype as well (computed in float32 where
@@ -68,6 +78,8 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
             set_meta_dtypes(model, lambda key, model=model: half if not key.startswith("blocks.")
                             else model.get_parameter(key).dtype)
 
+    pin, _ = plan_host_memory(config, placement, host_modules(
+        placement, experts.values(), text_encoder, dit_sharded=par.dit_sharded, t5_sharded=par.t5_sharded))
     if config.compile:
         compile_blocks(par.experts.values())
     memory = placement.memory
@@ -99,6 +111,6 @@ def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
         swap_experts=memory.swap_experts,
         park_dit_before_decode=memory.park_dit_before_decode,
         offload_text_encoder=not par.t5_sharded and memory.t5_home != memory.t5_runs_on,
-        residency=_host_homes(par, placement),
+        residency=_host_homes(par, placement, pin=pin),
     )
     return models, par

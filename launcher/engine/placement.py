@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from launcher.config import RunConfig
+from launcher.errors import UsageError
 from launcher.planner.memory import MemoryPolicy, memory_policy
+from parallel.attention import AttentionBackendError, Host, resolve
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -29,6 +31,8 @@ class Placement:
     text_dtype: torch.dtype
     autocast: bool
     memory: MemoryPolicy
+    #: the attention kernel that runs (parallel.attention.resolve of --attention on this device)
+    attention: str = "sdpa"
 
 
 def resolve_device(requested: str | None, local_rank: int) -> torch.device:
@@ -54,7 +58,12 @@ def placement_for(config: RunConfig, *, local_rank: int = 0, world_size: int = 1
     memory = memory_policy(on_gpu=on_gpu, offload_model=config.offload_model, world_size=world_size, sp=sp,
                            dit_fsdp=config.dit_fsdp and sp > 1, t5_fsdp=config.t5_fsdp and sp > 1,
                            t5_cpu=config.t5_cpu)
+    try:
+        attention = resolve(config.attention, Host.of(device, compute))
+    except AttentionBackendError as e:
+        raise UsageError(str(e)) from None
     return Placement(
+        attention=attention,
         device=device,
         compute_dtype=compute,
         dit_param_dtype=param,

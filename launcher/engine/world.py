@@ -84,7 +84,7 @@ class World:
         return {"size": self.world_size, "launch": self.launch_kind, "mesh": self.mesh_shape,
                 "backend": None if ctx is None else ctx.backend,
                 "rendezvous": None if ctx is None or ctx.route is None else ctx.route.as_dict(),
-                "device": str(self.placement.device), "dtype": str(self.placement.compute_dtype).replace("torch.", ""),
+                "device": str(self.placement.device), "attention": self.placement.attention, "dtype": str(self.placement.compute_dtype).replace("torch.", ""),
                 "memory": asdict(self.placement.memory)}
 
     # -- what MagCache needs from the ranks of one branch ---------------------------------------
@@ -270,28 +270,21 @@ def start_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool 
     2 with the same message (printed once, by rank 0) instead of hanging in a rendezvous.
     """
     from parallel.launch import detect_launch
-    from parallel.mesh import ParallelConfigError, ParallelDims, check_heads
+    from parallel.mesh import ParallelConfigError, ParallelDims
 
     env = detect_launch()
-    try:
-        check_heads(num_heads, config.ulysses_size)
-    except ParallelConfigError as e:
-        raise UsageError(str(e).replace("ulysses size", "--ulysses_size")) from None
-    cfg_degree = 2 if config.cfg_parallel else 1
-    if config.cfg_parallel and env.world_size < 2:
-        raise UsageError("--cfg-parallel needs an even number of ranks (>= 2): launch with torchrun or srun")
     if env.world_size > 1 and config.device and config.device.startswith("cuda:"):
         raise UsageError(f"--device {config.device} would put every rank on that one GPU; under torchrun/srun leave "
                          "--device out (rank r takes cuda:LOCAL_RANK) or pick GPUs with CUDA_VISIBLE_DEVICES")
     if config.t5_fsdp and config.t5_cpu:
         raise UsageError("--t5_fsdp and --t5_cpu exclude each other: FSDP shards T5 on the GPUs")
+    cfg_degree = 2 if config.cfg_parallel else 1
     ring = config.ring_size
-    if ring > 1 and env.world_size % (ring * config.ulysses_size * cfg_degree):
-        per = ring * config.ulysses_size * cfg_degree
-        raise UsageError(f"--ring_size {ring} x --ulysses_size {config.ulysses_size} x config {cfg_degree} = {per} "
-                         f"ranks per video, but {env.world_size} were launched; launch {per} ranks or change "
-                         "--ring_size/--ulysses_size so their product times config divides the launched ranks")
-    dims = ParallelDims.from_world(env.world_size, sp=config.ulysses_size, cfg=cfg_degree, ring=ring)
+    try:
+        dims = ParallelDims.from_world(env.world_size, ulysses=config.ulysses_size, cfg=cfg_degree, ring=ring,
+                                       num_heads=num_heads)
+    except ParallelConfigError as e:
+        raise UsageError(str(e)) from None
     if dims.dp > 1 and not allow_data_parallel:
         ring_part = f"--ring_size {ring} x " if ring > 1 else ""
         raise UsageError(
@@ -301,8 +294,18 @@ def start_world(config: RunConfig, *, num_heads: int, allow_data_parallel: bool 
             "prompts over replicas"
         )
     if env.world_size == 1:
-        return World(placement=placement_for(config), launch_kind=env.kind)
+        return single_world(config, launch_kind=env.kind)
     return _start_distributed(config, env, dims, patient=allow_data_parallel and dims.dp > 1)
+
+
+def single_world(config: RunConfig, *, launch_kind: str = "single",
+                 set_device: Callable[[torch.device], None] | None = None) -> World:
+    """The one-process World, its device made current (`--device cuda:N` must not touch cuda:0)."""
+    from parallel.dist import bind_device
+
+    placement = placement_for(config)
+    bind_device(placement.device, set_device=set_device)
+    return World(placement=placement, launch_kind=launch_kind)
 
 
 def _start_distributed(config: RunConfig, env: "LaunchEnv", dims: "ParallelDims", *, patient: bool) -> World:

@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
 
 from magcache.controller import BlockRunner
+from parallel.attention import attend
 
 
 class SequenceSharding(Protocol):
     """How the token sequence is spread over the ranks that compute one branch."""
 
     size: int
+    #: the attention kernel every attention of the DiT runs (parallel.attention)
+    kernel: str
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Pad `dim` to a multiple of `size` and return this rank's contiguous chunk."""
@@ -66,16 +69,14 @@ def _official_rms_norm(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return normed * norm.weight if norm.weight is not None else normed
 
 
-def _attend_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA on [B, S, H, D] inputs (SDPA wants [B, H, S, D])."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
 class LocalSequence:
-    """One rank holds the whole sequence: split/gather are identities, attention is plain SDPA."""
+    """One rank holds the whole sequence: split/gather are identities, attention is one kernel call."""
 
     size = 1
+
+    def __init__(self, kernel: str = "sdpa") -> None:
+        #: the attention kernel (a name parallel.attention.resolve returned)
+        self.kernel = kernel
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x
@@ -84,7 +85,7 @@ class LocalSequence:
         return x.narrow(dim, 0, valid_len)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_len: int) -> torch.Tensor:
-        return _attend_local(q, k, v)  # no padding exists on one rank
+        return attend(q, k, v, self.kernel)  # no padding exists on one rank
 
     def local_valid(self, valid_len: int) -> int:
         return valid_len
@@ -187,7 +188,11 @@ class CrossAttnProcessor:
     """Text cross-attention with official WanCrossAttention's precision (see ShardedSelfAttnProcessor).
 
     Each rank attends its own query tokens to the whole text, so no exchange is needed. Wan2.2 has
-    no image context (no CLIP branch), so diffusers' `add_k_proj` path never applies."""
+    no image context (no CLIP branch), so diffusers' `add_k_proj` path never applies. `kernel`: the
+    run's attention kernel (parallel.attention), the self-attention's."""
+
+    def __init__(self, kernel: str = "sdpa") -> None:
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -200,7 +205,8 @@ class CrossAttnProcessor:
         if attn.add_k_proj is not None:
             raise ValueError("Wan2.2 cross-attention has no image context; this checkpoint has one")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        return _attend_in_half(attn, *_projections(attn, hidden_states, context), _attend_local)
+        return _attend_in_half(attn, *_projections(attn, hidden_states, context),
+                               functools.partial(attend, kernel=self.kernel))
 
 
 def _modulation(table: torch.Tensor, e: torch.Tensor, parts: int) -> list[torch.Tensor]:
@@ -211,15 +217,24 @@ def _modulation(table: torch.Tensor, e: torch.Tensor, parts: int) -> list[torch.
 
 
 def official_block_forward(block: torch.nn.Module, x: torch.Tensor, context: torch.Tensor,
-                           tproj: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                           tproj: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                           rounded: torch.Tensor | None = None, half: torch.dtype | None = None) -> torch.Tensor:
     """Official WanAttentionBlock.forward on diffusers' WanTransformerBlock modules.
 
     diffusers casts the residual stream back to the input dtype after every add (bf16 under
     autocast); official lets `x + y * e` promote to float32 and keeps it there. Module mapping:
     official norm1/norm3/norm2 = diffusers norm1/norm2/norm3, self_attn/cross_attn = attn1/attn2.
+
+    Under autocast the first block alone receives half-precision x (from the patch embedding) and
+    its norm1 output is rounded to that dtype (official `WanLayerNorm(...).type_as(x)`). The
+    compiled block takes every x in float32 instead (exact) and redoes that rounding where the
+    bool tensor `rounded` says so (a value, not a guard), so one graph serves every block.
     """
     shift, scale, gate, c_shift, c_scale, c_gate = _modulation(block.scale_shift_table, tproj, 6)
-    y = block.attn1(block.norm1(x).float() * (1 + scale) + shift, None, None, rotary)
+    normed = block.norm1(x)
+    if rounded is not None and half is not None:
+        normed = torch.where(rounded, normed.to(half).float(), normed)
+    y = block.attn1(normed.float() * (1 + scale) + shift, None, None, rotary)
     x = x + y * gate
     x = x + block.attn2(block.norm2(x), context, None, None)
     y = block.ffn(block.norm3(x).float() * (1 + c_scale) + c_shift)
@@ -256,7 +271,7 @@ class WanDiT:
         self.sharding: SequenceSharding = sharding or LocalSequence()
         self._state = _ForwardState()
         processor = ShardedSelfAttnProcessor(self.sharding, self._state)
-        cross = CrossAttnProcessor()
+        cross = CrossAttnProcessor(self.sharding.kernel)
         for block in model.blocks:
             block.attn1.set_processor(processor)
             block.attn2.set_processor(cross)
@@ -360,18 +375,51 @@ class WanDiT:
         return temb, tproj
 
 
-def compile_blocks(dits: Iterable[WanDiT]) -> None:
+#: compiled block graphs kept per run (one per (size, frames) seen): serve, batch and sweep vary the
+#: sizes; past dynamo's default of 8 every new size would run the blocks eagerly for the rest of the process
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(dits: Iterable[WanDiT], *, backend: str = "inductor") -> None:
     """Regional compilation: one `torch.compile` of the block function, called by every block.
 
     Blocks of both experts have the same structure and shapes, and dynamo inlines the module's
     parameters as graph inputs, so the whole stack shares one graph (compiled once, at the first
     forward) instead of one per block; `dynamic=False` because shapes are fixed for a request.
-    Compiling the block, not the model, keeps MagCache's skip and the Ulysses exchange eager.
+    Under autocast the residual stream enters the first block in the half dtype and the others in
+    float32: `_UniformBlock` hands every block float32 (see `official_block_forward`), so that
+    difference is no second graph. Compiling the block, not the model, keeps MagCache's skip and
+    the Ulysses exchange eager. Each new (size, frames) compiles one more graph, kept up to
+    RECOMPILE_LIMIT. `backend`: torch.compile's (tests count graphs with "eager").
     """
-    compiled = torch.compile(official_block_forward, dynamic=False)
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    compiled = torch.compile(official_block_forward, dynamic=False, backend=backend)
     for dit in dits:
         for block in dit.model.blocks:
-            block.forward = functools.partial(compiled, block)
+            block.forward = _UniformBlock(compiled, block)
+
+
+class _UniformBlock:
+    """A block's forward through the shared compiled function, with the input dtype made uniform."""
+
+    _flags: dict[tuple[torch.device, bool], torch.Tensor] = {}
+
+    def __init__(self, compiled: Callable[..., torch.Tensor], block: torch.nn.Module) -> None:
+        self.compiled = compiled
+        self.block = block
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor, tproj: torch.Tensor,
+                 rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        device = x.device.type
+        half = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (x.device, x.dtype != torch.float32)
+        flag = self._flags.get(key)
+        if flag is None:  # made once per device: no host-to-device copy per block
+            flag = self._flags[key] = torch.tensor(key[1], device=x.device)
+        return self.compiled(self.block, x.float(), context, tproj, rotary, flag, half)
 
 
 def pad_context(context: torch.Tensor, text_len: int) -> torch.Tensor:

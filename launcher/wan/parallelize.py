@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 class UlyssesSequence:
     """The sequence split over one branch's sp group, attention through Ulysses all-to-all."""
 
-    def __init__(self, group: "dist.ProcessGroup", rank: int, size: int) -> None:
+    def __init__(self, group: "dist.ProcessGroup", rank: int, size: int, kernel: str = "sdpa") -> None:
         self.group = group
         self.rank = rank
         self.size = size
+        self.kernel = kernel
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         from parallel.ulysses import split_sequence
@@ -46,7 +47,7 @@ class UlyssesSequence:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_len: int) -> torch.Tensor:
         from parallel.ulysses import ulysses_attention
 
-        return ulysses_attention(q, k, v, self.group, valid_len=valid_len, backend="auto")
+        return ulysses_attention(q, k, v, self.group, valid_len=valid_len, kernel=self.kernel)
 
     def local_valid(self, valid_len: int) -> int:
         chunk = -(-valid_len // self.size)
@@ -57,16 +58,16 @@ class RingUlyssesSequence(UlyssesSequence):
     """The sequence split over ring x Ulysses ranks (ring outer); attention is USP: Ulysses
     all-to-all inside the Ulysses group, then the k/v ring over the ring group."""
 
-    def __init__(self, group: "dist.ProcessGroup", rank: int, size: int, *,
+    def __init__(self, group: "dist.ProcessGroup", rank: int, size: int, kernel: str = "sdpa", *,
                  ulysses_group: "dist.ProcessGroup | None", ring_group: "dist.ProcessGroup") -> None:
-        super().__init__(group, rank, size)
+        super().__init__(group, rank, size, kernel)
         self.ulysses_group = ulysses_group
         self.ring_group = ring_group
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_len: int) -> torch.Tensor:
         from parallel.ring import usp_attention
 
-        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, valid_len=valid_len, backend="auto")
+        return usp_attention(q, k, v, self.ulysses_group, self.ring_group, valid_len=valid_len, kernel=self.kernel)
 
 
 class CfgParallelBranches:
@@ -97,7 +98,7 @@ class ParallelWan:
 
 def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "UMT5EncoderModel",
                     mesh: "ParallelMesh | None", *, dit_fsdp: bool, t5_fsdp: bool,
-                    dit_compute_dtype: torch.dtype | None = None) -> ParallelWan:
+                    dit_compute_dtype: torch.dtype | None = None, attention: str = "sdpa") -> ParallelWan:
     """Shard the meta-built modules in place for this rank's mesh (None: one process, nothing to do).
 
     `dit_compute_dtype`: with FSDP, the dtype DiT blocks are all-gathered and computed in (official
@@ -106,17 +107,17 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
     FSDP applies over the sp group only: with sp = 1 there is nothing to shard a block over, so the
     flags are accepted and the blocks stay whole (as official does with a single rank).
     """
-    sharding: SequenceSharding = LocalSequence()
+    sharding: SequenceSharding = LocalSequence(attention)
     exchange: BranchExchange = SerialBranches()
     fsdp_mesh = None
     if mesh is not None and mesh.dims.sp > 1:
         if mesh.dims.ring > 1:
-            sharding = RingUlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp,
+            sharding = RingUlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp, attention,
                                            ulysses_group=mesh.ulysses_group, ring_group=mesh.ring_group)
         else:
-            sharding = UlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp)
+            sharding = UlyssesSequence(mesh.sp_group, mesh.sp_rank, mesh.dims.sp, attention)
         if dit_fsdp or t5_fsdp:
-            fsdp_mesh = mesh.submesh("sp")
+            fsdp_mesh = mesh.fsdp_mesh()
     if mesh is not None and mesh.dims.cfg > 1:
         exchange = CfgParallelBranches(mesh.cfg_group, mesh.cfg_rank)
     shard_dit, shard_t5 = dit_fsdp and fsdp_mesh is not None, t5_fsdp and fsdp_mesh is not None

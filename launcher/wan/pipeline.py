@@ -19,6 +19,7 @@ from PIL import Image
 from launcher.wan import conditioning as cond
 from launcher.wan.dit import WanDiT, pad_context
 from launcher.wan.residency import HostResident
+from launcher.wan.threads import cpu_phase
 from magcache.controller import BlockRunner
 from launcher.wan.solvers import make_scheduler
 from launcher.wan.tasks import TaskSpec
@@ -155,8 +156,10 @@ class WanPipeline:
 
         if self.m.offload_text_encoder:
             self.m.text_encoder.to(self.m.text_device)
-        ctx = encode_prompts(self.m.tokenizer, self.m.text_encoder, prompts, text_len=self.m.task.text_len,
-                             device=self.m.text_device)
+        on_cpu = cpu_phase() if self.m.text_device.type == "cpu" else contextlib.nullcontext()
+        with on_cpu:  # --t5_cpu: T5-XXL with the rank's cores, not torchrun's one thread
+            ctx = encode_prompts(self.m.tokenizer, self.m.text_encoder, prompts, text_len=self.m.task.text_len,
+                                 device=self.m.text_device)
         if self.m.offload_text_encoder:
             self.m.text_encoder.to("cpu")
             torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ def threads() -> int:
 
 before = threads()
 with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
-    pm = ParallelDims.from_world(ctx.world_size, sp=ctx.world_size, cfg=1).build(ctx)
+    pm = ParallelDims.from_world(ctx.world_size, ulysses=ctx.world_size, cfg=1).build(ctx)
     during = threads()
     value = torch.ones(4)
     dist.all_reduce(value, group=pm.sp_group)

@@ -60,7 +60,7 @@ def status_kib(field: str) -> int:
 def main() -> None:
     ckpt = sys.argv[1]
     with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
-        pm = ParallelDims.from_world(ctx.world_size, sp=ctx.world_size).build(ctx)
+        pm = ParallelDims.from_world(ctx.world_size, ulysses=ctx.world_size).build(ctx)
         with torch.device("meta"):
             model = TinyDiT()
         sharded_blocks = shard_modules(list(model.blocks), pm.submesh("sp"))

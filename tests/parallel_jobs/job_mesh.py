@@ -3,7 +3,7 @@
 Written as a flat script on purpose: the context, the mesh and the agree callable are module
 globals, which is exactly how the exit abort used to happen (groups alive into interpreter exit).
 
-Args: SP CFG [AGREE_CALLS]
+Args: SP CFG [AGREE_CALLS] [RING]  (SP: the Ulysses degree)
 """
 import sys
 import time
@@ -19,11 +19,21 @@ from spawn import emit
 
 sp, cfg = int(sys.argv[1]), int(sys.argv[2])
 calls = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+ring = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 
 with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
-    pm = ParallelDims.from_world(ctx.world_size, sp=sp, cfg=cfg).build(ctx)
-    ranks = {n: dist.get_process_group_ranks(pm.group(n)) if pm.dims.degree(n) > 1 else [ctx.rank]
-             for n in ("dp", "cfg", "sp")}
+    pm = ParallelDims.from_world(ctx.world_size, ulysses=sp, cfg=cfg, ring=ring).build(ctx)
+    names = ("dp", "cfg", "ring", "ulysses", "sp", "replica")
+    ranks = {n: dist.get_process_group_ranks(pm.group(n)) if pm.dims.degree(n) > 1 else [ctx.rank] for n in names}
+    backends = {n: dist.get_backend(pm.group(n)) for n in names if pm.group(n) is not None}
+    mesh = pm.device_mesh
+    mesh_dims = list(mesh.mesh_dim_names) if mesh is not None else []
+    # the DeviceMesh wraps the enumerated groups themselves, and the flattened dims are 1-D meshes of theirs
+    wraps = all(mesh.get_group(n) is pm.group(n) for n in mesh_dims) and all(
+        pm.submesh(n).get_group() is pm.group(n) for n in ("sp", "replica") if pm.group(n) is not None)
+    fsdp = pm.fsdp_mesh()
+    fsdp_info = None if fsdp is None else dict(ranks=dist.get_process_group_ranks(fsdp.get_group()),
+                                               own=fsdp.get_group() is not pm.sp_group)
     agree = agree_min(pm.branch_cpu_group)
     # Round r: only global rank r votes "cannot skip"; the others say "may skip".
     votes = [agree(ctx.rank != r) for r in range(ctx.world_size)]
@@ -55,6 +65,7 @@ with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as c
         per_call_us, raw_us = (spent[k] / (calls // 20 * 20) * 1e6 for k in ("agree", "raw"))
     emit(dict(rank=ctx.rank, world=ctx.world_size, kind=ctx.env.kind,
               master=[ctx.env.master_addr, ctx.env.master_port],
-              coords=dict(dp=pm.dp_rank, cfg=pm.cfg_rank, sp=pm.sp_rank), ranks=ranks,
+              coords=dict(dp=pm.dp_rank, cfg=pm.cfg_rank, sp=pm.sp_rank), ranks=ranks, backends=backends,
+              mesh_dims=mesh_dims, wraps=wraps, fsdp=fsdp_info, replica_rank=pm.replica_rank,
               branch=dist.get_process_group_ranks(pm.branch_cpu_group) if pm.branch_cpu_group else [ctx.rank],
               votes=votes, branch_sum=branch_sum, world_votes=world_votes, exchanged=exchanged, agree_us=per_call_us, raw_allreduce_us=raw_us))

@@ -33,7 +33,7 @@ def main() -> None:
         report = {"rank": ctx.rank, "cases": [], "groups": {}}
         layouts = [(r, u) for r, u in ((2, 1), (4, 1), (2, 2)) if ctx.world_size % (r * u) == 0]
         for ring, uly in layouts:
-            pm = ParallelDims.from_world(ctx.world_size, sp=uly, ring=ring).build(ctx)
+            pm = ParallelDims.from_world(ctx.world_size, ulysses=uly, ring=ring).build(ctx)
             report["groups"][f"{ring}x{uly}"] = {"ring": members(pm.ring_group),
                                                  "ulysses": members(pm.ulysses_group), "sp": members(pm.sp_group)}
             for length in LENGTHS:

@@ -25,7 +25,7 @@ def main() -> None:
     with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
         report = dict(rank=ctx.rank, cases=[])
         for sp in [d for d in (2, 4) if ctx.world_size % d == 0]:
-            pm = ParallelDims.from_world(ctx.world_size, sp=sp).build(ctx)
+            pm = ParallelDims.from_world(ctx.world_size, ulysses=sp).build(ctx)
             for length in LENGTHS:
                 gen = torch.Generator().manual_seed(length)
                 q, k, v = (torch.randn(B, length, H, D, generator=gen) for _ in range(3))

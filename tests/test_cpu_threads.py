@@ -1,0 +1,56 @@
+"""launcher.wan.threads: CPU phases use the rank's cores under torchrun's OMP_NUM_THREADS=1, then give them back."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from launcher.wan.threads import cpu_phase, rank_cores
+
+
+def test_cpu_phase_uses_the_ranks_share_and_restores_one_thread(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        with cpu_phase() as n:
+            assert n == torch.get_num_threads() == rank_cores() == cores
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more ranks than cores: one thread each
+        with cpu_phase() as n:
+            assert n == 1
+        with cpu_phase(threads=3):
+            assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_loading_the_models_runs_with_the_ranks_cores(tiny_ckpt, monkeypatch):
+    """Reading, dtype conversion and LoRA merges happen inside load_module: it sees the rank's cores."""
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.config import run_config_from_flags
+    from launcher.engine import models
+    from launcher.engine.placement import placement_for
+
+    seen: list[int] = []
+    real = models.load_module
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_module", recording)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    ckpt = tiny_ckpt("ti2v-5B")
+    config = run_config_from_flags({"prompt": "a cat", "ckpt_dir": str(ckpt), "task": "ti2v-5B", "device": "cpu"},
+                                   check_paths=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models.load_models(config, inspect_checkpoint(ckpt, config.task), placement_for(config))
+        assert seen and set(seen) == {rank_cores()}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
