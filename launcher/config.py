@@ -17,6 +17,7 @@ from typing import Any, Literal
 from launcher.errors import InputError
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
+from launcher.wan.quantize import QuantizeSpecError, QuantSpec
 
 
 class UsageError(InputError):
@@ -282,6 +283,8 @@ class RunConfig:
     loras: tuple[LoraSpec, ...]
     #: "auto": every rank of a generation decodes a band of rows (launcher.wan.vae_parallel); "off": one rank
     vae_parallel: Literal["auto", "off"] = "auto"
+    #: --quantize and its schedule (launcher.wan.quantize)
+    quantization: QuantSpec = QuantSpec()
 
     @property
     def max_area(self) -> int:
@@ -418,6 +421,16 @@ def resolve_sampling(flags: Mapping[str, Any]) -> tuple[TaskSpec, int, float, So
     return spec, steps, shift, f["sample_solver"]
 
 
+def parse_quantization(flags: Mapping[str, Any], task: TaskSpec) -> QuantSpec:
+    """--quantize and its schedule flags, checked before anything loads."""
+    f = with_defaults(flags)
+    try:
+        return QuantSpec.from_flags(f["quantize"], f["quantize_steps"], f["quantize_blocks"], f["quantize_experts"],
+                                    task.experts)
+    except QuantizeSpecError as e:
+        raise UsageError(str(e)) from None
+
+
 def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False,
                           check_paths: bool = True) -> RunConfig:
     """The CLI's flag dict (names as Typer passes them; missing ones take their declared default)
@@ -488,4 +501,5 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         offload_model=parse_bool(f["offload_model"], "--offload_model"),
         dist_timeout_s=f["dist_timeout"], magcache=magcache, **outputs, **passthrough,
         loras=parse_loras(f, spec, check_paths=check_paths),
+        quantization=parse_quantization(f, spec),
     )

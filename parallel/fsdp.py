@@ -65,6 +65,8 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
     Call on a model built on the meta device, before `load_sharded`. A missing or size-1 mesh
     shards nothing, so single-rank and dp-only runs go through the same code. `param_dtype`: the
     dtype parameters are all-gathered and used in (None: as stored); shards stay as stored.
+    Submodules marked `fsdp_keep_dtype` (8-bit quantized layers) form one extra unit per module
+    whose parameters are all-gathered as stored, never cast to `param_dtype`.
     """
     if mesh is None or mesh.size() == 1:
         return 0
@@ -72,6 +74,10 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
         raise ValueError(f"shard_modules takes a 1-D mesh (e.g. ParallelMesh.submesh('sp')), got {mesh.ndim}-D")
     count = 0
     for module in modules:
+        keep = [m for m in module.modules() if m is not module and getattr(m, "fsdp_keep_dtype", False)]
+        if keep:  # one unit for them, all-gathered as stored (8-bit weights stay 8-bit on the wire)
+            fully_shard(keep, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=mixed_precision(None))
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward,
                     mp_policy=mixed_precision(param_dtype))
         count += 1

@@ -37,6 +37,8 @@ def flags_of(config: "RunConfig") -> dict[str, Any]:
             value = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(value).items()}
         elif isinstance(value, Path):
             value = str(value)
+        elif f.name == "quantization":
+            value = value.describe()
         elif f.name == "loras":
             value = [{"file": str(s.path), "scale": s.scale, "expert": s.expert} for s in value]
         elif isinstance(value, tuple):
