@@ -118,3 +118,15 @@ def test_wan_policy_replaces_block_linears_only(tiny_ckpt):
 def test_bad_specs_refused(args):
     with pytest.raises(QuantizeSpecError):
         QuantSpec.from_flags(*args, task_experts=("single",))
+
+
+@pytest.mark.parametrize("mode, dtype", [("fp8", "torch.float8_e4m3fn"), ("int8", "torch.int8")])
+def test_fsdp_gathers_8bit_rows_as_stored(mode, dtype):
+    from parallel_jobs.spawn import run_job
+
+    run = run_job("job_quant_fsdp.py", 2, mode)
+    assert run.ok, run.output[-4000:]
+    for rank, res in run.by_rank().items():
+        assert res["is_dtensor"] and res["local_rows"] == 40 and res["local_dtype"] == dtype
+        assert res["seen_dtype"] == [dtype]  # unsharded for the forward, still 8-bit (not bf16)
+        assert res["max_err"] < 1e-6, res
