@@ -120,6 +120,7 @@ def test_bad_specs_refused(args):
         QuantSpec.from_flags(*args, task_experts=("single",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, dtype", [("fp8", "torch.float8_e4m3fn"), ("int8", "torch.int8")])
 def test_fsdp_gathers_8bit_rows_as_stored(mode, dtype):
     from parallel_jobs.spawn import run_job
