@@ -256,6 +256,42 @@ def submit(
 
 
 @app.command()
+def quantize(
+    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
+    ckpt_dir: Annotated[Optional[Path], typer.Option("--ckpt-dir", "--ckpt_dir", help="the checkpoint to quantize (official or diffusers layout)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the quantized copy (same layout; other files hard-linked)")] = None,
+    mode: Annotated[str, typer.Option("--quantize", help="fp8 or int8")] = "fp8",
+    blocks: Annotated[str, typer.Option("--quantize-blocks", "--quantize_blocks", help="START:STOP slice of the DiT blocks quantized (default : = all)")] = ":",
+    experts: Annotated[str, typer.Option("--quantize-experts", "--quantize_experts", help="both, high or low")] = "both",
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="FILE[:SCALE] merged into every expert before quantizing (repeatable)")] = None,
+    lora_high: Annotated[Optional[list[str]], typer.Option("--lora-high", "--lora_high", help="FILE[:SCALE] for the high-noise expert")] = None,
+    lora_low: Annotated[Optional[list[str]], typer.Option("--lora-low", "--lora_low", help="FILE[:SCALE] for the low-noise expert")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
+) -> None:
+    """Write an FP8/INT8 copy of a checkpoint once (later runs load it without quantizing)."""
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.checkpoint.lora import plan_loras
+    from launcher.config import parse_loras, parse_quantization
+    from launcher.engine.quantized_export import write_quantized_checkpoint
+    from launcher.outputs.atomic import sha256_of
+    from launcher.wan.tasks import TASKS
+
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+    if ckpt_dir is None or out is None:
+        raise UsageError("quantize needs --ckpt_dir (the source) and --out (the folder to write)")
+    spec = TASKS[task]
+    flags = {"quantize": mode, "quantize_blocks": blocks, "quantize_experts": experts, "lora": lora,
+             "lora_high": lora_high, "lora_low": lora_low}
+    qspec = parse_quantization(flags, spec)
+    info = inspect_checkpoint(ckpt_dir, spec)
+    plan = plan_loras(parse_loras(flags, spec), {e: info.transformer_weights[e].shapes for e in spec.experts}, task)
+    records = [r.to_json(sha256_of(r.file)) for r in plan.reports]
+    manifest = write_quantized_checkpoint(info, qspec, out, loras=plan, lora_records=records, overwrite=overwrite)
+    print(f"wrote {out} ({qspec.mode}; {', '.join(f'{e}: {n} linears' for e, n in manifest['quantized_linears'].items())})")
+
+
+@app.command()
 def compare(
     a: Annotated[Path, typer.Argument(metavar="A", help="reference: an .mp4, a folder of PNG frames, or a --save-latents .safetensors")],
     b: Annotated[Path, typer.Argument(metavar="B", help="the video measured against A: same kind and shape")],

@@ -119,3 +119,36 @@ def test_broken_file_exits_2(comfy, tmp_path, capsys):
                  "--prompt", "a cat", "--save_file", str(tmp_path / "v.mp4"), "--quantize", "fp8"])
     assert code == 2
     assert "has shape [3, 2]" in capsys.readouterr().err
+
+
+def test_quantize_command_writes_a_checkpoint_that_loads_equal(tiny_ckpt, tmp_path):
+    import json
+
+    from e2e_helpers import generate
+
+    from launcher.outputs.atomic import sha256_of
+
+    src = tiny_ckpt(TASK)
+    out = tmp_path / "fp8"
+    flags = ["--quantize", "fp8", "--quantize-blocks", "1:"]
+    assert main(["quantize", "--task", TASK, "--ckpt_dir", str(src), "--out", str(out), *flags]) == 0
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert (manifest["quantize"], manifest["blocks"], manifest["experts"]) == ("fp8", "1:", "both")
+    assert manifest["source"]["files"] and all(sha256_of(src / rel) == h for rel, h in manifest["source"]["files"].items())
+    assert all(sha256_of(out / rel) == h for rel, h in manifest["written"].items())
+    info = inspect_checkpoint(out, TASKS[TASK])
+    assert {e: p.format for e, p in info.prequantized.items()} == {"high": "per-channel-fp8", "low": "per-channel-fp8"}
+    a = generate(out, tmp_path / "a", TASK, *flags)["_latents"]
+    b = generate(src, tmp_path / "b", TASK, *flags)["_latents"]
+    assert torch.equal(a, b)  # the stored bytes are what quantizing at load makes
+    assert main(["quantize", "--task", TASK, "--ckpt_dir", str(src), "--out", str(out), *flags]) == 2  # not empty
+
+
+def test_quantize_command_int8_ti2v(tiny_ckpt, tmp_path):
+    out = tmp_path / "int8"
+    assert main(["quantize", "--task", "ti2v-5B", "--ckpt_dir", str(tiny_ckpt("ti2v-5B")), "--out", str(out),
+                 "--quantize", "int8"]) == 0
+    info = inspect_checkpoint(out, TASKS["ti2v-5B"])
+    assert info.prequantized["single"].format == "per-channel-int8"
+    model = _load(info, "single", QuantSpec.from_flags("int8", ":", ":", "both", ("single",)))
+    assert model.blocks[0].ffn.net[2].weight.dtype == torch.int8
