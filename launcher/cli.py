@@ -14,6 +14,7 @@ from launcher.config import (
     check_output_location,
     cond_only_experts,
     distilled_magcache_warning,
+    parse_bool,
     parse_guide_scale,
     parse_timesteps,
     resolve_sampling,
@@ -147,7 +148,8 @@ def plan(
                                gpus_per_node=cluster["gpus_per_node"], calibration_file=cluster["calibration"],
                                magcache=bool(f["use_magcache"]),
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
-                               vae_parallel=f["vae_parallel"] != "off")
+                               vae_parallel=f["vae_parallel"] != "off", quant=f["quantize"],
+                               offload_model=parse_bool(f["offload_model"], "--offload_model"), t5_cpu=f["t5_cpu"])
     if as_json:
         print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
                                          target=target), **(layouts or {})}))
