@@ -23,7 +23,9 @@ the others, and the JSON records each step's status, seconds and figures or erro
 - S5 one-rank NCCL + gloo groups, a 2-D mesh (`split_group` on the mixed parent) with its gloo
   twin, and an FSDP2-loaded model equal to a plainly loaded one;
 - S6 Wan2.2 VAE decode peak memory at 1280*704 (random weights, real config), and what that means
-  next to the ti2v-5B DiT on a 24 GB card with and without `--offload_model`.
+  next to the ti2v-5B DiT on a 24 GB card with and without `--offload_model`;
+- S7 FP8 (sm89+) and INT8 linears at A14B dims against bf16 (ms, TFLOP/s, error against float32)
+  and one block with `--quantize fp8` / `int8` (benchmarks/gpu_quant.py).
 
 Under `--rehearse` the same code runs on the CPU with tiny sizes: figures are recorded as a
 rehearsal and never rendered as GPU figures.
@@ -59,8 +61,8 @@ MARKDOWN = ROOT / "BENCHMARKS.md"
 SECTION = "gpu-check"
 STEP_PREFIX = "GPUCHECK "
 #: seconds per step on a GPU (the whole run stays under ~8 minutes); rehearsal gets its own budget
-TIMEOUTS = {"S0": 60, "S1": 30, "S2": 90, "S3": 200, "S4": 200, "S5": 60, "S6": 90}
-REHEARSAL_TIMEOUTS = {"S0": 60, "S1": 60, "S2": 240, "S3": 900, "S4": 300, "S5": 120, "S6": 120}
+TIMEOUTS = {"S0": 60, "S1": 30, "S2": 90, "S3": 200, "S4": 200, "S5": 60, "S6": 90, "S7": 120}
+REHEARSAL_TIMEOUTS = {"S0": 60, "S1": 60, "S2": 240, "S3": 900, "S4": 300, "S5": 120, "S6": 120, "S7": 120}
 TASK_FOLDERS = {"t2v-A14B": ("high_noise_model", "low_noise_model"), "i2v-A14B": ("high_noise_model", "low_noise_model"),
                 "ti2v-5B": (".",)}
 
@@ -504,6 +506,12 @@ def step_s6(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def step_s7(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.gpu_quant import step_quant  # the step's body lives with the quantization benchmarks
+
+    return step_quant(args, device_of=_device, timed=_timed, rel=_rel)
+
+
 STEPS: dict[str, tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "S0": ("versions and device", step_s0),
     "S1": ("CUDA noise equals official's draw", step_s1),
@@ -512,6 +520,7 @@ STEPS: dict[str, tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "S4": ("A14B block dims: ours vs diffusers, bf16 error, compile", step_s4),
     "S5": ("NCCL + gloo groups, 2-D mesh, FSDP2 load", step_s5),
     "S6": ("VAE decode peak at 1280*704", step_s6),
+    "S7": ("FP8/INT8 linears at A14B dims vs bf16, one block with --quantize", step_s7),
 }
 
 

@@ -38,7 +38,7 @@ def test_rehearsal_runs_every_step_and_renders_no_gpu_figures(tmp_path):
     record = json.loads((tmp_path / "gpu-rehearsal-cpu.json").read_text())
     assert record["flags"]["rehearse"] is True
     steps = record["figures"]
-    assert list(steps) == ["S0", "S1", "S2", "S3", "S4", "S5", "S6"]
+    assert list(steps) == ["S0", "S1", "S2", "S3", "S4", "S5", "S6", "S7"]
     assert all(s["status"] == "ok" for s in steps.values()), {k: v["status"] for k, v in steps.items()}
     assert steps["S1"]["figures"]["equal_to_official"] is True
     assert steps["S2"]["figures"]["worst_rel"] == 0.0  # CPU against CPU: the rehearsal compares like with like
@@ -47,5 +47,7 @@ def test_rehearsal_runs_every_step_and_renders_no_gpu_figures(tmp_path):
     assert all(r["skipped"] == r["planned"] and r["skipped"] for r in runs)
     assert steps["S4"]["figures"]["compile"]["compiled_vs_eager_rel"] < 1e-2  # bf16 autocast, fused vs eager
     assert steps["S5"]["figures"]["fsdp_rel"] <= 1e-6
+    quant = steps["S7"]["figures"]  # fp8 and int8 linears and one quantized block, close to float32
+    assert set(quant["block"]) == {"bf16", "fp8", "int8"} and quant["linears"]["ffn_up"]["fp8"]["rel"] < 0.06
     # the rehearsal is not a GPU measurement: the section says no GPU has run it
     assert "No GPU has run" in markdown.read_text()
