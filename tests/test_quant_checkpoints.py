@@ -61,6 +61,7 @@ def test_prequantized_fp8_loads_as_stored(request, which, fmt, prefix):
     assert type(plain) is torch.nn.Linear and torch.equal(plain.weight, w0.float() * s0.float())
 
 
+@pytest.mark.slow
 def test_comfy_fp8_scaled_generates(comfy, tmp_path):
     from e2e_helpers import generate
 
@@ -121,6 +122,7 @@ def test_broken_file_exits_2(comfy, tmp_path, capsys):
     assert "has shape [3, 2]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_command_writes_a_checkpoint_that_loads_equal(tiny_ckpt, tmp_path):
     import json
 
