@@ -31,7 +31,7 @@ class QuantizingSource:
         self._base = base
         self._targets = dict(targets)
         self._scales = {scale_key(k): k for k in self._targets}
-        self.fresh_tensors = True
+        self.fresh_tensors = getattr(base, "fresh_tensors", False)  # pass-through tensors are the base's
         self._keys = {k: None for k in (*base.keys(), *self._scales)}
         self._last: tuple[tuple[str, int | None, int | None], tuple[torch.Tensor, torch.Tensor]] | None = None
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from parallel_jobs.tiny_blocks import DictRows
+
 from launcher.wan.quantize import BLOCK_LINEARS, QuantSpec, QuantizeSpecError, quantize_model, step_switch
 from quant.linear import QMAX, Precision, QuantLinear, dequantize_rows, quantize_rows
 from quant.source import QuantizingSource
@@ -58,37 +60,14 @@ def test_rows_quantize_independently(mode):
     assert s[3] == 1 and not dequantize_rows(q, s)[3].any()
 
 
-class _Dict:
-    def __init__(self, d):
-        self.d = d
-
-    def keys(self):
-        return self.d.keys()
-
-    def shape(self, k):
-        return tuple(self.d[k].shape)
-
-    def get(self, k):
-        return self.d[k]
-
-    def get_slice(self, k, a, b):
-        return self.d[k][a:b]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *e):
-        pass
-
-
 def test_quantizing_source_rows_equal_whole():
-    base = _Dict({"l.weight": torch.randn(12, 8), "l.bias": torch.randn(12), "other": torch.randn(3)})
+    base = DictRows({"l.weight": torch.randn(12, 8), "l.bias": torch.randn(12), "other": torch.randn(3)})
     src = QuantizingSource(base, {"l.weight": "int8"})
     assert set(src.keys()) == {"l.weight", "l.bias", "other", "l.weight_scale"} and src.shape("l.weight_scale") == (12,)
     whole, scale = src.get("l.weight"), src.get("l.weight_scale")
     assert torch.equal(src.get_slice("l.weight", 4, 8), whole[4:8])
     assert torch.equal(src.get_slice("l.weight_scale", 4, 8), scale[4:8])
-    assert torch.equal(src.get("other"), base.d["other"])
+    assert torch.equal(src.get("other"), base.state["other"])
 
 
 def test_wan_policy_replaces_block_linears_only(tiny_ckpt):

@@ -131,7 +131,7 @@ class PrequantizedSource:
         self._base = base
         self._pre = pre
         self._scales = open_source(pre.scales)
-        self.fresh_tensors = True
+        self.fresh_tensors = getattr(base, "fresh_tensors", False)  # pass-through tensors are the base's
 
     def __enter__(self) -> "PrequantizedSource":
         self._base.__enter__()

@@ -18,6 +18,7 @@ from parallel.mesh import ParallelDims
 from quant.linear import QuantLinear
 from quant.source import QuantizingSource
 from spawn import emit
+from tiny_blocks import DictRows
 
 DIM, HIDDEN, BLOCKS = 32, 80, 3
 
@@ -31,29 +32,6 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gain * self.down(torch.nn.functional.gelu(self.up(x)))
-
-
-class Rows:
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def keys(self):
-        return self.state.keys()
-
-    def shape(self, key):
-        return tuple(self.state[key].shape)
-
-    def get(self, key):
-        return self.state[key].clone()
-
-    def get_slice(self, key, start, stop):
-        return self.state[key][start:stop].clone()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def build(mode: str) -> tuple[nn.Sequential, dict[str, str]]:
@@ -79,7 +57,7 @@ def main() -> None:
         with torch.device("meta"):
             model, targets = build(mode)
         stack = shard_stack(list(model), pm.submesh("sp"), param_dtype=torch.bfloat16)
-        load_sharded(model, QuantizingSource(Rows(state), targets), device="cpu")
+        load_sharded(model, QuantizingSource(DictRows(state), targets), device="cpu")
         seen = []
         model[1].up.register_forward_pre_hook(lambda m, args: seen.append(str(m.weight.dtype)))
         local = model[1].up.weight
@@ -87,7 +65,7 @@ def main() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = stack(x)
         reference, ref_targets = build(mode)
-        ref_state = QuantizingSource(Rows(state), ref_targets)
+        ref_state = QuantizingSource(DictRows(state), ref_targets)
         reference.load_state_dict({k: ref_state.get(k) for k in ref_state.keys()})
         for i in range(BLOCKS):  # one process's blocks in the same bf16 mixed precision
             reference[i].gain.data = reference[i].gain.data.to(torch.bfloat16)
