@@ -65,7 +65,10 @@ def _quantize_tokens(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, K] activations times an fp8 [N, K] weight with per-row `scale` [N] -> [M, N] in `out_dtype`."""
     xq, xs = _quantize_tokens(x, "fp8")
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None, :], out_dtype=out_dtype)
+    # cuBLASLt's row-wise scaling writes bfloat16 only: a float32 run gets the bf16 product widened
+    direct = out_dtype if not xq.is_cuda else torch.bfloat16
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float()[None, :], out_dtype=direct)
+    return y.to(out_dtype)
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
