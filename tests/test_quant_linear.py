@@ -100,7 +100,7 @@ def test_bad_specs_refused(args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, dtype", [("fp8", "torch.float8_e4m3fn"), ("int8", "torch.int8")])
+@pytest.mark.parametrize("mode, dtype", [("fp8", "torch.float8_e4m3fn")])  # fp8 is the one FSDP2 would cast
 def test_fsdp_gathers_8bit_rows_as_stored(mode, dtype):
     from parallel_jobs.spawn import run_job
 
