@@ -58,6 +58,10 @@ def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
+def _kept_dtype_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if m is not module and getattr(m, "fsdp_keep_dtype", False)]
+
+
 def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
                   reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> int:
     """`fully_shard` each module over a 1-D mesh (the sp group); returns how many were sharded.
@@ -74,7 +78,7 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
         raise ValueError(f"shard_modules takes a 1-D mesh (e.g. ParallelMesh.submesh('sp')), got {mesh.ndim}-D")
     count = 0
     for module in modules:
-        keep = [m for m in module.modules() if m is not module and getattr(m, "fsdp_keep_dtype", False)]
+        keep = _kept_dtype_modules(module)
         if keep:  # one unit for them, all-gathered as stored (8-bit weights stay 8-bit on the wire)
             fully_shard(keep, mesh=mesh, reshard_after_forward=reshard_after_forward,
                         mp_policy=mixed_precision(None))
@@ -113,7 +117,8 @@ def shard_stack(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
     stack = SequentialStack(blocks)
     fully_shard(stack, mesh=mesh, mp_policy=mixed_precision(param_dtype))
     for current, following in zip(blocks, blocks[1:]):
-        current.set_modules_to_forward_prefetch([following])
+        # the next block's own unit and, when it has one, its unit of as-stored (8-bit) layers
+        current.set_modules_to_forward_prefetch([following, *_kept_dtype_modules(following)[:1]])
     return stack
 
 
