@@ -11,6 +11,7 @@ import typer
 from launcher.config import (
     check_output_location,
     distilled_magcache_warning,
+    parse_bool,
     with_defaults,
     run_config_from_flags,
 )
@@ -148,7 +149,8 @@ def plan(
                                gpus_per_node=cluster["gpus_per_node"], calibration_file=cluster["calibration"],
                                magcache=bool(f["use_magcache"]),
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
-                               vae_parallel=f["vae_parallel"] != "off")
+                               vae_parallel=f["vae_parallel"] != "off", quant=f["quantize"],
+                               offload_model=parse_bool(f["offload_model"], "--offload_model"), t5_cpu=f["t5_cpu"])
     attention = attention_here(f["attention"])
     if as_json:
         print(json.dumps({**plan_to_json(setup, extra_warnings=extra), **(layouts or {}), "attention": attention}))
@@ -271,6 +273,42 @@ def submit(
     if fields.get("image") is not None:
         fields["image"] = image_field(fields["image"])
     raise typer.Exit(run_submit(server, {"prompt": prompt, **fields}, token=token, out=out, wait=wait))
+
+
+@app.command()
+def quantize(
+    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
+    ckpt_dir: Annotated[Optional[Path], typer.Option("--ckpt-dir", "--ckpt_dir", help="the checkpoint to quantize (official or diffusers layout)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the quantized copy (same layout; other files hard-linked)")] = None,
+    mode: Annotated[str, typer.Option("--quantize", help="fp8 or int8")] = "fp8",
+    blocks: Annotated[str, typer.Option("--quantize-blocks", "--quantize_blocks", help="START:STOP slice of the DiT blocks quantized (default : = all)")] = ":",
+    experts: Annotated[str, typer.Option("--quantize-experts", "--quantize_experts", help="both, high or low")] = "both",
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="FILE[:SCALE] merged into every expert before quantizing (repeatable)")] = None,
+    lora_high: Annotated[Optional[list[str]], typer.Option("--lora-high", "--lora_high", help="FILE[:SCALE] for the high-noise expert")] = None,
+    lora_low: Annotated[Optional[list[str]], typer.Option("--lora-low", "--lora_low", help="FILE[:SCALE] for the low-noise expert")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
+) -> None:
+    """Write an FP8/INT8 copy of a checkpoint once (later runs load it without quantizing)."""
+    from launcher.checkpoint import inspect_checkpoint
+    from launcher.checkpoint.lora import plan_loras
+    from launcher.config import parse_loras, parse_quantization
+    from launcher.engine.quantized_export import write_quantized_checkpoint
+    from launcher.outputs.atomic import sha256_of
+    from launcher.wan.tasks import TASKS
+
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+    if ckpt_dir is None or out is None:
+        raise UsageError("quantize needs --ckpt_dir (the source) and --out (the folder to write)")
+    spec = TASKS[task]
+    flags = {"quantize": mode, "quantize_blocks": blocks, "quantize_experts": experts, "lora": lora,
+             "lora_high": lora_high, "lora_low": lora_low}
+    qspec = parse_quantization(flags, spec)
+    info = inspect_checkpoint(ckpt_dir, spec)
+    plan = plan_loras(parse_loras(flags, spec), {e: info.transformer_weights[e].shapes for e in spec.experts}, task)
+    records = [r.to_json(sha256_of(r.file)) for r in plan.reports]
+    manifest = write_quantized_checkpoint(info, qspec, out, loras=plan, lora_records=records, overwrite=overwrite)
+    print(f"wrote {out} ({qspec.mode}; {', '.join(f'{e}: {n} linears' for e, n in manifest['quantized_linears'].items())})")
 
 
 @app.command()

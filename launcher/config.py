@@ -22,6 +22,7 @@ from launcher.errors import InputError, UsageError
 from launcher.preflight import check_checkpoint_files, lora_header
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
+from launcher.wan.quant_schedule import QuantizeSpecError, QuantSpec
 
 
 #: --dist-timeout that outlasts a cold --compile of the DiT block (minutes on 8 ranks sharing the CPU for Triton)
@@ -296,8 +297,11 @@ class RunConfig:
     loras: tuple[LoraSpec, ...]
     #: "auto": every rank of a generation decodes a band of rows (launcher.wan.vae_parallel); "off": one rank
     vae_parallel: Literal["auto", "off"] = "auto"
+
     #: --attention as given (parallel.attention resolves it on the rank's device: Placement.attention)
     attention: str = "auto"
+    #: --quantize and its schedule (launcher.wan.quantize)
+    quantization: QuantSpec = QuantSpec()
 
     @property
     def max_area(self) -> int:
@@ -450,6 +454,16 @@ def resolve_sampling(flags: Mapping[str, Any]) -> tuple[TaskSpec, int, float, So
     return spec, steps, shift, f["sample_solver"]
 
 
+def parse_quantization(flags: Mapping[str, Any], task: TaskSpec) -> QuantSpec:
+    """--quantize and its schedule flags, checked before anything loads."""
+    f = with_defaults(flags)
+    try:
+        return QuantSpec.from_flags(f["quantize"], f["quantize_steps"], f["quantize_blocks"], f["quantize_experts"],
+                                    task.experts)
+    except QuantizeSpecError as e:
+        raise UsageError(str(e)) from None
+
+
 def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False,
                           check_paths: bool = True) -> RunConfig:
     """The CLI's flag dict (names as Typer passes them; missing ones take their declared default)
@@ -516,6 +530,7 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         raise UsageError(f"--cfg-parallel with guidance scale 1 ({', '.join(one_branch)} expert): such steps run the "
                          "cond forward alone, so half the ranks would idle; drop --cfg-parallel and give those ranks "
                          f"to Ulysses (--ulysses_size {2 * max(1, f['ulysses_size'])})")
+
     if f["attention"] not in BACKENDS:
         raise UsageError(f"--attention {f['attention']}: choose one of {', '.join(BACKENDS)}")
     # every flag that names a RunConfig field goes in as given; then the values resolved above
@@ -526,7 +541,7 @@ def run_config_from_flags(flags: Mapping[str, Any], *, calibration: bool = False
         "frame_num": frame_num, "image": img, "sample_solver": solver, "sample_steps": steps, "sample_shift": shift,
         "timesteps": parse_timesteps(f["timesteps"]), "guide_scale": guide_scale,
         "offload_model": parse_bool(f["offload_model"], "--offload_model"), "magcache": magcache, **outputs,
-        "loras": parse_loras(f, spec, check_paths=check_paths),
+        "loras": parse_loras(f, spec, check_paths=check_paths), "quantization": parse_quantization(f, spec),
     })
 
 

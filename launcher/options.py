@@ -87,6 +87,7 @@ def request_params(
 
 def model_params(
 
+
     task: Annotated[str, _d(MODEL, schedule=True), _opt("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
     ckpt_dir: Annotated[Optional[Path], _d(MODEL), _opt("--ckpt-dir", "--ckpt_dir", help="checkpoint folder (official or diffusers layout), or a Hub repository such as Wan-AI/Wan2.2-TI2V-5B (from the local Hub cache)")] = None,
     download: Annotated[bool, _d(SOURCE), _opt("--download", help="fetch a Hub --ckpt_dir's missing files (only those the task reads)")] = False,
@@ -105,6 +106,10 @@ def model_params(
     attention: Annotated[str, _d(PLACEMENT), _opt("--attention", help="attention kernel: auto (FlashAttention-3 on Hopper, then cuDNN, FlashAttention-2, SDPA: the first that runs here), sdpa, flash2, flash3 or cudnn (refused in one line where it cannot run)")] = "auto",
     compile: Annotated[bool, _d(PLACEMENT), _opt("--compile", help="torch.compile the DiT block once, reused by every block of every expert (the first step pays the compile)")] = False,
     vae_parallel: Annotated[str, _d(PLACEMENT), _opt("--vae-parallel", "--vae_parallel", help="auto: split the VAE decode by rows over every rank of a generation (equal to one rank); off: the output rank decodes alone")] = "auto",
+    quantize: Annotated[str, _d(MODEL), _opt("--quantize", help="none, fp8 or int8: the DiT attention projections and FFN in 8 bits (per-channel weight scale, per-token activation scale; fp8 needs sm89+, int8 runs on A100)")] = "none",
+    quantize_steps: Annotated[str, _d(MODEL), _opt("--quantize-steps", "--quantize_steps", help="START:STOP slice of the steps run quantized, e.g. 2:-2 keeps the first and last two in the compute dtype (default : = all)")] = ":",
+    quantize_blocks: Annotated[str, _d(MODEL), _opt("--quantize-blocks", "--quantize_blocks", help="START:STOP slice of the DiT blocks quantized, e.g. 1:-1 keeps the edge blocks unquantized (default : = all)")] = ":",
+    quantize_experts: Annotated[str, _d(MODEL), _opt("--quantize-experts", "--quantize_experts", help="both, high or low: the A14B expert(s) quantized")] = "both",
     lora: Annotated[Optional[list[str]], _d(MODEL), _opt("--lora", help="FILE[:SCALE] LoRA merged into every expert at load time (repeatable; scale 1 by default)")] = None,
     lora_high: Annotated[Optional[list[str]], _d(MODEL), _opt("--lora-high", "--lora_high", help="FILE[:SCALE] LoRA for the high-noise A14B expert only (repeatable)")] = None,
     lora_low: Annotated[Optional[list[str]], _d(MODEL), _opt("--lora-low", "--lora_low", help="FILE[:SCALE] LoRA for the low-noise A14B expert only (repeatable)")] = None,

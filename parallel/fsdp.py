@@ -58,6 +58,10 @@ def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
+def _kept_dtype_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if m is not module and getattr(m, "fsdp_keep_dtype", False)]
+
+
 def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
                   reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> int:
     """`fully_shard` each module over a 1-D mesh (the sp group); returns how many were sharded.
@@ -65,6 +69,8 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
     Call on a model built on the meta device, before `load_sharded`. A missing or size-1 mesh
     shards nothing, so single-rank and dp-only runs go through the same code. `param_dtype`: the
     dtype parameters are all-gathered and used in (None: as stored); shards stay as stored.
+    Submodules marked `fsdp_keep_dtype` (8-bit quantized layers) form one extra unit per module
+    whose parameters are all-gathered as stored, never cast to `param_dtype`.
     """
     if mesh is None or mesh.size() == 1:
         return 0
@@ -72,6 +78,10 @@ def shard_modules(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
         raise ValueError(f"shard_modules takes a 1-D mesh (e.g. ParallelMesh.submesh('sp')), got {mesh.ndim}-D")
     count = 0
     for module in modules:
+        keep = _kept_dtype_modules(module)
+        if keep:  # one unit for them, all-gathered as stored (8-bit weights stay 8-bit on the wire)
+            fully_shard(keep, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=mixed_precision(None))
         fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward,
                     mp_policy=mixed_precision(param_dtype))
         count += 1
@@ -107,7 +117,8 @@ def shard_stack(modules: Iterable[nn.Module], mesh: DeviceMesh | None, *,
     stack = SequentialStack(blocks)
     fully_shard(stack, mesh=mesh, mp_policy=mixed_precision(param_dtype))
     for current, following in zip(blocks, blocks[1:]):
-        current.set_modules_to_forward_prefetch([following])
+        # the next block's own unit and, when it has one, its unit of as-stored (8-bit) layers
+        current.set_modules_to_forward_prefetch([following, *_kept_dtype_modules(following)[:1]])
     return stack
 
 
@@ -190,7 +201,11 @@ def load_sharded(model: nn.Module, source: RowSource, *, device: torch.device | 
 
     groups, root = _owned_groups(model, targets)
     for prefix, module, keys in groups:
-        module.load_state_dict({k[len(prefix) + 1:]: value_of(k) for k in keys}, strict=True, assign=True)
+        # not strict: a unit nested inside (8-bit layers of a block) loads its own keys; any key
+        # nobody loaded is caught by the meta check below
+        result = module.load_state_dict({k[len(prefix) + 1:]: value_of(k) for k in keys}, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ShardedLoadError(f"unexpected tensors {result.unexpected_keys[:3]} while loading {prefix}")
     result = model.load_state_dict({k: value_of(k) for k in root}, strict=False, assign=True)
     if result.unexpected_keys:
         raise ShardedLoadError(f"unexpected tensors {result.unexpected_keys[:3]} while loading the root")

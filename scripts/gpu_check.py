@@ -33,7 +33,9 @@ seconds and figures or error):
   enumeration with an explicit backend, wrapped by `DeviceMesh.from_group`), and an FSDP2-loaded
   model on such a mesh equal to a plainly loaded one;
 - S6 Wan2.2 VAE decode peak memory at 1280*704 (random weights, real config), and what that means
-  next to the ti2v-5B DiT on a 24 GB card with and without `--offload_model`.
+  next to the ti2v-5B DiT on a 24 GB card with and without `--offload_model`;
+- S7 FP8 (sm89+) and INT8 linears at A14B dims against bf16 (ms, TFLOP/s, error against float32)
+  and one block with `--quantize fp8` / `int8` (benchmarks/gpu_quant.py).
 
 Adding a step: a function `(args) -> dict` (with "ok") decorated with `@step("S7", "what", gpu_s=..,
 rehearsal_s=..)`; keep the GPU budgets' sum at or under GPU_BUDGET_S (`tests/test_gpu_check.py`
@@ -229,7 +231,7 @@ def _loop(forward, spec, latent0, contexts, mask, z, steps: int = 3, guide: floa
     return latent
 
 
-@step("S2", "CUDA vs CPU float32, TF32 off", gpu_s=50, rehearsal_s=240)
+@step("S2", "CUDA vs CPU float32, TF32 off", gpu_s=40, rehearsal_s=240)
 def step_s2(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     from launcher.checkpoint import inspect_checkpoint
@@ -338,7 +340,7 @@ def step_s3(args: argparse.Namespace) -> dict[str, Any]:
                             ("t2v-A14B", ["--offload_model", "True"]), ("t2v-A14B", ["--convert_model_dtype"])], "s3")
 
 
-@step("S3c", "CLI: t2v with --compile", gpu_s=60, rehearsal_s=900)
+@step("S3c", "CLI: t2v with --compile", gpu_s=50, rehearsal_s=900)
 def step_s3c(args: argparse.Namespace) -> dict[str, Any]:
     return _cli_runs(args, [("t2v-A14B", ["--compile", "--dist-timeout", "900"])], "s3c")
 
@@ -563,7 +565,7 @@ def step_s5(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-@step("S6", "VAE decode peak at 1280*704", gpu_s=45, rehearsal_s=120)
+@step("S6", "VAE decode peak at 1280*704", gpu_s=35, rehearsal_s=120)
 def step_s6(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     from diffusers import AutoencoderKLWan
@@ -603,6 +605,13 @@ def step_s6(args: argparse.Namespace) -> dict[str, Any]:
                    fits_24gb_with_offload=peak + params_gb <= 24.0)
     out["ok"] = bool(torch.isfinite(video).all())
     return out
+
+
+@step("S7", "FP8/INT8 linears at A14B dims vs bf16, one block with --quantize", gpu_s=30, rehearsal_s=120)
+def step_s7(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.gpu_quant import step_quant  # the step's body lives with the quantization benchmarks
+
+    return step_quant(args, device_of=_device, timed=_timed, rel=_rel)
 
 
 # -------------------------------------------------------------------------------------------- driver

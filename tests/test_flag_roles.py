@@ -34,6 +34,7 @@ SAME_VIDEO = {
 #: model, request, sampling and MagCache flags: another value, another video
 OTHER_VIDEO = {
     "task": "ti2v-5B", "ckpt_dir": "/other", "convert_model_dtype": True, "dtype": "bfloat16", "device": "cuda",
+    "quantize": "fp8", "quantize_steps": "2:-2", "quantize_blocks": "1:", "quantize_experts": "high",
     "lora": ["a.safetensors"], "lora_high": ["h.safetensors"], "lora_low": ["l.safetensors:0.5"],
     "prompt": "a dog", "image": "b.png",
     "size": "48*80", "frame_num": 9, "negative_prompt": "blurry", "base_seed": 6, "sample_solver": "unipc",

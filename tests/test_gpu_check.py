@@ -73,7 +73,7 @@ def test_a_killed_run_keeps_every_finished_step_and_writes_nothing_into_the_repo
 def test_rehearsal_runs_every_step_and_renders_no_gpu_figures(tmp_path):
     """Every step but S3c (a CPU inductor build of the CLI run costs minutes; test_compile covers compile)."""
     before = _repo_state()
-    steps = [s for s in ("S0", "S1", "S2", "S3", "S4", "S4c", "S5", "S6")]
+    steps = [s for s in ("S0", "S1", "S2", "S3", "S4", "S4c", "S5", "S6", "S7")]
     proc = _run("--rehearse", "--only", ",".join(steps), "--results-dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _repo_state() == before  # nothing written into the repository without --save
@@ -90,6 +90,8 @@ def test_rehearsal_runs_every_step_and_renders_no_gpu_figures(tmp_path):
     assert host["pinned_bytes"] == 0 and host["pin_memory_rule_bytes"] > host["weight_bytes"] > 0  # no pinning on CPU
     assert steps["S4c"]["tiny"]["compiled_vs_eager_rel"] < 1e-2  # bf16 autocast, fused vs eager
     assert steps["S5"]["fsdp_rel"] <= 1e-6 and steps["S5"]["sp_backend"] == "gloo"
+    quant = steps["S7"]  # fp8 and int8 linears and one quantized block, close to float32
+    assert set(quant["block"]) == {"bf16", "fp8", "int8"} and quant["linears"]["ffn_up"]["fp8"]["rel"] < 0.06
     # the rehearsal is not a GPU measurement: the section says no GPU has run it
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n")

@@ -7,26 +7,7 @@ from torch import nn
 
 from parallel.fsdp import ShardedLoadError, load_sharded, shard_modules, shard_rows
 from parallel_jobs.spawn import run_job
-from parallel_jobs.tiny_blocks import TinyDiT, write_checkpoint
-
-
-class DictRows:
-    """In-memory RowSource over a state dict, for single-process checks."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def keys(self):
-        return self.state.keys()
-
-    def shape(self, key):
-        return tuple(self.state[key].shape)
-
-    def get(self, key):
-        return self.state[key]
-
-    def get_slice(self, key, start, stop):
-        return self.state[key][start:stop]
+from parallel_jobs.tiny_blocks import DictRows, TinyDiT, write_checkpoint
 
 
 def test_shard_rows_matches_torch_chunk_with_empty_tail():

@@ -8,7 +8,7 @@ names), `sources` (lazy tensor reads), `load` (modules built on meta, then fille
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from launcher.checkpoint.files import CheckpointError, read_json, require_dir
 from launcher.checkpoint.layouts import DIFFUSERS_EXPERT_FOLDERS, inspect_diffusers, inspect_official
 from launcher.checkpoint.keymaps import T5_TIED_ALIASES
 from launcher.wan.tasks import TASKS, TaskSpec
+from launcher.checkpoint.quantized import Prequantized
 from launcher.checkpoint.sources import WeightFiles
 
 __all__ = ["DIFFUSERS_EXPERT_FOLDERS", "CheckpointError", "CheckpointInfo", "Layout", "WeightFiles",
@@ -50,6 +51,8 @@ class CheckpointInfo:
     vae_config: dict[str, Any]
     vae_weights: WeightFiles
     tokenizer_dir: Path
+    #: expert -> its pre-quantized (FP8/INT8) DiT tensors; experts stored plain are absent
+    prequantized: Mapping[str, Prequantized] = field(default_factory=dict)
 
 
 def detect_layout(ckpt_dir: str | Path) -> Layout:

@@ -26,6 +26,7 @@ from launcher.checkpoint.files import (
     require_dir,
     weight_files,
 )
+from launcher.checkpoint.quantized import SINGLE_FILE_PREFIX, Prequantized, split_prequantized
 from launcher.checkpoint.keymaps import T5_TIED_ALIASES, t5_key_map, wan_transformer_key_map, wan_vae_key_map
 from launcher.wan.tasks import TaskSpec
 from launcher.checkpoint.sources import WeightFiles
@@ -138,21 +139,35 @@ def _official_dit(folder: Path) -> tuple[dict[str, Any], WeightFiles]:
         raise CheckpointError(f"{config_path}: _class_name is {config.get('_class_name')!r}, expected 'WanModel'; "
                               "point --ckpt_dir at an official Wan2.2 checkpoint")
     stored = read_safetensors(folder, "diffusion_pytorch_model")
-    dit_config = official_dit_config(config, _shapes(stored), config_path)
+    # ComfyUI single files name the tensors under `model.diffusion_model.` (the key map drops it too)
+    shapes = {k.removeprefix(SINGLE_FILE_PREFIX): shape for k, shape in _shapes(stored).items()}
+    dit_config = official_dit_config(config, shapes, config_path)
     key_map = mapped(wan_transformer_key_map, list(stored), folder)
     return dit_config, weight_files("safetensors", stored, key_map, folder)
+
+
+def _split(weights: dict[str, WeightFiles], layout: str) -> tuple[dict[str, WeightFiles], dict[str, Prequantized]]:
+    """Each expert's model tensors, and what is pre-quantized (FP8/INT8 files; launcher.checkpoint.quantized)."""
+    plain, pre = {}, {}
+    for expert, w in weights.items():
+        plain[expert], found = split_prequantized(w, w.files[0].parent, layout)
+        if found is not None:
+            pre[expert] = found
+    return plain, pre
 
 
 def inspect_official(root: Path, task: TaskSpec) -> Parts:
     """Configs and weight locations of an official-layout checkpoint."""
     dits = {e: _official_dit(d) for e, d in _official_expert_dirs(root, task).items()}
+    dit_weights, prequantized = _split({e: w for e, (_, w) in dits.items()}, "official")
     t5_path = root / task.t5_checkpoint
     t5 = read_pth(t5_path)
     vae_path = root / task.vae_checkpoint
     vae = read_pth(vae_path)
     return {
         "transformer_configs": {e: config for e, (config, _) in dits.items()},
-        "transformer_weights": {e: w for e, (_, w) in dits.items()},
+        "transformer_weights": dit_weights,
+        "prequantized": prequantized,
         "t5_config": official_t5_config(_shapes(t5), t5_path),
         "t5_weights": weight_files("pth", t5, mapped(t5_key_map, list(t5), t5_path), t5_path),
         "vae_version": task.vae_version,
@@ -206,9 +221,11 @@ def inspect_diffusers(root: Path, task: TaskSpec) -> Parts:
     if not versions:
         raise CheckpointError(f"{vae_dir / 'config.json'}: z_dim {vae_cfg['z_dim']} is neither the Wan2.1 (16) nor "
                               "the Wan2.2 (48) VAE; re-download the checkpoint")
+    weights, prequantized = _split(weights, "diffusers")
     return {
         "transformer_configs": configs,
         "transformer_weights": weights,
+        "prequantized": prequantized,
         "t5_config": {**{k: getattr(t5_cfg, k) for k in T5_CONFIG_KEYS}, "dropout_rate": 0.0},
         "t5_weights": weight_files("safetensors", t5, None, t5_dir),
         "vae_version": versions[0],

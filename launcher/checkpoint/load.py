@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT
 
 from launcher.checkpoint import CheckpointInfo
 from launcher.checkpoint.keymaps import T5_TIED_ALIASES
+from launcher.checkpoint.quantized import prequantized_source
 from launcher.checkpoint.sources import TensorSource, open_source
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def transformer_source(info: CheckpointInfo, expert: str) -> TensorSource:
     """diffusers `WanTransformer3DModel` key -> tensor, read lazily."""
     if expert not in info.transformer_weights:
         raise KeyError(f"no expert {expert!r} in this {info.task} checkpoint; have {sorted(info.transformer_weights)}")
-    return open_source(info.transformer_weights[expert])
+    return prequantized_source(open_source(info.transformer_weights[expert]), info.prequantized.get(expert))
 
 
 def t5_source(info: CheckpointInfo) -> TensorSource:

@@ -345,6 +345,12 @@ class LoraSource:
     def keys(self) -> KeysView[str]:
         return self._base.keys()
 
+    def quantized_rows(self, key: str, start: int | None, stop: int | None, mode: str):
+        """A pre-quantized weight no LoRA touches passes through as stored (quant.source); a merged one
+        is quantized again from its merged float32 rows."""
+        stored = getattr(self._base, "quantized_rows", None)
+        return None if key in self._patches or stored is None else stored(key, start, stop, mode)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._base.shape(key)
 

@@ -26,7 +26,9 @@ from launcher.config import RunConfig
 from launcher.engine.host_memory import host_modules, plan_host_memory
 from launcher.engine.placement import Placement
 from launcher.wan.dit import compile_blocks
+from quant.source import quantizing
 from launcher.wan.parallelize import ParallelWan, parallelize_wan
+from launcher.wan.quantize import quantize_model, step_switch
 from launcher.wan.residency import HostResident
 from launcher.wan.threads import cpu_phase
 from launcher.wan.pipeline import Models
@@ -66,6 +68,8 @@ def _load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
     merges only the rows it holds), so the modules never carry an adapter.
     """
     experts = {name: build_transformer_on_meta(info, name, placement.dit_param_dtype) for name in config.task.experts}
+    # quantized linears go in on meta, before FSDP2 shards: each rank then quantizes only its rows
+    quantized = {name: quantize_model(model, config.quantization, name) for name, model in experts.items()}
     text_encoder = build_text_encoder_on_meta(info, placement.text_dtype)
     half = placement.compute_dtype if placement.autocast else None
     par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp,
@@ -87,7 +91,8 @@ def _load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
     for name, dit in par.experts.items():
         # official init_on_cpu: created on the CPU, the active expert moves to the GPU at its first step
         device = placement.device if par.dit_sharded or memory.dit_load == "gpu" else cpu
-        load_module(dit.model, with_loras(transformer_source(info, name), loras, name), device=device)
+        source = quantizing(with_loras(transformer_source(info, name), loras, name), quantized[name][0])
+        load_module(dit.model, source, device=device)  # quantized after the LoRA merge
         if par.dit_sharded:
             dit.model.rope.to(device)  # the non-persistent RoPE tables were built on the CPU
         else:
@@ -112,5 +117,6 @@ def _load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
         park_dit_before_decode=memory.park_dit_before_decode,
         offload_text_encoder=not par.t5_sharded and memory.t5_home != memory.t5_runs_on,
         residency=_host_homes(par, placement, pin=pin),
+        at_step=step_switch(config.quantization, (p for _, p in quantized.values() if p is not None)),
     )
     return models, par

@@ -57,6 +57,10 @@ class GenerationSession:
 
             log(f"{config.task.name}: loading the {info.layout}-layout checkpoint {info.root} "
                 f"on {world.world_size} rank(s), {world.placement.device}")
+            formats = sorted({p.format for p in info.prequantized.values()})
+            if formats and not config.quantization.enabled:
+                log(f"the DiT weights are stored in 8 bits ({', '.join(formats)}); --quantize none runs them "
+                    "dequantized in the compute dtype; pass --quantize fp8 to keep them 8-bit on the GPU")
         t0 = time.perf_counter()
         self.models, self.parallel = load_models(config, info, world.placement, world.mesh, self.loras)
         self.load_seconds = time.perf_counter() - t0

@@ -37,6 +37,8 @@ def flags_of(config: "RunConfig") -> dict[str, Any]:
             value = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(value).items()}
         elif isinstance(value, Path):
             value = str(value)
+        elif f.name == "quantization":
+            value = value.describe()
         elif f.name == "loras":
             value = [{"file": str(s.path), "scale": s.scale, "expert": s.expert} for s in value]
         elif isinstance(value, tuple):
@@ -111,7 +113,8 @@ def build_manifest(
                       "timesteps": result.timesteps, "experts": result.experts_per_step},
         "world": world,
         "checkpoint": {"dir": str(info.root), "layout": info.layout, "num_heads": info.num_heads,
-                       "in_channels": info.in_channels, "vae": info.vae_version},
+                       "in_channels": info.in_channels, "vae": info.vae_version,
+                       "prequantized": {e: p.format for e, p in info.prequantized.items()}},
         #: each LoRA merged at load time: file, sha256, scale, expert, formats and weights touched per expert
         "loras": loras or [],
         "magcache": magcache_section(config, decisions, table),

@@ -93,7 +93,7 @@ def memory_gb(dims: DitDims, work: Workload, place: RankLayout, eff: Efficiency)
     """Peak GB per GPU by part; `total` is the larger of the denoise and decode phases + reserve."""
     shard = place.sp if place.dit_fsdp else 1
     experts = 1 if place.offload else dims.experts
-    dit = experts * dims.params * 2 / shard / GB
+    dit = experts * dims.expert_bytes(place.quant) / shard / GB
     t5 = 0.0 if place.t5_offload else dims.t5_params * 2 / (place.sp * place.cfg if place.dit_fsdp else 1) / GB
     act = work.tokens / place.sp * (ACTIVATION_DIMS_PER_TOKEN * dims.dim + dims.ffn) * 2 / GB
     split = place.sp * place.cfg if place.vae_parallel else 1
@@ -103,12 +103,13 @@ def memory_gb(dims: DitDims, work: Workload, place: RankLayout, eff: Efficiency)
     return {"dit_params": dit, "t5": t5, "activations": act, "vae_decode_peak": vae, "total": total}
 
 
-def with_memory_policy(place: RankLayout, *, world_size: int, offload_model: bool | None) -> RankLayout:
+def with_memory_policy(place: RankLayout, *, world_size: int, offload_model: bool | None,
+                       t5_cpu: bool = False) -> RankLayout:
     """The residency the launcher itself chooses for this layout (`planner.memory.memory_policy`, the
     official rules): one GPU offloads by default, and ranks without sequence parallelism or FSDP swap
-    experts (only the active one on the GPU)."""
+    experts (only the active one on the GPU). `t5_cpu`: T5 lives and runs on the CPU (none on the GPU)."""
     pol = memory_policy(on_gpu=True, offload_model=offload_model, world_size=world_size, sp=place.sp,
-                        dit_fsdp=place.dit_fsdp, t5_fsdp=place.dit_fsdp, t5_cpu=False)
+                        dit_fsdp=place.dit_fsdp, t5_fsdp=place.dit_fsdp, t5_cpu=t5_cpu)
     return replace(place, offload=pol.swap_experts, t5_offload=pol.t5_home == "cpu",
                    park_dit_before_decode=pol.park_dit_before_decode)
 
@@ -134,13 +135,15 @@ def _r(x: float, nd: int = 2) -> float:
 
 def evaluate(cluster: Cluster, task: str, work: Workload, place: RankLayout, dp: int, eff: Efficiency,
              plain: list[tuple[bool, bool | None]], cached: list[tuple[bool, bool | None]],
-             calibration: Calibration | None) -> dict[str, Any]:
+             calibration: Calibration | None, *, offload_model: bool | None = None,
+             t5_cpu: bool = False) -> dict[str, Any]:
     dims = DIMS[task]
-    place = with_memory_policy(place, world_size=cluster.gpus, offload_model=None)
+    place = with_memory_policy(place, world_size=cluster.gpus, offload_model=offload_model, t5_cpu=t5_cpu)
     mem = memory_gb(dims, work, place, eff)
     if not place.offload and not place.dit_fsdp and dims.experts == 2 and mem["total"] > cluster.gpu.memory_gb:
         # both experts do not fit: --offload_model True keeps only the active one on the GPU
-        place = replace(with_memory_policy(place, world_size=cluster.gpus, offload_model=True), offload_flag=True)
+        place = replace(with_memory_policy(place, world_size=cluster.gpus, offload_model=True, t5_cpu=t5_cpu),
+                        offload_flag=True)
         mem = memory_gb(dims, work, place, eff)
     fwd = forward_cost(dims, work, place, cluster.gpu, eff, calibration)
     per_step = 1 if place.cfg == 2 else 2
@@ -168,7 +171,8 @@ def evaluate(cluster: Cluster, task: str, work: Workload, place: RankLayout, dp:
 
 
 def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Plan, eff: Efficiency,
-                      calibration: Calibration | None = None, vae_parallel: bool = True) -> list[dict[str, Any]]:
+                      calibration: Calibration | None = None, vae_parallel: bool = True, *, quant: str = "none",
+                      offload_model: bool | None = None, t5_cpu: bool = False) -> list[dict[str, Any]]:
     """Every valid (dp, cfg, ring, ulysses, dit_fsdp) for the cluster, priced."""
     dims = DIMS[task]
     plain, cached = step_pattern(the_plan, magcache=False), step_pattern(the_plan, magcache=True)
@@ -189,8 +193,9 @@ def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Pla
                     place = RankLayout(ulysses=u, ring=r, cfg=cfg, dit_fsdp=fsdp, offload=False,
                                       ulysses_link=cluster.link(u), ring_link=cluster.link(u * r),
                                       cfg_link=cluster.link(sp * cfg), fsdp_link=cluster.link(sp),
-                                      vae_parallel=vae_parallel)
-                    out.append(evaluate(cluster, task, work, place, dp, eff, plain, cached, calibration))
+                                      vae_parallel=vae_parallel, quant=quant)
+                    out.append(evaluate(cluster, task, work, place, dp, eff, plain, cached, calibration,
+                                        offload_model=offload_model, t5_cpu=t5_cpu))
     return out
 
 
@@ -280,7 +285,8 @@ def given_layout(layouts: list[dict[str, Any]], *, ulysses: int, ring: int, cfg:
 
 def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: Plan, gpus: int, gpu: str,
                  nodes: int | None, gpus_per_node: int | None, calibration_file: Path | None,
-                 magcache: bool, given: dict[str, Any] | None = None, vae_parallel: bool = True) -> dict[str, Any]:
+                 magcache: bool, given: dict[str, Any] | None = None, vae_parallel: bool = True,
+                 quant: str = "none", offload_model: bool | None = None, t5_cpu: bool = False) -> dict[str, Any]:
     """`plan --gpus N`: {"layouts", "recommended", "reason", "given", "model"}; every figure a model's.
     `given`: the command line's ulysses, ring, cfg, dit_fsdp, whose layout is marked (None if invalid)."""
     if frames < 1 or (frames - 1) % 4:
@@ -289,10 +295,16 @@ def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: P
     eff = Efficiency()
     calibration = None if calibration_file is None else load_calibration(calibration_file, cluster.gpu, eff)
     work = Workload.of(TASKS[task], width, height, frames)
-    layouts = enumerate_layouts(cluster, task, work, the_plan, eff, calibration, vae_parallel)
+    try:
+        cluster.gpu.gemm_factor(quant)
+    except ValueError as e:
+        raise UsageError(f"--quantize {quant}: {e}; use --quantize int8") from None
+    layouts = enumerate_layouts(cluster, task, work, the_plan, eff, calibration, vae_parallel, quant=quant,
+                                offload_model=offload_model, t5_cpu=t5_cpu)
     best, reason = recommend(layouts, magcache=magcache)
     model = model_constants(cluster.gpu, eff, calibration)
     model.update({"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
-                  "workload": asdict(work), "dims": asdict(DIMS[task])})
+                  "workload": asdict(work), "dims": asdict(DIMS[task]), "quantize": quant,
+                  "gemm_factor": cluster.gpu.gemm_factor(quant)})
     mine = None if given is None else given_layout(layouts, **given)
     return {"layouts": layouts, "recommended": best, "reason": reason, "given": mine, "model": model}

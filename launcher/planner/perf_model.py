@@ -12,6 +12,9 @@ weight is read. What it counts, per rank:
   point-to-point K/V passes (R-1 per attention, overlapped with the attention they feed), FSDP
   all-gathers of each block's parameters (prefetched, overlapped with the block), the CFG-parallel
   exchange once per step; each on the link it crosses (inside a node or the inter-node network).
+- --quantize: the block linears' bytes halve (8 bits plus a float32 scale per row) and their time
+  divides by the GPU's FP8/INT8 GEMM factor (`GpuSpec.fp8_gemm_factor`: the datasheet ratio of dense
+  8-bit to dense bf16 peak, a MODEL; the per-token activation quantization is not priced).
 - Fixed costs: T5 (two prompts), VAE decode (and the i2v conditioning encode), the offload
   transfers over PCIe when the idle expert lives on the CPU.
 
@@ -43,12 +46,24 @@ class GpuSpec:
     inter_gbps: float
     #: host <-> GPU (offload transfers)
     pcie_gbps: float
+    #: MODEL: dense FP8 / INT8 tensor-core peak over dense bf16 (datasheets), applied to the linear
+    #: layers' time under --quantize; None: no FP8 tensor cores (A100: int8 only)
+    fp8_gemm_factor: float | None = 2.0
+    int8_gemm_factor: float = 2.0
+
+    def gemm_factor(self, quant: str) -> float:
+        if quant == "none":
+            return 1.0
+        factor = self.fp8_gemm_factor if quant == "fp8" else self.int8_gemm_factor
+        if factor is None:
+            raise ValueError(f"the {self.name} has no {quant.upper()} tensor cores")
+        return factor
 
 
 GPUS: dict[str, GpuSpec] = {
     "h100": GpuSpec("H100 SXM 80GB", 989.0, 3350.0, 80.0, 450.0, "NVLink", 50.0, 25.0),
     "h200": GpuSpec("H200 SXM 141GB", 989.0, 4800.0, 141.0, 450.0, "NVLink", 50.0, 25.0),
-    "a100": GpuSpec("A100 SXM 80GB", 312.0, 2039.0, 80.0, 300.0, "NVLink", 25.0, 25.0),
+    "a100": GpuSpec("A100 SXM 80GB", 312.0, 2039.0, 80.0, 300.0, "NVLink", 25.0, 25.0, fp8_gemm_factor=None),
     "h20": GpuSpec("H20 96GB", 148.0, 4000.0, 96.0, 450.0, "NVLink", 50.0, 25.0),
     "l20": GpuSpec("L20 48GB", 119.5, 864.0, 48.0, 25.0, "PCIe", 25.0, 25.0),
     "4090": GpuSpec("RTX 4090 24GB", 165.0, 1008.0, 24.0, 25.0, "PCIe", 12.5, 25.0),
@@ -103,8 +118,21 @@ class DitDims:
 
     @property
     def block_params(self) -> int:
+        """The linear layers of one block (attention projections and FFN): what --quantize stores in 8 bits."""
         d = self.dim
         return 8 * d * d + 2 * d * self.ffn
+
+    def expert_bytes(self, quant: str = "none") -> float:
+        """One expert's weights in bf16, the block linears in 8 bits under --quantize (scales: 4 bytes a row)."""
+        linear = self.layers * self.block_params
+        if quant == "none":
+            return 2.0 * self.params
+        rows = self.layers * (8 * self.dim + self.ffn + self.dim)
+        return 2.0 * (self.params - linear) + linear + 4.0 * rows
+
+    def block_bytes(self, quant: str = "none") -> float:
+        """One block's linear weights as all-gathered (bf16, or 8 bits plus scales)."""
+        return (2.0 if quant == "none" else 1.0) * self.block_params
 
 
 DIMS: dict[str, DitDims] = {
@@ -176,6 +204,8 @@ class RankLayout:
     park_dit_before_decode: bool = False
     #: the layout needs `--offload_model True` given explicitly (both experts would not fit otherwise)
     offload_flag: bool = False
+    #: --quantize: the block linears in fp8/int8 ("none": bf16)
+    quant: str = "none"
 
     @property
     def sp(self) -> int:
@@ -222,7 +252,7 @@ def forward_cost(dims: DitDims, work: Workload, place: RankLayout, gpu: GpuSpec,
     linear, attention = block_flops(dims, s)
     act = s / sp * dims.dim * 2
     # linear layers and the element-wise passes between them; then the attentions
-    lin_s = linear / sp / (peak * eff.matmul) + eff.elementwise_passes * 2 * act / (gpu.hbm_gbps * GB * eff.hbm)
+    lin_s = linear / sp / (peak * eff.matmul * gpu.gemm_factor(place.quant)) + eff.elementwise_passes * 2 * act / (gpu.hbm_gbps * GB * eff.hbm)
     attn_s = attention / sp / (peak * eff.attention * (eff.ring_attention if r > 1 else 1.0))
     if calibration is not None:
         lin_s *= calibration.linear_scale
@@ -234,7 +264,7 @@ def forward_cost(dims: DitDims, work: Workload, place: RankLayout, gpu: GpuSpec,
     ring_bytes = (r - 1) * 2 * (s / r) * (dims.dim / u) * 2 if r > 1 else 0.0
     ring_s = ((r - 1) * eff.collective_latency_s + ring_bytes / _link_gbps(gpu, eff, place.ring_link)) if r > 1 else 0.0
     attn_block = max(attn_s, ring_s)  # each K/V pass overlaps the previous chunk's attention
-    gather_bytes = dims.block_params * 2 * (sp - 1) / sp if place.dit_fsdp and sp > 1 else 0.0
+    gather_bytes = dims.block_bytes(place.quant) * (sp - 1) / sp if place.dit_fsdp and sp > 1 else 0.0
     gather_s = gather_bytes / _link_gbps(gpu, eff, place.fsdp_link) if gather_bytes else 0.0
     compute_block = lin_s + attn_s
     block = max(compute_block + (attn_block - attn_s), gather_s)  # FSDP prefetch hides the gather
@@ -267,7 +297,7 @@ def fixed_costs(dims: DitDims, work: Workload, place: RankLayout, gpu: GpuSpec, 
     if place.offload:
         # only the active expert on the GPU: each comes on once and leaves once (at the switch, at
         # the end); with offload_model T5 also comes on to encode and leaves
-        moved = 2 * (dims.experts * dims.params + (dims.t5_params if place.t5_offload else 0)) * 2
+        moved = 2 * (dims.experts * dims.expert_bytes(place.quant) + (2 * dims.t5_params if place.t5_offload else 0))
         out["offload_s"] = moved / (gpu.pcie_gbps * GB * eff.pcie)
     return out
 

@@ -97,6 +97,9 @@ class Models:
     offload_text_encoder: bool = False
     #: experts whose home is (pinned) host memory, by name; moved with them instead of `.to()`
     residency: dict[str, HostResident] = field(default_factory=dict)
+    #: called with (step, steps) before each step's forwards: the quantization schedule's switch
+    #: between 8-bit and compute-dtype linears (launcher.wan.quantize.step_switch); None: no schedule
+    at_step: Callable[[int, int], None] | None = None
 
     def expert_to(self, name: str, device: torch.device | str) -> None:
         """Move one expert's weights (pinned-memory copies when it has a host home)."""
@@ -246,6 +249,8 @@ class WanPipeline:
             for i, t in enumerate(scheduler.timesteps):
                 expert = experts_per_step[i]
                 dit = self._activate(expert)
+                if self.m.at_step is not None:
+                    self.m.at_step(i, req.steps)
                 g = req.guide_scale[1] if expert == "high" else req.guide_scale[0]
                 model_in = latent if y is None else torch.cat([latent, y])
                 if mask2 is not None:

@@ -60,3 +60,22 @@ def write_checkpoint(path: Path, seed: int = 0) -> dict[str, tuple[tuple[int, ..
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     return {k: (tuple(v.shape), v.numel() * v.element_size()) for k, v in state.items()}
+
+
+class DictRows:
+    """In-memory RowSource over a state dict, for single-process checks."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def shape(self, key):
+        return tuple(self.state[key].shape)
+
+    def get(self, key):
+        return self.state[key]
+
+    def get_slice(self, key, start, stop):
+        return self.state[key][start:stop]
