@@ -113,7 +113,8 @@ def plan(
     """
     cluster = {k: flags.pop(k) for k in LAYOUT_FLAGS}
     if cluster["gpus"] is None:
-        given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
+        given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration", "dry_run")
+                 if cluster[k] not in (None, False)]
         if given:
             raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
     from launcher.engine.planning import make_plan, plan_to_json, resolve_target
@@ -148,13 +149,22 @@ def plan(
                                magcache=bool(f["use_magcache"]),
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
                                vae_parallel=f["vae_parallel"] != "off")
+    dry = None
+    if cluster["dry_run"]:  # imports torch and the models: only here, so plain `plan --gpus` stays fast
+        from launcher.engine.dryrun import dry_run_from_flags
+
+        dry = dry_run_from_flags(flags, cluster["gpus"])
     if as_json:
         print(json.dumps({**plan_to_json(the_plan, task=spec.name, solver=solver, options=mc, with_image=with_image,
-                                         target=target), **(layouts or {})}))
+                                         target=target), **(layouts or {}), **({"dry_run": dry} if dry else {})}))
     else:
         print_plan(the_plan, task=spec.name, target=target)
         if layouts is not None:
             print_layouts(layouts)
+        if dry is not None:
+            from launcher.outputs.report import print_dry_run
+
+            print_dry_run(dry)
     if verbose:
         defaults = flag_defaults()
         ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]

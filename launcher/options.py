@@ -98,12 +98,13 @@ def layout_params(
     nodes: Annotated[Optional[int], _opt("--nodes", help="plan --gpus: nodes the GPUs are spread over (default: 8 GPUs per node)")] = None,
     gpus_per_node: Annotated[Optional[int], _opt("--gpus-per-node", "--gpus_per_node", help="plan --gpus: GPUs per node")] = None,
     calibration: Annotated[Optional[Path], _opt("--calibration", help="plan --gpus: a scripts/gpu_check.py result; its measured A14B block times replace the roofline's DiT compute")] = None,
+    dry_run: Annotated[bool, _opt("--dry-run", "--dry_run", help="plan --gpus: run the launch path of your flags at real size on the meta device, every rank role, and report its memory per phase and bytes per collective (no GPU, no weights read; --ckpt_dir optional)")] = False,
 ) -> None:
     """`plan`'s layout planner: the cluster to price layouts for."""
 
 
 #: the flag names of `layout_params`, which `plan` takes out before reading the schedule flags
-LAYOUT_FLAGS = ("gpus", "gpu", "nodes", "gpus_per_node", "calibration")
+LAYOUT_FLAGS = ("gpus", "gpu", "nodes", "gpus_per_node", "calibration", "dry_run")
 
 
 def compose_params(*sources: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
