@@ -1,32 +1,17 @@
-"""`plan --gpus N --dry-run` (issue #24), NOT WIRED YET: the launcher's own launch path at real size,
-with no GPU and no weights.
-
-Status (branch `dryrun`): `task_checkpoint`, `ShapeSource`, `pinned_bytes`, the fake world (fake process
-group, the mesh, FSDP2 on a simulated CUDA device) and the load and T5-encode phases run; the denoise
-phase does not. Two walls, found on torch 2.13+cpu:
-- a FakeTensor on "cuda" cannot be indexed from Python (`t[:n]`, `t[i]`): `THPVariable_getitem` takes a
-  C++ DeviceGuard for the tensor's device, and a CPU build has no CUDA guard ("PyTorch is not linked
-  with support for cuda devices"); diffusers' and our DiT code index everywhere;
-- the meta device instead (which has a guard) cannot autocast (`torch.autocast("meta")` is refused), so
-  the bf16 activations official runs would be float32 here, and FSDP2 cannot take a "meta" mesh.
-Ways on: run the dry run on a machine whose torch has CUDA compiled in (no GPU needed: a CUDA build's
-guard works with fake tensors), or teach `Placement` an autocast device separate from the tensor device.
-
-Every rank role of an N-rank world runs, one after the other in this process, the code a real rank
-runs: placement and memory policy, the mesh, `parallelize_wan`, `load_models` (build on meta, FSDP2,
-load, pinned host homes), T5 encode, the pipeline's expert activation (`WanPipeline._activate`) and
-step (`WanPipeline.forward_step`: embed, blocks through the block runner, head, CFG combine) for one
-computed step per expert and branch plus one MagCache-skipped step, the park before decode, and the
-VAE decode (split over the generation's ranks, or on the output rank alone).
+"""`plan --gpus N --dry-run`: the launcher's own launch path at real size, with no GPU and no weights.
 
 How, without a GPU (torchtitan's memory estimator does the same for training):
-- Tensors are FakeTensors (`torch._subclasses.FakeTensorMode`): meta tensors that carry a device, so
-  "cuda" tensors stand in for the GPU and "cpu" ones for host memory, with sizes and no data.
+- Tensors are FakeTensors (`torch._subclasses.FakeTensorMode`): sizes, no data. The meta device is the
+  GPU (placement and memory policy are those of a CUDA rank, with "meta" where "cuda:N" would be) and
+  "cpu" is host memory. Not fake "cuda": a CPU build of torch cannot index one from Python (its
+  getitem takes a CUDA DeviceGuard). What meta lacks is supplied here: autocast (`_Autocast`, with
+  CUDA autocast's casts applied op by op), a device module for FSDP2 and DeviceMesh, the fake
+  backend for meta tensors, FSDP2 adopting loaded meta shards (`_reset_sharded_param_on_meta`).
 - The process group is torch's fake backend (`FakeStore`, backend "fake"): every collective returns
   at once; ranks are simulated one role at a time, so 8 ranks cost what the distinct roles cost.
   Every group the code asks for (gloo twins included) is made on that backend.
-- The few `torch.cuda` calls a CPU build of torch cannot answer (current device, streams, peak
-  counters, `empty_cache`) are answered for the simulated device: `_cuda_stand_in`.
+- Module skeletons built on meta before loading (and FSDP2's wrapping of them) are not counted: a
+  real run's cost nothing either.
 - Weights come from the checkpoint's shapes (a real folder's headers, or the official dimensions
   below for `--task` alone) through `ShapeSource`: `torch.empty` in the stored dtype.
 - `_Allocations`, a TorchDispatchMode, sees every tensor an op creates and follows its storage
@@ -36,9 +21,10 @@ How, without a GPU (torchtitan's memory estimator does the same for training):
 Attention: the dry run prices FlashAttention (torch SDPA's flash backend, which is also what the
 flash-attn package allocates): the output plus a float32 log-sum-exp per query and head, no
 [S, S] matrix. A CPU build of torch would pick SDPA's math backend, which materialises the score
-matrix (hundreds of GiB at 720P) and is never what a CUDA run of bf16 attention uses; `_Allocations`
-answers torch's backend choice (`aten._fused_sdp_choice`) with flash. cuDNN SDPA and FA3 keep the
-same O(S) outputs; their small internal workspaces are not modelled.
+matrix (hundreds of GiB at 720P) and is never what a CUDA run of bf16 attention uses; the dry run
+calls SDPA's flash kernel for half inputs and its memory-efficient kernel for float32 ones (the VAE's
+attention), as CUDA picks them (`_fused_attention`). cuDNN SDPA and FA3 keep the same O(S) outputs;
+their small internal workspaces are not modelled.
 
 Not modelled: the CUDA caching allocator's rounding and fragmentation (allocated bytes, like
 `torch.cuda.max_memory_allocated`, not reserved), the CUDA context (~0.5 GiB per process), NCCL's
@@ -382,7 +368,7 @@ class _Allocations(TorchDispatchMode):
         phase = self.collectives.setdefault(self.phase, {})
         phase[kind] = phase.get(kind, 0) + nbytes
         for t in tensors:
-            if t.device.type == "cuda":
+            if t.device.type in ("cuda", "meta"):
                 self.retag(t, "comm", only_from="activations")
 
 
@@ -716,11 +702,14 @@ def _simulate(config: RunConfig, info: CheckpointInfo, rank: int, world_size: in
         forwards: dict[str, int] = {}
         for expert in experts:
             phase = "denoise" if len(experts) == 1 else f"denoise-{expert}"
-            alloc.start(phase)
             steps = [first_step[expert]] + ([skipped_step] if expert == experts[-1] else [])
             for i in steps:
+                # the expert switch (official: at the start of the step) ends the previous phase; the
+                # phase is what stays resident while this expert denoises, plus its work
                 with alloc.counting_as("weights"):
                     dit = pipeline._activate(expert)
+                if i == steps[0]:
+                    alloc.start(phase)
                 model_in = latent if y is None else torch.cat([latent, y])
                 ts = torch.full((1,), 999.0 if expert == "high" else 500.0, device=placement.device)
                 g = config.guide_scale[1] if expert == "high" else config.guide_scale[0]
@@ -760,16 +749,19 @@ def _patched(obj: object, name: str, value: object) -> Iterator[None]:
 
 
 def dry_run(config: RunConfig, gpus: int, *, info: CheckpointInfo | None = None,
-            dit_dtype: torch.dtype | None = None, debug: bool = False) -> dict[str, Any]:
+            dit_dtype: torch.dtype | None = None, only_ranks: tuple[int, ...] | None = None,
+            debug: bool = False) -> dict[str, Any]:
     """Every rank role of a `gpus`-rank run of `config`, simulated; the `dry_run` JSON object.
 
     `info`: a real checkpoint (its shapes are used, nothing read); None: the official dimensions of the
     task. `dit_dtype`: store the DiT weights in this dtype instead of the placement's (a quantized dtype
-    to price, e.g. torch.float8_e4m3fn).
+    to price, e.g. torch.float8_e4m3fn). `only_ranks`: simulate only these of the role ranks (tests).
     """
     info = task_checkpoint(config.task) if info is None else shapes_of(info)
     ranks = []
     for rank, role in rank_roles(gpus, config):
+        if only_ranks is not None and rank not in only_ranks:
+            continue
         report = _simulate(config, info, rank, gpus, dit_dtype, debug)
         ranks.append({"role": role, **report,
                       "peak_bytes": {p: v["device"] for p, v in report["phases"].items()}})
