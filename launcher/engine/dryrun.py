@@ -704,11 +704,14 @@ def _simulate(config: RunConfig, info: CheckpointInfo, rank: int, world_size: in
             phase = "denoise" if len(experts) == 1 else f"denoise-{expert}"
             steps = [first_step[expert]] + ([skipped_step] if expert == experts[-1] else [])
             for i in steps:
-                # the expert switch (official: at the start of the step) ends the previous phase; the
-                # phase is what stays resident while this expert denoises, plus its work
+                if i == steps[0]:
+                    alloc.start(phase)
                 with alloc.counting_as("weights"):
                     dit = pipeline._activate(expert)
                 if i == steps[0]:
+                    # the phase is what stays resident while this expert denoises, plus its work: it
+                    # starts again once the switch is done (the moment before an eviction, with the
+                    # experts as loading left them, is the load phase's own peak)
                     alloc.start(phase)
                 model_in = latent if y is None else torch.cat([latent, y])
                 ts = torch.full((1,), 999.0 if expert == "high" else 500.0, device=placement.device)
