@@ -122,7 +122,8 @@ def plan(
     """
     cluster = {k: flags.pop(k) for k in flags_where(role=Role.CLUSTER)}
     if cluster["gpus"] is None:
-        given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration") if cluster[k] is not None]
+        given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration", "dry_run")
+                 if cluster[k] not in (None, False)]
         if given:
             raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
     from launcher.planner.schedule import Sampling, magcache_setup, plan_to_json
@@ -152,14 +153,24 @@ def plan(
                                vae_parallel=f["vae_parallel"] != "off", quant=f["quantize"],
                                offload_model=parse_bool(f["offload_model"], "--offload_model"), t5_cpu=f["t5_cpu"])
     attention = attention_here(f["attention"])
+    dry = None
+    if cluster["dry_run"]:  # imports torch and the models: only here, so plain `plan --gpus` stays fast
+        from launcher.engine.dryrun import dry_run_from_flags
+
+        dry = dry_run_from_flags(flags, cluster["gpus"])
     if as_json:
-        print(json.dumps({**plan_to_json(setup, extra_warnings=extra), **(layouts or {}), "attention": attention}))
+        print(json.dumps({**plan_to_json(setup, extra_warnings=extra), **(layouts or {}), "attention": attention,
+                          **({"dry_run": dry} if dry else {})}))
     else:
         print_plan(the_plan, task=spec.name, target=setup.target)
         if layouts is not None:
             print_layouts(layouts)
         console.print(f"attention: --attention {attention['requested']} takes the first that runs on each rank's "
                       f"device of {', '.join(attention['candidates'])} (the manifest records the kernel used)")
+        if dry is not None:
+            from launcher.outputs.report import print_dry_run
+
+            print_dry_run(dry)
     if verbose:
         defaults = flag_defaults()
         ignored = [cli_name(k) for k, v in flags.items() if k not in SCHEDULE_FLAGS and v != defaults.get(k)]

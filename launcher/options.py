@@ -155,11 +155,13 @@ def output_params(
 
 
 def layout_params(
+
     gpus: Annotated[Optional[int], _d(CLUSTER), _opt("--gpus", help="plan: also price every layout (dp x cfg x ring x ulysses, FSDP) on this many GPUs (a model, not a measurement)")] = None,
     gpu: Annotated[str, _d(CLUSTER), _opt("--gpu", help="plan --gpus: h100, h200, a100, h20, l20 or 4090")] = "h100",
     nodes: Annotated[Optional[int], _d(CLUSTER), _opt("--nodes", help="plan --gpus: nodes the GPUs are spread over (default: 8 GPUs per node)")] = None,
     gpus_per_node: Annotated[Optional[int], _d(CLUSTER), _opt("--gpus-per-node", "--gpus_per_node", help="plan --gpus: GPUs per node")] = None,
     calibration: Annotated[Optional[Path], _d(CLUSTER), _opt("--calibration", help="plan --gpus: a scripts/gpu_check.py result; its measured A14B block times replace the roofline's DiT compute")] = None,
+    dry_run: Annotated[bool, _d(CLUSTER), _opt("--dry-run", "--dry_run", help="plan --gpus: run the launch path of your flags at real size on the meta device, every rank role, and report its memory per phase and bytes per collective (no GPU, no weights read; --ckpt_dir optional)")] = False,
 ) -> None:
     """`plan`'s layout planner: the cluster to price layouts for."""
 

@@ -19,11 +19,13 @@ import torch
 class WeightFiles:
     """Where each target key of one model lives and its shape: all a source needs, read from headers only."""
 
-    kind: Literal["safetensors", "pth"]
-    #: target key -> (file, key inside that file)
+    kind: Literal["safetensors", "pth", "shapes"]
+    #: target key -> (file, key inside that file); empty for "shapes" (`plan --dry-run`: no file at all)
     locations: Mapping[str, tuple[Path, str]]
     #: target key -> shape as stored
     shapes: Mapping[str, tuple[int, ...]]
+    #: "shapes" only: the dtype the tensors are stored in (what a read would allocate on the host)
+    stored_dtype: torch.dtype | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -166,8 +168,27 @@ class PthSource(_SourceBase):
         self._state = None
 
 
+class ShapeSource(_SourceBase):
+    """Tensors with the stored shapes and dtype and no data: `torch.empty`, which under the dry run's
+    FakeTensorMode allocates nothing (`launcher.engine.dryrun`); nothing is read."""
+
+    fresh_tensors = True
+
+    def get(self, key: str) -> torch.Tensor:
+        return torch.empty(self.shape(key), dtype=self._weights.stored_dtype)
+
+    def get_slice(self, key: str, start: int, stop: int) -> torch.Tensor:
+        self._check_rows(key, start, stop)
+        return torch.empty((stop - start, *self.shape(key)[1:]), dtype=self._weights.stored_dtype)
+
+    def close(self) -> None:
+        pass
+
+
 def open_source(weights: WeightFiles) -> TensorSource:
     """The reader for this kind of file."""
+    if weights.kind == "shapes":
+        return ShapeSource(weights)
     if weights.kind == "pth" and len(weights.files) > 1:
         raise ValueError("a .pth source reads one file; got several")
     return SafetensorsSource(weights) if weights.kind == "safetensors" else PthSource(weights)

@@ -42,11 +42,12 @@ def _host_homes(par: ParallelWan, placement: Placement, *, pin: bool) -> dict[st
     `plan_host_memory` found room: faster swaps); an expert loaded on the GPU goes back there
     after its host copy is made."""
     memory = placement.memory
-    if placement.device.type != "cuda" or par.dit_sharded or not (memory.swap_experts or memory.park_dit_before_decode):
+    # the GPU is any device but the CPU (the dry run's stands on the meta device)
+    if placement.device.type == "cpu" or par.dit_sharded or not (memory.swap_experts or memory.park_dit_before_decode):
         return {}
     homes = {}
     for name, dit in par.experts.items():
-        on_gpu = dit.model.patch_embedding.weight.device.type == "cuda"
+        on_gpu = dit.model.patch_embedding.weight.device.type == placement.device.type
         homes[name] = HostResident(dit.model, pin=pin)
         if on_gpu:
             homes[name].to(placement.device)

@@ -180,6 +180,29 @@ def progress_bar(total_steps: int, *, enabled: bool, forwards: Callable[[], list
         yield on_step
 
 
+def print_dry_run(result: dict[str, Any], out: Console | None = None) -> None:
+    """`plan --gpus N --dry-run`: per rank role and phase, peak device GiB (weights / activations /
+    communication buffers at that peak), host GiB and GiB sent per collective kind (the JSON's `dry_run`)."""
+    out = out or Console(file=sys.stdout, highlight=False, width=200)
+    gib = 2**30
+    table = Table(title=f"Dry run: {result['task']} {result['size']} x {result['frame_num']} frames on {result['gpus']} "
+                        "GPU(s), the launch path on the meta device (MEASURED by the dry run, allocated bytes)")
+    for col in ("rank", "phase", "device GiB", "weights", "activations", "comm", "host pageable", "host pinned",
+                "sent GiB per collective"):
+        table.add_column(col, justify="right")
+    for rank in result["ranks"]:
+        for phase, peak in rank["phases"].items():
+            kinds = peak["device_by_kind"]
+            sent = rank["collectives"].get(phase, {})
+            table.add_row(f"{rank['rank']} ({rank['role']})", phase, f"{peak['device'] / gib:.2f}",
+                          f"{kinds['weights'] / gib:.2f}", f"{kinds['activations'] / gib:.2f}", f"{kinds['comm'] / gib:.2f}",
+                          f"{peak['host_pageable'] / gib:.2f}", f"{peak['host_pinned'] / gib:.2f}",
+                          " ".join(f"{k} {b / gib:.2f}" for k, b in sorted(sent.items())) or "-")
+    out.print(table)
+    out.print(f"attention: {result['attention_workspace']}; pinning: {result['pinning']}; not counted: the CUDA "
+              "context, the caching allocator's rounding and fragmentation, NCCL's own buffers", soft_wrap=True)
+
+
 def print_layouts(result: dict[str, Any], out: Console | None = None) -> None:
     """`plan --gpus N`: one row per layout (predicted by the roofline model), then the recommendation.
 

@@ -157,16 +157,29 @@ class WanPipeline:
     def encode_text(self, prompts: list[str]) -> list[torch.Tensor]:
         from launcher.wan.text_encoder import encode_prompts
 
+        with self._text_encoder_in():
+            ctx = encode_prompts(self.m.tokenizer, self.m.text_encoder, prompts, text_len=self.m.task.text_len,
+                                 device=self.m.text_device)
+        return [c.to(self.m.device) for c in ctx]
+
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder on token ids as `encode_text` runs it, untrimmed [B, text_len, dim] (the dry run)."""
+        with self._text_encoder_in():
+            hidden = self.m.text_encoder(input_ids=ids.to(self.m.text_device),
+                                         attention_mask=mask.to(self.m.text_device)).last_hidden_state
+        return hidden.to(self.m.device)
+
+    @contextlib.contextmanager
+    def _text_encoder_in(self):
+        """Official --offload_model: T5 comes to where it encodes, and goes back to the CPU after."""
         if self.m.offload_text_encoder:
             self.m.text_encoder.to(self.m.text_device)
         on_cpu = cpu_phase() if self.m.text_device.type == "cpu" else contextlib.nullcontext()
         with on_cpu:  # --t5_cpu: T5-XXL with the rank's cores, not torchrun's one thread
-            ctx = encode_prompts(self.m.tokenizer, self.m.text_encoder, prompts, text_len=self.m.task.text_len,
-                                 device=self.m.text_device)
+            yield
         if self.m.offload_text_encoder:
             self.m.text_encoder.to("cpu")
             torch.cuda.empty_cache()
-        return [c.to(self.m.device) for c in ctx]
 
     # -- conditioning -----------------------------------------------------------------------
     def _prepare(self, req: Request):
@@ -211,23 +224,51 @@ class WanPipeline:
         return "high" if t >= task.boundary * task.num_train_timesteps else "low"
 
     def _activate(self, name: str) -> WanDiT:
-        """Official `_prepare_model_for_timestep`: when swapping, only the active expert is on the GPU."""
+        """Official `_prepare_model_for_timestep` (wan/text2video.py:201-211): when swapping, every idle
+        expert on the GPU goes to the CPU, whether or not the active one was already there (with
+        sp > 1 and no FSDP both experts load on the GPU), then the active one comes in if it is out."""
         dit = self.m.experts[name]
-        if self.m.swap_experts and dit.model.patch_embedding.weight.device != self.m.device:
-            for other in self.m.experts:
-                if other != name:
-                    self.m.expert_to(other, "cpu")
+        if not self.m.swap_experts:
+            return dit
+        idle = [other for other in self.m.experts
+                if other != name and self.m.experts[other].model.patch_embedding.weight.device == self.m.device]
+        for other in idle:
+            self.m.expert_to(other, "cpu")
+        if idle:
             torch.cuda.empty_cache()
+        if dit.model.patch_embedding.weight.device != self.m.device:
             self.m.expert_to(name, self.m.device)
         return dit
 
-    def _branches(self, expert: str, req: Request) -> tuple[int, ...]:
-        """The CFG branches this rank computes at a step of `expert`: cond alone at guidance 1."""
-        if expert not in req.cond_only:
+    def _branches(self, cond_only: bool) -> tuple[int, ...]:
+        """The CFG branches this rank computes at a step: cond alone at guidance 1."""
+        if not cond_only:
             return self.exchange.branches
         if self.exchange.branches != (0, 1):
             raise ValueError("guidance 1 runs the cond forward alone; it cannot be split over CFG-parallel ranks")
         return (0,)
+
+    def forward_step(self, dit: WanDiT, expert: str, i: int, model_in: torch.Tensor, ts: torch.Tensor,
+                     ctx: dict[int, torch.Tensor], text_states: dict[tuple[str, int], torch.Tensor],
+                     runner: BlockRunner, g: float, *, cond_only: bool) -> torch.Tensor:
+        """Step i's noise prediction: this rank's branches through the block runner, then CFG."""
+        amp = (torch.autocast(self.m.device.type, dtype=self.m.dit_dtype) if self.m.autocast
+               else contextlib.nullcontext())
+        preds: dict[int, torch.Tensor] = {}
+        branches = self._branches(cond_only)
+        for b in branches:
+            if (expert, b) not in text_states:
+                with amp:
+                    text_states[(expert, b)] = dit.embed_text(ctx[b].to(dit.model.dtype))
+        with amp:
+            step_in = dit.embed(model_in, ts)
+            for b in branches:
+                out = dit.run(step_in, text_states[(expert, b)], runner=runner, index=2 * i + b, expert=expert)
+                preds[b] = out.float()
+        if cond_only:  # guidance 1: official's uncond + 1*(cond - uncond) is cond up to rounding
+            return preds[0]
+        pred_cond, pred_uncond = self.exchange.combine(preds)
+        return pred_uncond + g * (pred_cond - pred_uncond)
 
     @torch.no_grad()
     def generate(self, req: Request, runner: BlockRunner, *, decode: bool = True) -> Result:
@@ -243,8 +284,6 @@ class WanPipeline:
         timesteps = scheduler.timesteps.tolist()  # ints (UniPC, DPM++) or Euler's float timesteps
         experts_per_step = [self.expert_for(t) for t in timesteps]
         text_states: dict[tuple[str, int], torch.Tensor] = {}
-        amp = (torch.autocast(self.m.device.type, dtype=self.m.dit_dtype) if self.m.autocast
-               else contextlib.nullcontext())
         with timer.phase("denoise"):
             for i, t in enumerate(scheduler.timesteps):
                 expert = experts_per_step[i]
@@ -257,23 +296,8 @@ class WanPipeline:
                     ts = cond.ti2v_timesteps(mask2, t, seq_len).to(self.m.device)
                 else:
                     ts = t.reshape(1).to(self.m.device)
-                preds: dict[int, torch.Tensor] = {}
-                branches = self._branches(expert, req)
-                for b in branches:
-                    if (expert, b) not in text_states:
-                        with amp:
-                            text_states[(expert, b)] = dit.embed_text(ctx[b].to(dit.model.dtype))
-                with amp:
-                    step_in = dit.embed(model_in, ts)
-                    for b in branches:
-                        out = dit.run(step_in, text_states[(expert, b)], runner=runner, index=2 * i + b,
-                                      expert=expert)
-                        preds[b] = out.float()
-                if expert in req.cond_only:  # guidance 1: official's uncond + 1*(cond - uncond) is cond up to rounding
-                    noise_pred = preds[0]
-                else:
-                    pred_cond, pred_uncond = self.exchange.combine(preds)
-                    noise_pred = pred_uncond + g * (pred_cond - pred_uncond)
+                noise_pred = self.forward_step(dit, expert, i, model_in, ts, ctx, text_states, runner, g,
+                                               cond_only=expert in req.cond_only)
                 latent = scheduler.step(noise_pred.unsqueeze(0), t, latent.unsqueeze(0), return_dict=False)[0][0]
                 if mask2 is not None:
                     latent = cond.ti2v_blend(z, latent, mask2)

@@ -53,7 +53,7 @@ def main() -> None:
         p.data = torch.randn(p.shape, generator=g) * 0.3
     state = {k: v.detach() for k, v in full.state_dict().items()}
     with init_distributed(detect_launch(), device_preference="cpu", timeout=60) as ctx:
-        pm = ParallelDims.from_world(ctx.world_size, sp=ctx.world_size).build(ctx)
+        pm = ParallelDims.from_world(ctx.world_size, ulysses=ctx.world_size).build(ctx)
         with torch.device("meta"):
             model, targets = build(mode)
         stack = shard_stack(list(model), pm.submesh("sp"), param_dtype=torch.bfloat16)
