@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from magcache.ratios import checkpoint_ratio_file
+
 from launcher.errors import InputError
 from launcher.options import MAGCACHE_THRESH_DEFAULT, cli_name, flag_defaults
 from launcher.wan.tasks import TASKS, TaskSpec, max_area_for
@@ -228,8 +230,11 @@ class MagCacheOptions:
                              "threshold; pick one")
         if target is None and thresh is None:
             thresh = MAGCACHE_THRESH_DEFAULT
+        fields = {field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()}
+        if fields["ratios_file"] is None:  # a table shipped in the checkpoint folder drives its runs
+            fields["ratios_file"] = checkpoint_ratio_file(f.get("ckpt_dir"))
         return cls(enabled=bool(on) and not calibration, calibration=calibration, thresh=thresh,
-                   target_speedup=target, **{field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()})
+                   target_speedup=target, **fields)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -78,7 +78,7 @@ def magcache_params(
     retention_ratio: Annotated[float, _opt("--retention-ratio", "--retention_ratio", help="fraction of forwards always computed")] = _UPSTREAM.retention_ratio,
     magcache_split: Annotated[str, _opt("--magcache-split", "--magcache_split", help="upstream (default) or scheduler expert split")] = _UPSTREAM.split_mode,
     magcache_reset_at_switch: Annotated[bool, _opt("--magcache-reset-at-switch", "--magcache_reset_at_switch", help="fresh cache for the low-noise expert")] = _UPSTREAM.reset_at_switch,
-    magcache_ratios: Annotated[Optional[Path], _opt("--magcache-ratios", "--magcache_ratios", help="calibrated ratio file")] = None,
+    magcache_ratios: Annotated[Optional[Path], _opt("--magcache-ratios", "--magcache_ratios", help="calibrated ratio file (default: the checkpoint folder's magcache_ratios.json when it has one, else the bundled table)")] = None,
 ) -> None:
     """MagCache flags (upstream defaults)."""
 
