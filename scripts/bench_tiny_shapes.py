@@ -307,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     result["ratio_table"] = {"source": str(table.relative_to(ROOT)) if table.is_relative_to(ROOT) else str(table),
                              "sample_steps": ours.sample_steps, "cond": list(ours.ratios[0::2]),
                              "uncond": list(ours.ratios[1::2])}
-    if not args.skip_parallel:
+    stored = args.work / "parallel.json"
+    if stored.exists():
+        result["parallel"] = json.loads(stored.read_text())
+    elif not args.skip_parallel:
         log("ulysses 2 and cfg-parallel against one process")
         result["parallel"] = parallel_equality(args.ckpt, args.work / "parallel")
         log(f"  {result['parallel']}")
