@@ -110,6 +110,9 @@ def run_batch(ckpt: Path, prompts: Path, out: Path) -> dict[str, Path]:
 
 
 def run_sweep(ckpt: Path, prompts: Path, out: Path, retention: float, thresholds: str) -> dict:
+    if (out / "sweep.json").exists():  # a finished sweep (e.g. run as its own command, in parallel)
+        log(f"  using {out / 'sweep.json'}")
+        return json.loads((out / "sweep.json").read_text())
     try:
         cli(["sweep", *COMMON, "--ckpt_dir", str(ckpt), "--prompts", str(prompts), "--out-dir", str(out),
              "--thresholds", thresholds, "--retention_ratio", str(retention)])
