@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from magcache.ratios import checkpoint_ratio_file
 from parallel.attention_choices import BACKENDS
 from launcher.errors import InputError, UsageError
 from launcher.preflight import check_checkpoint_files, lora_header
@@ -243,8 +244,11 @@ class MagCacheOptions:
                              "threshold; pick one")
         if target is None and thresh is None:
             thresh = MAGCACHE_THRESH_DEFAULT
+        fields = {field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()}
+        if fields["ratios_file"] is None:  # a table shipped in the checkpoint folder drives its runs
+            fields["ratios_file"] = checkpoint_ratio_file(f.get("ckpt_dir"))
         return cls(enabled=bool(on) and not calibration, calibration=calibration, thresh=thresh,
-                   target_speedup=target, **{field: f[flag] for field, flag in _MAGCACHE_FLAGS.items()})
+                   target_speedup=target, **fields)
 
 
 @dataclass(kw_only=True, slots=True)

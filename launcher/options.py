@@ -133,6 +133,7 @@ def sampling_params(
 
 
 def magcache_params(
+
     use_magcache: Annotated[bool, _d(MAGCACHE, schedule=True, per_video=REQUEST_ONLY), _opt("--use-magcache", "--use_magcache", help="skip DiT forwards with MagCache")] = False,
     magcache_thresh: Annotated[Optional[float], _d(MAGCACHE, schedule=True, per_video=REQUEST_ONLY), _opt("--magcache-thresh", "--magcache_thresh", help=f"accumulated-error bound (default {MAGCACHE_THRESH_DEFAULT})")] = None,
     magcache_target_speedup: Annotated[Optional[float], _d(MAGCACHE, schedule=True, per_video=REQUEST_ONLY), _opt("--magcache-target-speedup", "--magcache_target_speedup", help="choose the smallest threshold whose plan reaches this forward-count speedup (>= 1); replaces --magcache-thresh")] = None,
@@ -140,7 +141,7 @@ def magcache_params(
     retention_ratio: Annotated[float, _d(MAGCACHE, schedule=True, per_video=REQUEST_ONLY), _opt("--retention-ratio", "--retention_ratio", help="fraction of forwards always computed")] = _UPSTREAM.retention_ratio,
     magcache_split: Annotated[str, _d(MAGCACHE, schedule=True), _opt("--magcache-split", "--magcache_split", help="upstream (default) or scheduler expert split")] = _UPSTREAM.split_mode,
     magcache_reset_at_switch: Annotated[bool, _d(MAGCACHE, schedule=True), _opt("--magcache-reset-at-switch", "--magcache_reset_at_switch", help="fresh cache for the low-noise expert")] = _UPSTREAM.reset_at_switch,
-    magcache_ratios: Annotated[Optional[Path], _d(MAGCACHE, schedule=True), _opt("--magcache-ratios", "--magcache_ratios", help="calibrated ratio file")] = None,
+    magcache_ratios: Annotated[Optional[Path], _d(MAGCACHE, schedule=True), _opt("--magcache-ratios", "--magcache_ratios", help="calibrated ratio file (default: the checkpoint folder's magcache_ratios.json when it has one, else the bundled table)")] = None,
 ) -> None:
     """MagCache flags (upstream defaults)."""
 

@@ -15,6 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+#: a checkpoint folder may carry its own calibrated table under this name (`calibrate --out`'s default):
+#: runs on that checkpoint use it unless --magcache_ratios names another file
+CHECKPOINT_RATIO_FILE = "magcache_ratios.json"
+
 #: bundled table keys; ti2v-5B has one table for text-only runs and one for runs with an image
 BUNDLED_KEYS: tuple[str, ...] = ("t2v-A14B", "i2v-A14B", "ti2v-5B/t2v", "ti2v-5B/i2v")
 
@@ -51,6 +55,14 @@ def table_key(task: str, with_image: bool = False) -> str:
             f"no bundled MagCache ratios for task {task!r}; use one of t2v-A14B, i2v-A14B, ti2v-5B "
             "or pass a calibrated file")
     return key
+
+
+def checkpoint_ratio_file(ckpt_dir: str | Path | None) -> Path | None:
+    """The table shipped in a checkpoint folder (CHECKPOINT_RATIO_FILE), or None."""
+    if ckpt_dir is None:
+        return None
+    path = Path(ckpt_dir) / CHECKPOINT_RATIO_FILE
+    return path if path.is_file() else None
 
 
 def bundled_table(key: str) -> RatioTable:

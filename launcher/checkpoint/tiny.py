@@ -24,6 +24,7 @@ import re
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import diffusers
@@ -95,9 +96,11 @@ def _randomize(model: torch.nn.Module, seed: int, component: str) -> None:
             p.copy_(value)
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A T5-like Unigram tokenizer built offline: <pad>=0, </s>=1, <unk>=2, byte fallback for any Unicode."""
-    pieces = ["▁" + w for w in WORDS] + ["▁"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+def make_tokenizer(words: Sequence[str] = WORDS) -> PreTrainedTokenizerFast:
+    """A T5-like Unigram tokenizer built offline: <pad>=0, </s>=1, <unk>=2, byte fallback for any Unicode.
+
+    `words` become whole-word pieces (scripts/train_tiny.py adds the tiny-shapes vocabulary)."""
+    pieces = ["▁" + w for w in words] + ["▁"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(p, -2.0 - 0.01 * i) for i, p in enumerate(pieces)]
     vocab += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
