@@ -29,6 +29,7 @@ from launcher.options import (
     per_video_params,
     request_params,
     sampling_params,
+    some_params,
 )
 
 app = typer.Typer(
@@ -287,17 +288,12 @@ def submit(
 
 
 @app.command()
+@compose_params(some_params("task", "ckpt_dir", "quantize", "quantize_blocks", "quantize_experts", "lora", "lora_high",
+                            "lora_low"))
 def quantize(
-    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B")] = "t2v-A14B",
-    ckpt_dir: Annotated[Optional[Path], typer.Option("--ckpt-dir", "--ckpt_dir", help="the checkpoint to quantize (official or diffusers layout)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="folder for the quantized copy (same layout; other files hard-linked)")] = None,
-    mode: Annotated[str, typer.Option("--quantize", help="fp8 or int8")] = "fp8",
-    blocks: Annotated[str, typer.Option("--quantize-blocks", "--quantize_blocks", help="START:STOP slice of the DiT blocks quantized (default : = all)")] = ":",
-    experts: Annotated[str, typer.Option("--quantize-experts", "--quantize_experts", help="both, high or low")] = "both",
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="FILE[:SCALE] merged into every expert before quantizing (repeatable)")] = None,
-    lora_high: Annotated[Optional[list[str]], typer.Option("--lora-high", "--lora_high", help="FILE[:SCALE] for the high-noise expert")] = None,
-    lora_low: Annotated[Optional[list[str]], typer.Option("--lora-low", "--lora_low", help="FILE[:SCALE] for the low-noise expert")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
+    **flags: Any,
 ) -> None:
     """Write an FP8/INT8 copy of a checkpoint once (later runs load it without quantizing)."""
     from launcher.checkpoint import inspect_checkpoint
@@ -307,15 +303,16 @@ def quantize(
     from launcher.outputs.atomic import sha256_of
     from launcher.wan.tasks import TASKS
 
+    task = flags["task"]
     if task not in TASKS:
         raise UsageError(f"--task {task!r} is unknown; choose one of {', '.join(TASKS)}")
-    if ckpt_dir is None or out is None:
+    if flags["ckpt_dir"] is None or out is None:
         raise UsageError("quantize needs --ckpt_dir (the source) and --out (the folder to write)")
+    if flags["quantize"] == "none":
+        raise UsageError("quantize: give --quantize fp8 or --quantize int8 (the mode to write)")
     spec = TASKS[task]
-    flags = {"quantize": mode, "quantize_blocks": blocks, "quantize_experts": experts, "lora": lora,
-             "lora_high": lora_high, "lora_low": lora_low}
     qspec = parse_quantization(flags, spec)
-    info = inspect_checkpoint(ckpt_dir, spec)
+    info = inspect_checkpoint(flags["ckpt_dir"], spec)
     plan = plan_loras(parse_loras(flags, spec), {e: info.transformer_weights[e].shapes for e in spec.experts}, task)
     records = [r.to_json(sha256_of(r.file)) for r in plan.reports]
     manifest = write_quantized_checkpoint(info, qspec, out, loras=plan, lora_records=records, overwrite=overwrite)

@@ -187,6 +187,20 @@ def compose_params(*sources: Callable[..., Any]) -> Callable[[Callable[..., Any]
     return deco
 
 
+def some_params(*names: str) -> Callable[..., None]:
+    """A parameter set (for `compose_params`) of these run flags exactly as declared here (options,
+    help, defaults), for a command that takes a few of them (`quantize`)."""
+    declared = {p.name: p for src in RUN_PARAM_SETS for p in inspect.signature(src).parameters.values()}
+    params = [declared[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in names]
+
+    def chosen() -> None:
+        """The run flags a command takes."""
+
+    chosen.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    chosen.__annotations__ = {p.name: p.annotation for p in params}
+    return chosen
+
+
 #: every parameter set a run is configured from, in help order
 RUN_PARAM_SETS: tuple[Callable[..., None], ...] = (request_params, model_params, sampling_params, magcache_params,
                                                    output_params)
