@@ -697,7 +697,7 @@ def _simulate(config: RunConfig, info: CheckpointInfo, rank: int, world_size: in
         alloc.mark_weights([models.text_encoder, models.vae, *(d.model for d in models.experts.values())])
         alloc.kind = "activations"
         pipeline = WanPipeline(models, exchange=par.exchange, decode=world.is_output_rank,
-                               split_decode=world.vae_decoder(config.vae_parallel))
+                               split_decode=par.split_decode)
         task = config.task
 
         alloc.start("encode")

@@ -74,7 +74,8 @@ def _load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
     text_encoder = build_text_encoder_on_meta(info, placement.text_dtype)
     half = placement.compute_dtype if placement.autocast else None
     par = parallelize_wan(experts, text_encoder, mesh, dit_fsdp=config.dit_fsdp, t5_fsdp=config.t5_fsdp,
-                          dit_compute_dtype=half, attention=placement.attention)
+                          dit_compute_dtype=half, attention=placement.attention,
+                          vae_parallel=config.vae_parallel != "off")
     if par.dit_sharded and half is not None:
         # official FSDP's MixedPrecision covers the whole DiT: the unsharded root pieces (patch and
         # time embeddings, head) are used in the half dtype as well (computed in float32 where

@@ -69,7 +69,7 @@ class GenerationSession:
                 where = ", ".join(f"{n} weights of {e}" for e, n in r.touched.items())
                 log(f"merged LoRA {r.file} at scale {r.scale:g}: {where}")
         self.pipeline = WanPipeline(self.models, exchange=self.parallel.exchange, decode=world.is_output_rank,
-                                    split_decode=world.vae_decoder(config.vae_parallel))
+                                    split_decode=self.parallel.split_decode)
         self.last_calibration_records: list[Any] = []
 
     # -- one request ------------------------------------------------------------------------

@@ -143,17 +143,6 @@ class World:
         return sorted(self._replica_gather(mine), key=lambda m: m["rank"])
 
     # -- the VAE decode ----------------------------------------------------------------------------
-    def vae_decoder(self, mode: str):
-        """The band-split decode over this replica's ranks (`--vae-parallel auto`, more than one rank),
-        else None: the output rank decodes alone, as before. Each dp replica decodes in its own group."""
-        mesh = self._groups.mesh
-        size = self.cfg_size * self.sp_size
-        if mode == "off" or mesh is None or size == 1:
-            return None
-        from launcher.wan.vae_parallel import SplitDecoder
-
-        return SplitDecoder(group=mesh.replica_group, index=mesh.replica_rank, size=size)
-
     def gather_in_replica(self, obj: Any) -> list[Any]:
         """Every rank of this dp replica's `obj`, in replica order (cfg-major, sp-minor)."""
         return self._replica_gather(obj)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from diffusers import WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
+    from launcher.wan.vae_parallel import SplitDecoder
     from parallel.mesh import ParallelMesh
 
 
@@ -94,11 +95,15 @@ class ParallelWan:
     #: DiT / T5 blocks are FSDP2-sharded over the sp group (each rank loads its rows only)
     dit_sharded: bool
     t5_sharded: bool
+    #: the VAE decode split by rows over this replica's ranks (`--vae-parallel auto` and more than one
+    #: rank), else None: the output rank decodes alone
+    split_decode: "SplitDecoder | None" = None
 
 
 def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "UMT5EncoderModel",
                     mesh: "ParallelMesh | None", *, dit_fsdp: bool, t5_fsdp: bool,
-                    dit_compute_dtype: torch.dtype | None = None, attention: str = "sdpa") -> ParallelWan:
+                    dit_compute_dtype: torch.dtype | None = None, attention: str = "sdpa",
+                    vae_parallel: bool = True) -> ParallelWan:
     """Shard the meta-built modules in place for this rank's mesh (None: one process, nothing to do).
 
     `dit_compute_dtype`: with FSDP, the dtype DiT blocks are all-gathered and computed in (official
@@ -106,6 +111,7 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
 
     FSDP applies over the sp group only: with sp = 1 there is nothing to shard a block over, so the
     flags are accepted and the blocks stay whole (as official does with a single rank).
+    `vae_parallel`: split the decode over the replica's ranks (each dp replica in its own group).
     """
     sharding: SequenceSharding = LocalSequence(attention)
     exchange: BranchExchange = SerialBranches()
@@ -131,5 +137,11 @@ def parallelize_wan(experts: dict[str, "WanTransformer3DModel"], text_encoder: "
         if shard_t5:
             shard_modules(text_encoder.encoder.block, fsdp_mesh)
     wrapped = {name: WanDiT(model, sharding, block_stack=stacks[name]) for name, model in experts.items()}
+    split_decode = None
+    if vae_parallel and mesh is not None and mesh.dims.cfg * mesh.dims.sp > 1:
+        from launcher.wan.vae_parallel import SplitDecoder
+
+        split_decode = SplitDecoder(group=mesh.replica_group, index=mesh.replica_rank,
+                                    size=mesh.dims.cfg * mesh.dims.sp)
     return ParallelWan(experts=wrapped, sharding=sharding, exchange=exchange, dit_sharded=shard_dit,
-                       t5_sharded=shard_t5)
+                       t5_sharded=shard_t5, split_decode=split_decode)
