@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -138,9 +139,10 @@ class ParallelDims:
             return math.prod(axes[a] for a in FLAT[name])
         raise KeyError(f"no mesh dim {name!r}; the dims are {AXES + tuple(FLAT)}")
 
-    def grid(self) -> torch.Tensor:
-        """Global ranks laid out as the (dp, cfg, ring, ulysses) grid, row-major."""
-        return torch.arange(self.world_size).reshape(*(self.degree(a) for a in AXES))
+    def grid(self) -> np.ndarray:
+        """Global ranks laid out as the (dp, cfg, ring, ulysses) grid, row-major (numpy: rank arithmetic
+        stays plain integers whatever tensor mode is active, e.g. a dry run's FakeTensorMode)."""
+        return np.arange(self.world_size).reshape(*(self.degree(a) for a in AXES))
 
     def axes_of(self, name: str) -> tuple[str, ...]:
         return FLAT.get(name, (name,))
@@ -152,11 +154,11 @@ class ParallelDims:
             raise KeyError(f"no mesh dim {name!r}; the dims are {AXES + tuple(FLAT)}")
         others = [i for i, a in enumerate(AXES) if a not in spanned]
         inner = [AXES.index(a) for a in spanned]
-        return self.grid().permute(*others, *inner).reshape(-1, self.degree(name)).tolist()
+        return self.grid().transpose(*others, *inner).reshape(-1, self.degree(name)).tolist()
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """This rank's index along every axis and flattened dim."""
-        coords = dict(zip(AXES, (int(c) for c in (self.grid() == rank).nonzero()[0])))
+        coords = dict(zip(AXES, (int(c) for c in np.argwhere(self.grid() == rank)[0])))
         for name, spanned in FLAT.items():
             index = 0
             for a in spanned:
@@ -217,7 +219,7 @@ class ParallelMesh:
                 self._cpu_groups[name] = (self._groups[name] if self.backend == "gloo"
                                           else self._enumerate(name, "gloo"))
         if axes:
-            layout = dims.grid().reshape(*(dims.degree(a) for a in axes))
+            layout = dims.grid().reshape(*(dims.degree(a) for a in axes)).tolist()
             self._mesh = DeviceMesh.from_group([self._groups[a] for a in axes], self._device_type,
                                                mesh=layout, mesh_dim_names=tuple(axes))
         for name in FLAT:

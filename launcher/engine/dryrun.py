@@ -668,6 +668,8 @@ def _simulate(config: RunConfig, info: CheckpointInfo, rank: int, world_size: in
         placement = world.placement
         if dit_dtype is not None:
             placement = dataclasses.replace(placement, dit_param_dtype=dit_dtype)
+        if world.mesh is not None and (config.dit_fsdp or config.t5_fsdp):
+            world.mesh.fsdp_mesh()  # its DeviceMesh holds real rank tensors: built before fake mode, as a run does it first
         fake_mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(_swappable(fake_mode))
         stack.enter_context(alloc)
@@ -688,6 +690,7 @@ def _simulate(config: RunConfig, info: CheckpointInfo, rank: int, world_size: in
         stack.enter_context(_patched(models_module, "plan_host_memory", lambda _config, _placement, modules: (
             True, sum(module_bytes(m) for m in modules))))
         stack.enter_context(_patched(residency, "register_in_place", alloc.pin_in_place))
+        stack.enter_context(_patched(residency, "_unregister", lambda _ptrs: None))  # nothing was registered
 
         alloc.kind = "weights"
         alloc.start("load")

@@ -95,22 +95,23 @@ class HostResident:
             host = t.detach().to("cpu")
             self._host[(id(owner), name)] = host
             _assign(owner, name, kind, t, host)
-            ptr, size = _storage(host)
-            if size:
-                storages.setdefault(ptr, host)  # tied weights share one storage: pinned once
+            if host.untyped_storage().nbytes():
+                # tied weights share one storage: pinned once (keyed by the storage itself, not its
+                # address, which a dry run's fake tensors do not have)
+                storages.setdefault(host.untyped_storage()._cdata, host)
         #: bytes of the distinct host storages (what pinning them in place costs)
         self.storage_bytes = sum(_storage(h)[1] for h in storages.values())
         #: bytes actually pinned (equal to storage_bytes when every storage was pinned)
         self.pinned_bytes = 0
         registered: list[int] = []
         if pin_fn is not None:
-            for ptr, host in storages.items():
+            for host in storages.values():
                 got = pin_fn(host)
                 if not got:
                     log.warning("could not pin %.1f MiB of expert weights; swaps use pageable memory",
                                 self.storage_bytes / 2**20)
                     break
-                registered.append(ptr)
+                registered.append(_storage(host)[0])
                 self.pinned_bytes += got
         if registered and pin_fn is register_in_place:
             weakref.finalize(self, _unregister, registered)
