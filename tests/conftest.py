@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# machine load must not fail a property test: no per-example deadline, no "too slow" health check
+# (generating from a regex is slow on a loaded 2-core box; the properties are what is tested)
+settings.register_profile("any-load", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("any-load")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,4 +22,5 @@ def test_the_readme_says_where_the_real_weights_are_and_the_demo_what_it_draws()
     assert "hf download Wan-AI/Wan2.2-T2V-A14B --local-dir" in README
     assert re.search(r"\| `t2v-A14B` \|.*\| ~\d+ GB \|", README)
     demo = (ROOT / "scripts" / "demo.sh").read_text()
-    assert "the video is noise" in demo and "video is noise" in README
+    # the demo's model is the tiny one trained here; both say what it draws today (undertrained: no shape yet)
+    assert "models/tiny-shapes" in demo and "undertrained" in demo and "undertrained" in README
