@@ -17,6 +17,19 @@ settings.load_profile("any-load")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread_like_the_ranks():
+    """Every test's in-process runs use one thread, as every rank of the tests' torchrun/srun jobs does
+    (OMP_NUM_THREADS=1): references made in this process then equal the ranks' output whatever thread
+    count an earlier test left (2 threads round differently, and int8 magnifies it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """`tiny_ckpt(task, layout="official", seed=0) -> Path`, cached for the whole session."""
