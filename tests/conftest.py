@@ -17,6 +17,18 @@ settings.load_profile("any-load")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_shared_fixtures():
+    """Module- and session-scoped fixtures (a batch's first run, a sweep) are set up before any
+    function-scoped fixture runs, so the one-thread rule must already hold when the session starts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_thread_like_the_ranks():
     """Every test's in-process runs use one thread, as every rank of the tests' torchrun/srun jobs does
