@@ -152,7 +152,8 @@ def plan(
                                magcache=bool(f["use_magcache"]),
                                given=given if given != {"ulysses": 1, "ring": 1, "cfg": 1, "dit_fsdp": False} else None,
                                vae_parallel=f["vae_parallel"] != "off", quant=f["quantize"],
-                               offload_model=parse_bool(f["offload_model"], "--offload_model"), t5_cpu=f["t5_cpu"])
+                               offload_model=parse_bool(f["offload_model"], "--offload_model"), t5_cpu=f["t5_cpu"],
+                               convert_model_dtype=bool(f.get("convert_model_dtype")))
     attention = attention_here(f["attention"])
     dry = None
     if cluster["dry_run"]:  # imports torch and the models: only here, so plain `plan --gpus` stays fast

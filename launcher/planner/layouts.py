@@ -6,9 +6,9 @@ traffic, stay on contiguous ranks (one node), and ring point-to-point, which ove
 attention, takes the outer, inter-node dimension. A group stays inside a node when its span of
 contiguous ranks divides the GPUs per node.
 
-Memory per GPU: DiT params (both experts, / sequence group under FSDP; the idle expert on the CPU
-when they would not fit otherwise), T5 (sharded with the DiT under FSDP), activations of one block
-on the rank's tokens, the VAE decode peak (split by rows over a generation's ranks), plus a reserve.
+Memory per GPU: per phase (load, encode, denoise, decode) from `memory_model` (weights as the memory
+policy places them, the block's activation peak on the rank's tokens, FSDP buffers, the VAE decode
+split by rows over a generation's ranks); the largest phase plus a reserve must fit.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from launcher.errors import UsageError
 from launcher.planner.memory import memory_policy
+from launcher.planner.memory_model import phase_bytes, t5_bytes
 from launcher.planner.perf_model import (
     DIMS,
     GB,
@@ -37,10 +38,6 @@ from launcher.planner.perf_model import (
 from launcher.wan.tasks import TASKS
 from magcache.plan import Plan
 
-#: VAE decode working set per pixel of one frame (2.1: ~11 GB at 720P; 2.2 decodes 16x16 patches)
-VAE_DECODE_BYTES_PER_FRAME_PIXEL = {"2.1": 12e3, "2.2": 16e3}
-#: activations of one block per token, in units of dim (hidden, norms, q/k/v, attention out) + FFN
-ACTIVATION_DIMS_PER_TOKEN = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,17 +87,18 @@ def step_pattern(the_plan: Plan, *, magcache: bool) -> list[tuple[bool, bool | N
 
 
 def memory_gb(dims: DitDims, work: Workload, place: RankLayout, eff: Efficiency) -> dict[str, float]:
-    """Peak GB per GPU by part; `total` is the larger of the denoise and decode phases + reserve."""
-    shard = place.sp if place.dit_fsdp else 1
-    experts = 1 if place.offload else dims.experts
-    dit = experts * dims.expert_bytes(place.quant) / shard / GB
-    t5 = 0.0 if place.t5_offload else dims.t5_params * 2 / (place.sp * place.cfg if place.dit_fsdp else 1) / GB
-    act = work.tokens / place.sp * (ACTIVATION_DIMS_PER_TOKEN * dims.dim + dims.ffn) * 2 / GB
-    split = place.sp * place.cfg if place.vae_parallel else 1
-    vae = work.width * work.height * VAE_DECODE_BYTES_PER_FRAME_PIXEL[work.vae_version] / split / GB
-    at_decode = 0.0 if place.park_dit_before_decode else dit
-    total = max(dit + t5 + act, at_decode + t5 + vae) + eff.reserve_gb
-    return {"dit_params": dit, "t5": t5, "activations": act, "vae_decode_peak": vae, "total": total}
+    """Peak GB per GPU by part (each at its own phase's peak); `total` is the largest phase + reserve."""
+    phases = phase_bytes(dims, work, place)
+    denoise, decode = phases["denoise-high"], phases["decode"]
+    return {"weights_denoise": denoise["weights"] / GB, "t5": 0.0 if place.t5_offload else t5_bytes(dims, place) / GB,
+            "activations": denoise["activations"] / GB, "fsdp_buffers": denoise["comm"] / GB,
+            "vae_decode_peak": decode["activations"] / GB,
+            "total": max(p["total"] for p in phases.values()) / GB + eff.reserve_gb}
+
+
+def memory_phases_gb(dims: DitDims, work: Workload, place: RankLayout) -> dict[str, float]:
+    """Device GB per phase (no reserve): what `plan --dry-run` measures, per phase."""
+    return {k: v["total"] / GB for k, v in phase_bytes(dims, work, place).items()}
 
 
 def with_memory_policy(place: RankLayout, *, world_size: int, offload_model: bool | None,
@@ -111,7 +109,8 @@ def with_memory_policy(place: RankLayout, *, world_size: int, offload_model: boo
     pol = memory_policy(on_gpu=True, offload_model=offload_model, world_size=world_size, sp=place.sp,
                         dit_fsdp=place.dit_fsdp, t5_fsdp=place.dit_fsdp, t5_cpu=t5_cpu)
     return replace(place, offload=pol.swap_experts, t5_offload=pol.t5_home == "cpu",
-                   park_dit_before_decode=pol.park_dit_before_decode)
+                   park_dit_before_decode=pol.park_dit_before_decode, dit_load_gpu=pol.dit_load == "gpu",
+                   t5_cpu=t5_cpu)
 
 
 def layout_flags(place: RankLayout) -> str:
@@ -155,6 +154,7 @@ def evaluate(cluster: Cluster, task: str, work: Workload, place: RankLayout, dp:
         "dit_fsdp": place.dit_fsdp, "offload": place.offload, "flags": layout_flags(place),
         "memory_gb_per_gpu": _r(mem["total"], 1),
         "memory_gb": {k: _r(v) for k, v in mem.items() if k != "total"},
+        "memory_gb_by_phase": {k: _r(v) for k, v in memory_phases_gb(dims, work, place).items()},
         "fits": mem["total"] <= cluster.gpu.memory_gb,
         "comm_per_step_gb": {"ulysses_all_to_all": _r(per_step * fwd.comm.ulysses_a2a_bytes / GB),
                              "ring_p2p": _r(per_step * fwd.comm.ring_p2p_bytes / GB),
@@ -172,7 +172,8 @@ def evaluate(cluster: Cluster, task: str, work: Workload, place: RankLayout, dp:
 
 def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Plan, eff: Efficiency,
                       calibration: Calibration | None = None, vae_parallel: bool = True, *, quant: str = "none",
-                      offload_model: bool | None = None, t5_cpu: bool = False) -> list[dict[str, Any]]:
+                      offload_model: bool | None = None, t5_cpu: bool = False,
+                      convert_model_dtype: bool = False) -> list[dict[str, Any]]:
     """Every valid (dp, cfg, ring, ulysses, dit_fsdp) for the cluster, priced."""
     dims = DIMS[task]
     plain, cached = step_pattern(the_plan, magcache=False), step_pattern(the_plan, magcache=True)
@@ -193,7 +194,8 @@ def enumerate_layouts(cluster: Cluster, task: str, work: Workload, the_plan: Pla
                     place = RankLayout(ulysses=u, ring=r, cfg=cfg, dit_fsdp=fsdp, offload=False,
                                       ulysses_link=cluster.link(u), ring_link=cluster.link(u * r),
                                       cfg_link=cluster.link(sp * cfg), fsdp_link=cluster.link(sp),
-                                      vae_parallel=vae_parallel, quant=quant)
+                                      vae_parallel=vae_parallel, quant=quant,
+                                      convert_model_dtype=convert_model_dtype)
                     out.append(evaluate(cluster, task, work, place, dp, eff, plain, cached, calibration,
                                         offload_model=offload_model, t5_cpu=t5_cpu))
     return out
@@ -286,7 +288,8 @@ def given_layout(layouts: list[dict[str, Any]], *, ulysses: int, ring: int, cfg:
 def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: Plan, gpus: int, gpu: str,
                  nodes: int | None, gpus_per_node: int | None, calibration_file: Path | None,
                  magcache: bool, given: dict[str, Any] | None = None, vae_parallel: bool = True,
-                 quant: str = "none", offload_model: bool | None = None, t5_cpu: bool = False) -> dict[str, Any]:
+                 quant: str = "none", offload_model: bool | None = None, t5_cpu: bool = False,
+                 convert_model_dtype: bool = False) -> dict[str, Any]:
     """`plan --gpus N`: {"layouts", "recommended", "reason", "given", "model"}; every figure a model's.
     `given`: the command line's ulysses, ring, cfg, dit_fsdp, whose layout is marked (None if invalid)."""
     if frames < 1 or (frames - 1) % 4:
@@ -300,7 +303,7 @@ def plan_layouts(*, task: str, width: int, height: int, frames: int, the_plan: P
     except ValueError as e:
         raise UsageError(f"--quantize {quant}: {e}; use --quantize int8") from None
     layouts = enumerate_layouts(cluster, task, work, the_plan, eff, calibration, vae_parallel, quant=quant,
-                                offload_model=offload_model, t5_cpu=t5_cpu)
+                                offload_model=offload_model, t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype)
     best, reason = recommend(layouts, magcache=magcache)
     model = model_constants(cluster.gpu, eff, calibration)
     model.update({"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,

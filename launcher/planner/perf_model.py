@@ -206,6 +206,12 @@ class RankLayout:
     offload_flag: bool = False
     #: --quantize: the block linears in fp8/int8 ("none": bf16)
     quant: str = "none"
+    #: --convert_model_dtype: DiT weights in bf16 (else float32, as official)
+    convert_model_dtype: bool = False
+    #: the experts are loaded onto the GPU (official init_on_cpu False: sp > 1 or FSDP)
+    dit_load_gpu: bool = True
+    #: --t5_cpu: T5 lives and encodes on the CPU
+    t5_cpu: bool = False
 
     @property
     def sp(self) -> int:
