@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, KeysView, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import torch
 
 from launcher.checkpoint.files import CheckpointError
 from launcher.checkpoint.keymaps import wan_transformer_key_map
-from launcher.checkpoint.sources import SafetensorsSource, TensorSource, WeightFiles
+from launcher.checkpoint.sources import SafetensorsSource, TensorSource, WrappingSource, WeightFiles
 from launcher.preflight import HeaderError, lora_header
 
 
@@ -320,39 +320,24 @@ def plan_loras(specs: Sequence[Any], experts: Mapping[str, Mapping[str, tuple[in
 
 # -- merging while loading --------------------------------------------------------------------
 
-class LoraSource:
+class LoraSource(WrappingSource):
     """A tensor source whose patched tensors come back merged (float32); rows merge only the rows asked."""
 
     def __init__(self, base: TensorSource, patches: Mapping[str, list[Patch]]) -> None:
-        self._base = base
+        super().__init__(base)
         self._patches = patches
-        self.fresh_tensors = getattr(base, "fresh_tensors", False)
         self._files: dict[Path, SafetensorsSource] = {}
-
-    def __enter__(self) -> Self:
-        self._base.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        self._base.__exit__(*exc)
 
     def close(self) -> None:
         for src in self._files.values():
             src.close()
         self._files.clear()
 
-    def keys(self) -> KeysView[str]:
-        return self._base.keys()
-
     def quantized_rows(self, key: str, start: int | None, stop: int | None, mode: str):
         """A pre-quantized weight no LoRA touches passes through as stored (quant.source); a merged one
         is quantized again from its merged float32 rows."""
         stored = getattr(self._base, "quantized_rows", None)
         return None if key in self._patches or stored is None else stored(key, start, stop, mode)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._base.shape(key)
 
     def _file(self, path: Path) -> SafetensorsSource:
         if path not in self._files:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import KeysView, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from launcher.checkpoint.files import CheckpointError
-from launcher.checkpoint.sources import TensorSource, WeightFiles, open_source
+from launcher.checkpoint.sources import TensorSource, WrappingSource, WeightFiles, open_source
 from quant.linear import dequantize_rows
 
 #: companion suffix -> what it is
@@ -123,32 +123,17 @@ def split_prequantized(weights: WeightFiles, where: Path, layout: str) -> tuple[
     return model, Prequantized(format=fmt, weights=entries, scales=scales)
 
 
-class PrequantizedSource:
+class PrequantizedSource(WrappingSource):
     """A model source over a pre-quantized file: 8-bit weights come back dequantized (float32) from
     `get`/`get_slice`, or as stored from `quantized_rows` (used by `quant.source.QuantizingSource`)."""
 
     def __init__(self, base: TensorSource, pre: Prequantized) -> None:
-        self._base = base
+        super().__init__(base)
         self._pre = pre
         self._scales = open_source(pre.scales)
-        self.fresh_tensors = getattr(base, "fresh_tensors", False)  # pass-through tensors are the base's
-
-    def __enter__(self) -> "PrequantizedSource":
-        self._base.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        self._base.__exit__(*exc)
 
     def close(self) -> None:
         self._scales.close()
-
-    def keys(self) -> KeysView[str]:
-        return self._base.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._base.shape(key)
 
     def _scale_rows(self, key: str, rows: torch.Tensor, start: int | None, stop: int | None) -> torch.Tensor:
         scale_key = self._pre.weights[key][1]

@@ -44,6 +44,33 @@ class TensorSource(Protocol):
     def __exit__(self, *exc: Any) -> None: ...
 
 
+class WrappingSource:
+    """A source over another one (`base`): entering enters the base; leaving releases what the wrapper
+    holds itself (`close`, overridden by wrappers that hold files), then leaves the base. Tensors the
+    wrapper passes through are the base's, so it inherits the base's `fresh_tensors`."""
+
+    def __init__(self, base: TensorSource) -> None:
+        self._base = base
+        self.fresh_tensors = getattr(base, "fresh_tensors", False)
+
+    def __enter__(self) -> Any:
+        self._base.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+        self._base.__exit__(*exc)
+
+    def close(self) -> None:
+        """What the wrapper itself holds (nothing by default; the base is released by `__exit__`)."""
+
+    def keys(self) -> KeysView[str]:
+        return self._base.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._base.shape(key)
+
+
 class _SourceBase:
     def __init__(self, weights: WeightFiles) -> None:
         self._weights = weights
