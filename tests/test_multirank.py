@@ -81,9 +81,18 @@ def assert_equal_to_reference(sharded: dict, ref: dict, nproc: int) -> None:
     assert len(sharded["peak_memory_mb"]) == nproc
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("task", ["t2v-A14B", "i2v-A14B", "ti2v-5B"])
+#: t2v-A14B over every layout x (replicated, FSDP); i2v-A14B and ti2v-5B differ from it only in what enters
+#: the DiT (the image latent's channels; per-token timesteps and one expert), so each runs three layouts that
+#: between them cover the sequence split at 2 and 4, the cfg split alone and with Ulysses, FSDP and not.
+SHARDED_CASES = [
+    *[("t2v-A14B", layout, fsdp) for layout in LAYOUTS for fsdp in (False, True)],
+    ("i2v-A14B", "u4", True), ("i2v-A14B", "cfg-u2", False), ("i2v-A14B", "cfg", True),
+    ("ti2v-5B", "u2", True), ("ti2v-5B", "u4", False), ("ti2v-5B", "cfg-u2", True),
+]
+
+
+@pytest.mark.parametrize("task,layout,fsdp", SHARDED_CASES,
+                         ids=[f"{t}-{lay}-{'fsdp' if f else 'replicated'}" for t, lay, f in SHARDED_CASES])
 def test_sharded_equals_single_process(tiny_ckpt, reference, tmp_path, task, layout, fsdp):
     image = make_image(tmp_path.parent / "mr-in.png") if task == "i2v-A14B" else None
     size = "64*64"
