@@ -115,11 +115,12 @@ def test_padded_sequence_equals_single_process(tiny_ckpt, reference, tmp_path, t
 def test_layout_errors_exit_2_on_every_rank(tiny_ckpt, tmp_path):
     base = ["generate", "--task", "t2v-A14B", "--size", "64*64", "--frame_num", "5", "--ckpt_dir",
             str(tiny_ckpt("t2v-A14B")), "--prompt", "a cat", "--save_file", str(tmp_path / "v.mp4")]
+    # two launches: what every rank does with a bad layout is the same whatever the layout; the messages of
+    # the others (cfg on 3 ranks, ulysses beyond the heads) are pinned in-process by test_parallel_mesh and
+    # test_cli_errors
     cases = [
         (2, ["--ulysses_size", "4"], "--ulysses_size 4 x config 1 = 4 ranks per video, but 2 were launched"),
-        (3, ["--cfg-parallel"], "--ulysses_size 1 x config 2 = 2 ranks per video, but 3 were launched"),
         (4, ["--ulysses_size", "2"], "batch"),
-        (2, ["--ulysses_size", "8"], "--ulysses_size 8"),
     ]
     for i, (nproc, flags, needle) in enumerate(cases):
         logs = tmp_path / f"logs{i}"
