@@ -261,7 +261,9 @@ def test_stuck_rank_fails_the_others_at_the_dist_timeout(tiny_ckpt, tmp_path):
         os.kill(ranks[1], signal.SIGSTOP)
         wait_for(lambda: gone(ranks[0]), timeout + HANG, "rank 0 to give up on the stopped rank")
         waited = time.monotonic() - t0
-        code = job.finish(limit=120)  # torchrun: SIGTERM, then SIGKILL after its 30 s grace
+        # torchrun would SIGTERM the stopped rank, then SIGKILL it after its 30 s grace; do the SIGKILL now
+        os.kill(ranks[1], signal.SIGKILL)
+        code = job.finish(limit=120)
     finally:
         job.kill()
     print(f"rank 1 SIGSTOPped: rank 0 gone after {waited:.2f} s (--dist-timeout {timeout}); torchrun exit {code}")
