@@ -289,8 +289,8 @@ def submit(
 
 
 @app.command()
-@compose_params(some_params("task", "ckpt_dir", "quantize", "quantize_blocks", "quantize_experts", "lora", "lora_high",
-                            "lora_low"))
+@compose_params(some_params("task", "ckpt_dir", "revision", "download", "quantize", "quantize_blocks",
+                            "quantize_experts", "lora", "lora_high", "lora_low"))
 def quantize(
     out: Annotated[Optional[Path], typer.Option("--out", help="folder for the quantized copy (same layout; other files hard-linked)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out")] = False,
@@ -301,6 +301,7 @@ def quantize(
     from launcher.checkpoint.lora import plan_loras
     from launcher.config import parse_loras, parse_quantization
     from launcher.engine.quantized_export import write_quantized_checkpoint
+    from launcher.hub import resolve_ckpt_dir
     from launcher.outputs.atomic import sha256_of
     from launcher.wan.tasks import TASKS
 
@@ -313,7 +314,8 @@ def quantize(
         raise UsageError("quantize: give --quantize fp8 or --quantize int8 (the mode to write)")
     spec = TASKS[task]
     qspec = parse_quantization(flags, spec)
-    info = inspect_checkpoint(flags["ckpt_dir"], spec)
+    ckpt = resolve_ckpt_dir(flags["ckpt_dir"], spec, download=flags["download"], revision=flags["revision"])
+    info = inspect_checkpoint(ckpt, spec)
     plan = plan_loras(parse_loras(flags, spec), {e: info.transformer_weights[e].shapes for e in spec.experts}, task)
     records = [r.to_json(sha256_of(r.file)) for r in plan.reports]
     manifest = write_quantized_checkpoint(info, qspec, out, loras=plan, lora_records=records, overwrite=overwrite)

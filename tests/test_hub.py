@@ -136,3 +136,17 @@ def test_cli_generate_from_the_hub_cache(tiny_ckpt, tmp_path):
     proc = subprocess.run([*args[:5], "Wan-AI/Wan2.2-I2V-A14B", *args[6:]], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300, check=False)
     assert proc.returncode == 2 and f"not in the Hub cache {cache}" in proc.stderr
+
+
+def test_quantize_from_the_hub_cache(hub, tiny_ckpt, tmp_path):
+    """`quantize --ckpt_dir Wan-AI/...` reads the snapshot in the Hub cache, as generate and serve do."""
+    from launcher.cli import main
+
+    _hub_cache(hub, "Wan-AI/Wan2.2-TI2V-5B", tiny_ckpt("ti2v-5B"))
+    out = tmp_path / "q"
+    assert main(["quantize", "--task", "ti2v-5B", "--ckpt_dir", "Wan-AI/Wan2.2-TI2V-5B", "--quantize", "int8",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert manifest["quantize"] == "int8" and manifest["task"] == "ti2v-5B"
+    assert main(["quantize", "--task", "ti2v-5B", "--ckpt_dir", "Wan-AI/Wan2.2-TI2V-5B", "--revision", "v2",
+                 "--quantize", "int8", "--out", str(tmp_path / "q2")]) == 2  # not in the cache: one line, exit 2
