@@ -126,7 +126,8 @@ def plan(
         given = [f"--{k.replace('_', '-')}" for k in ("nodes", "gpus_per_node", "calibration", "dry_run")
                  if cluster[k] not in (None, False)]
         if given:
-            raise UsageError(f"{', '.join(given)} price layouts: add --gpus N (the GPUs to plan for)")
+            verb = "is" if len(given) == 1 else "are"
+            raise UsageError(f"{', '.join(given)} {verb} for layout planning: add --gpus N (the GPUs to plan for)")
     from launcher.planner.schedule import Sampling, magcache_setup, plan_to_json
     from launcher.options import cli_name, flag_defaults
     from launcher.outputs.report import console, print_layouts, print_plan

@@ -266,7 +266,7 @@ def test_bad_cluster_flags_exit_2():
     with pytest.raises(UsageError, match="give --nodes M or --gpus-per-node K"):
         Cluster.of(12, "h100", None, None)
     assert (Cluster.of(12, "h100", None, 4).nodes, Cluster.of(16, "h100", None, None).gpus_per_node) == (3, 8)
-    assert_one_line_error(run_cli("plan", "--nodes", "2"), "--nodes price layouts: add --gpus N")
+    assert_one_line_error(run_cli("plan", "--nodes", "2"), "--nodes is for layout planning: add --gpus N")
 
 
 def test_across_nodes_ring_beats_ulysses(capsys):
