@@ -6,11 +6,11 @@
 Stages (each caches its result in --work, so an interrupted run resumes where it stopped):
   1. vae      a Wan2.1-architecture VAE (diffusers AutoencoderKLWan, base_dim 8, z 16) trained on
               random 32x32x5 crops of the shapes clips (the net is convolutional: a crop costs 1/7 of
-              a full clip and exercises both the first-frame and the 4-frame path), in two stages:
+              a full clip and exercises both the first-frame and the 4-frame path), in stages:
               first encoder and decoder are each taught an analytic latent (the top-16 PCA
               components of the 4x8x8x3 pixel patches behind each latent voxel), then the whole
-              autoencoder is fine-tuned end to end (trained end to end from random weights it
-              stalls at ~11 dB: see models/tiny-shapes/README.md)
+              autoencoder is fine-tuned end to end, its last steps on 9-frame crops (trained end to
+              end from random weights it stalls at ~11 dB: see models/tiny-shapes/README.md)
   2. latents  the official normalised latents ((mu - mean) / std, Wan2.1 constants) of --clips clips
               (encoder only)
   3. text     the tokenizer (the shapes vocabulary as whole words) and the random tiny umt5 encoder
@@ -79,11 +79,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item()
 
 
-def _crops(gen: torch.Generator, batch: int, seed_base: int, frames: int = 9) -> torch.Tensor:
-    """Random 32x32 crops of `frames` frames (1 + 4k). All 9 frames by default: with 5-frame crops (two
-    latent frames) the third latent frame's path through the causal caches (the decoder's temporal
-    upsampling with a real cached frame instead of the first chunk's) is never trained, and frames
-    5-8 of a full clip decode at 9-14 dB while frames 0-4 reach 24 dB."""
+def _crops(gen: torch.Generator, batch: int, seed_base: int, frames: int = 5) -> torch.Tensor:
+    """Random 32x32 crops of `frames` frames (1 + 4k; 5 = two latent frames, 9 = three)."""
     out = []
     for i in range(batch):
         _, video = shapes.clip(seed_base + i)
@@ -156,10 +153,11 @@ def _rec_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (y - x).abs().mean() + ((y - x) ** 2).mean()
 
 
-def train_vae(steps: int, batch: int, seed: int, teach_steps: int, pca_clips: int = 128,
+def train_vae(steps: int, batch: int, seed: int, teach_steps: int, full_steps: int, pca_clips: int = 128,
               anchor: float = 0.1) -> tuple[AutoencoderKLWan, dict]:
-    """Two stages. Trained end to end from random weights this VAE does not learn (it stalls at ~11 dB,
-    below a per-crop mean colour; see models/tiny-shapes/README.md), so:
+    """Two stages, the second ending on 9-frame crops. Trained end to end from random weights this VAE
+    does not learn (it stalls at ~11 dB, below a per-crop mean colour; see models/tiny-shapes/README.md),
+    so:
 
     1. teach (`teach_steps`): the encoder regresses the analytic latent (PCA of the clips' patches,
        `analytic_latent`) and the decoder reconstructs the clips from that same analytic latent: two
@@ -167,6 +165,11 @@ def train_vae(steps: int, batch: int, seed: int, teach_steps: int, pca_clips: in
     2. joint (`steps - teach_steps`): the usual autoencoder loss through the encoder's own latent, with a
        small pull (`anchor`) towards the analytic latent, which keeps the latents near zero mean / unit
        variance per channel and smooth in space, what the DiT's noise assumes.
+    Both on 5-frame crops (two latent frames), then the last `full_steps` (of `steps`) joint on 9-frame
+    crops: with 5-frame crops alone the third latent frame's path through the causal caches (the
+    decoder's temporal upsampling fed a real cached frame, not the first chunk's) is never trained,
+    and frames 5-8 of a full clip decode at 9-22 dB while frames 0-4 reach 24 dB. 9-frame crops
+    throughout learn less per CPU-second (0.9 vs 0.54 CPU-s a step: 19.1 dB after 1000 steps).
     """
     torch.manual_seed(seed)
     vae = new_vae().train()
@@ -174,12 +177,14 @@ def train_vae(steps: int, batch: int, seed: int, teach_steps: int, pca_clips: in
     gen = torch.Generator().manual_seed(seed)
     t0 = time.process_time()
 
-    def run(n: int, lr: float, joint: bool, first: int) -> None:
+    def run(n: int, lr: float, joint: bool, first: int, frames: int = 5) -> None:
+        if n <= 0:
+            return
         opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n, pct_start=0.05)
         for i in range(n):
             step = first + i
-            x = _crops(gen, batch, 1_000_000 + step * batch)
+            x = _crops(gen, batch, 1_000_000 + step * batch, frames)
             za = analytic_latent(x, pca)
             zn = encode_norm(vae, x)
             fit = ((zn - za) ** 2).mean()
@@ -195,14 +200,14 @@ def train_vae(steps: int, batch: int, seed: int, teach_steps: int, pca_clips: in
             opt.step()
             sched.step()
             if step % 25 == 0 or i == n - 1:
-                log(f"vae {'joint' if joint else 'teach'} step {step}/{steps} rec {rec.item():.4f} "
+                log(f"vae {'joint' if joint else 'teach'}/{frames} step {step}/{steps} rec {rec.item():.4f} "
                     f"latent-fit {fit.item():.3f} ({(time.process_time() - t0) / (step + 1):.2f} CPU-s/step)")
 
     run(teach_steps, VAE_LR, joint=False, first=0)
-    if steps > teach_steps:
-        run(steps - teach_steps, VAE_LR / 3, joint=True, first=teach_steps)
+    run(steps - teach_steps - full_steps, VAE_LR / 3, joint=True, first=teach_steps)
+    run(full_steps, VAE_LR / 3, joint=True, first=steps - full_steps, frames=9)
     vae.eval().requires_grad_(False)
-    return vae, {"vae_steps": steps, "vae_teach_steps": teach_steps, "vae_batch": batch,
+    return vae, {"vae_steps": steps, "vae_teach_steps": teach_steps, "vae_full_steps": full_steps, "vae_batch": batch,
                  "vae_cpu_seconds": round(time.process_time() - t0, 1)}
 
 
@@ -343,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (new or empty)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tiny-shapes-work"), help="stage cache")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=150)
-    ap.add_argument("--vae-teach-steps", type=int, default=100,
+    ap.add_argument("--vae-steps", type=int, default=1150)
+    ap.add_argument("--vae-teach-steps", type=int, default=500,
                     help="of --vae-steps, the first ones that teach encoder and decoder the analytic latent")
+    ap.add_argument("--vae-full-steps", type=int, default=150,
+                    help="of --vae-steps, the last ones, on 9-frame crops (the others use 5 frames)")
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--clips", type=int, default=336)
     ap.add_argument("--dit-steps", type=int, default=1000, help="shared steps over all noise levels")
@@ -368,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(torch.load(vae_path))
         vae.eval().requires_grad_(False)
     else:
-        vae, stats = train_vae(args.vae_steps, args.vae_batch, args.seed, args.vae_teach_steps)
+        vae, stats = train_vae(args.vae_steps, args.vae_batch, args.seed, args.vae_teach_steps,
+                               args.vae_full_steps)
         torch.save(vae.state_dict(), vae_path)
         info.update(stats)
         with torch.no_grad():
