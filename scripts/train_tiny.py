@@ -4,10 +4,15 @@
     python scripts/train_tiny.py --out models/tiny-shapes [--work /tmp/tiny-shapes-work] [--seed 0]
 
 Stages (each caches its result in --work, so an interrupted run resumes where it stopped):
-  1. vae      a Wan2.1-architecture VAE (diffusers AutoencoderKLWan, base_dim 8, z 16) trained to
-              reconstruct random 32x32x5 crops of the shapes clips (the net is convolutional: a
-              crop costs 1/7 of a full clip and exercises both the first-frame and the 4-frame path)
+  1. vae      a Wan2.1-architecture VAE (diffusers AutoencoderKLWan, base_dim 8, z 16) trained on
+              random 32x32x5 crops of the shapes clips (the net is convolutional: a crop costs 1/7 of
+              a full clip and exercises both the first-frame and the 4-frame path), in stages:
+              first encoder and decoder are each taught an analytic latent (the top-16 PCA
+              components of the 4x8x8x3 pixel patches behind each latent voxel), then the whole
+              autoencoder is fine-tuned end to end, its last steps on 9-frame crops (trained end to
+              end from random weights it stalls at ~11 dB: see models/tiny-shapes/README.md)
   2. latents  the official normalised latents ((mu - mean) / std, Wan2.1 constants) of --clips clips
+              (encoder only)
   3. text     the tokenizer (the shapes vocabulary as whole words) and the random tiny umt5 encoder
               (make_tiny_checkpoint's T5, frozen); every prompt's context and the official negative
               prompt's, computed once
@@ -74,14 +79,42 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item()
 
 
-def _crops(gen: torch.Generator, batch: int, seed_base: int) -> torch.Tensor:
+def _crops(gen: torch.Generator, batch: int, seed_base: int, frames: int = 5) -> torch.Tensor:
+    """Random 32x32 crops of `frames` frames (1 + 4k; 5 = two latent frames, 9 = three)."""
     out = []
     for i in range(batch):
         _, video = shapes.clip(seed_base + i)
-        f0 = int(torch.randint(0, shapes.FRAMES - 4, (1,), generator=gen))
+        f0 = int(torch.randint(0, shapes.FRAMES - frames + 1, (1,), generator=gen))
         y, x = (int(v) for v in torch.randint(0, shapes.SIZE - 32 + 1, (2,), generator=gen))
-        out.append(video[:, f0:f0 + 5, y:y + 32, x:x + 32])
+        out.append(video[:, f0:f0 + frames, y:y + 32, x:x + 32])
     return torch.stack(out)
+
+
+def _patches(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 1+4k, H, W] -> [B, 1+k, H/8, W/8, 768]: the pixels behind each latent voxel (4 frames x 8 x 8 x
+    RGB; the first latent frame sees one frame, repeated 4 times, as the causal encoder does)."""
+    b, c, f, h, w = x.shape
+    x = torch.cat([x[:, :, :1].expand(-1, -1, 4, -1, -1), x[:, :, 1:]], 2)
+    t = x.shape[2] // 4
+    p = x.reshape(b, c, t, 4, h // 8, 8, w // 8, 8).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return p.reshape(b, t, h // 8, w // 8, c * 4 * 64)
+
+
+def fit_pca(clips: int, seed_base: int = 3_000_000) -> dict:
+    """The top-16 principal components of the 4x8x8x3 patches of `clips` clips, scaled so that each
+    coefficient has unit variance: the analytic latent the VAE is first taught (linear, ~26 dB)."""
+    p = _patches(torch.stack([shapes.clip(seed_base + i)[1] for i in range(clips)])).reshape(-1, 768)
+    mean = p.mean(0)
+    v = torch.linalg.svd(p - mean, full_matrices=False)[2]
+    comp = v[:16]
+    scale = ((p - mean) @ comp.T).std(0)
+    return {"mean": mean, "comp": comp, "scale": scale}
+
+
+def analytic_latent(x: torch.Tensor, pca: dict) -> torch.Tensor:
+    """Normalised target latent [B, 16, 1+k, H/8, W/8] of a batch of videos (PCA coefficients / their std)."""
+    c = (_patches(x) - pca["mean"]) @ pca["comp"].T / pca["scale"]
+    return c.permute(0, 4, 1, 2, 3).contiguous()
 
 
 def _decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
@@ -98,49 +131,94 @@ def _decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(frames, 2)
 
 
+def encode_norm(vae: AutoencoderKLWan, x: torch.Tensor) -> torch.Tensor:
+    """The official normalised latent ((mu - mean) / std, Wan2.1 constants) of a batch [B, 3, F, H, W]."""
+    mean, std = _mean_std()
+    return (vae.encode(x).latent_dist.mode() - mean) / std
+
+
+def decode_norm(vae: AutoencoderKLWan, zn: torch.Tensor) -> torch.Tensor:
+    mean, std = _mean_std()
+    return _decode_unclamped(vae, zn * std + mean)
+
+
 def vae_roundtrip(vae: AutoencoderKLWan, x: torch.Tensor, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction, normalised latent) of a batch [B, 3, F, H, W]."""
-    mean, std = _mean_std()
-    zn = (vae.encode(x).latent_dist.mode() - mean) / std
+    zn = encode_norm(vae, x)
     z = zn + noise * torch.randn_like(zn) if noise else zn
-    return _decode_unclamped(vae, z * std + mean), zn
+    return decode_norm(vae, z), zn
 
 
-def train_vae(steps: int, batch: int, seed: int) -> tuple[AutoencoderKLWan, dict]:
+def _rec_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (y - x).abs().mean() + ((y - x) ** 2).mean()
+
+
+def train_vae(steps: int, batch: int, seed: int, teach_steps: int, full_steps: int, pca_clips: int = 128,
+              anchor: float = 0.1) -> tuple[AutoencoderKLWan, dict]:
+    """Two stages, the second ending on 9-frame crops. Trained end to end from random weights this VAE
+    does not learn (it stalls at ~11 dB, below a per-crop mean colour; see models/tiny-shapes/README.md),
+    so:
+
+    1. teach (`teach_steps`): the encoder regresses the analytic latent (PCA of the clips' patches,
+       `analytic_latent`) and the decoder reconstructs the clips from that same analytic latent: two
+       halves that each learn on their own;
+    2. joint (`steps - teach_steps`): the usual autoencoder loss through the encoder's own latent, with a
+       small pull (`anchor`) towards the analytic latent, which keeps the latents near zero mean / unit
+       variance per channel and smooth in space, what the DiT's noise assumes.
+    Both on 5-frame crops (two latent frames), then the last `full_steps` (of `steps`) joint on 9-frame
+    crops: with 5-frame crops alone the third latent frame's path through the causal caches (the
+    decoder's temporal upsampling fed a real cached frame, not the first chunk's) is never trained,
+    and frames 5-8 of a full clip decode at 9-22 dB while frames 0-4 reach 24 dB. 9-frame crops
+    throughout learn less per CPU-second (0.9 vs 0.54 CPU-s a step: 19.1 dB after 1000 steps).
+    """
     torch.manual_seed(seed)
     vae = new_vae().train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=VAE_LR, total_steps=steps, pct_start=0.1)
+    pca = fit_pca(pca_clips)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.process_time()
-    for step in range(steps):
-        x = _crops(gen, batch, 1_000_000 + step * batch)
-        y, zn = vae_roundtrip(vae, x, noise=0.1)
-        rec = (y - x).abs().mean() + ((y - x) ** 2).mean()
-        # keep the normalised latents near zero mean, unit variance per channel (what the DiT's noise assumes)
-        dims = (0, 2, 3, 4)
-        reg = (zn.mean(dims) ** 2).mean() + ((zn.std(dims) - 1) ** 2).mean()
-        loss = rec + 0.01 * reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 0.5)
-        opt.step()
-        sched.step()
-        if step % 10 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} rec {rec.item():.4f} reg {reg.item():.3f} "
-                f"({(time.process_time() - t0) / (step + 1):.2f} CPU-s/step)")
+
+    def run(n: int, lr: float, joint: bool, first: int, frames: int = 5) -> None:
+        if n <= 0:
+            return
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n, pct_start=0.05)
+        for i in range(n):
+            step = first + i
+            x = _crops(gen, batch, 1_000_000 + step * batch, frames)
+            za = analytic_latent(x, pca)
+            zn = encode_norm(vae, x)
+            fit = ((zn - za) ** 2).mean()
+            if joint:
+                rec = _rec_loss(decode_norm(vae, zn + 0.05 * torch.randn_like(zn)), x)
+                loss = rec + anchor * fit
+            else:
+                rec = _rec_loss(decode_norm(vae, za + 0.05 * torch.randn_like(za)), x)
+                loss = rec + fit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 25 == 0 or i == n - 1:
+                log(f"vae {'joint' if joint else 'teach'}/{frames} step {step}/{steps} rec {rec.item():.4f} "
+                    f"latent-fit {fit.item():.3f} ({(time.process_time() - t0) / (step + 1):.2f} CPU-s/step)")
+
+    run(teach_steps, VAE_LR, joint=False, first=0)
+    run(steps - teach_steps - full_steps, VAE_LR / 3, joint=True, first=teach_steps)
+    run(full_steps, VAE_LR / 3, joint=True, first=steps - full_steps, frames=9)
     vae.eval().requires_grad_(False)
-    return vae, {"vae_steps": steps, "vae_batch": batch, "vae_cpu_seconds": round(time.process_time() - t0, 1)}
+    return vae, {"vae_steps": steps, "vae_teach_steps": teach_steps, "vae_full_steps": full_steps, "vae_batch": batch,
+                 "vae_cpu_seconds": round(time.process_time() - t0, 1)}
 
 
 @torch.no_grad()
 def encode_clips(vae: AutoencoderKLWan, count: int, batch: int = 8) -> tuple[torch.Tensor, list[str]]:
+    """The normalised latents (encoder only) and prompts of clips 0..count-1."""
     latents, prompts = [], []
     t0 = time.perf_counter()
     for start in range(0, count, batch):
         items = [shapes.clip(seed) for seed in range(start, min(count, start + batch))]
-        _, zn = vae_roundtrip(vae, torch.stack([v for _, v in items]))
-        latents.append(zn)
+        latents.append(encode_norm(vae, torch.stack([v for _, v in items])))
         prompts += [s.prompt for s, _ in items]
         if start % (batch * 20) == 0:
             log(f"latents {start + len(items)}/{count} ({time.perf_counter() - t0:.0f} s)")
@@ -270,11 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (new or empty)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tiny-shapes-work"), help="stage cache")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=150)
+    ap.add_argument("--vae-steps", type=int, default=1150)
+    ap.add_argument("--vae-teach-steps", type=int, default=500,
+                    help="of --vae-steps, the first ones that teach encoder and decoder the analytic latent")
+    ap.add_argument("--vae-full-steps", type=int, default=150,
+                    help="of --vae-steps, the last ones, on 9-frame crops (the others use 5 frames)")
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--clips", type=int, default=336)
-    ap.add_argument("--dit-steps", type=int, default=1000, help="shared steps over all noise levels")
-    ap.add_argument("--expert-steps", type=int, default=300, help="fine-tuning steps per expert")
+    ap.add_argument("--dit-steps", type=int, default=3000, help="shared steps over all noise levels")
+    ap.add_argument("--expert-steps", type=int, default=600, help="fine-tuning steps per expert")
     ap.add_argument("--dit-batch", type=int, default=32)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -293,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(torch.load(vae_path))
         vae.eval().requires_grad_(False)
     else:
-        vae, stats = train_vae(args.vae_steps, args.vae_batch, args.seed)
+        vae, stats = train_vae(args.vae_steps, args.vae_batch, args.seed, args.vae_teach_steps,
+                               args.vae_full_steps)
         torch.save(vae.state_dict(), vae_path)
         info.update(stats)
         with torch.no_grad():
