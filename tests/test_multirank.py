@@ -81,11 +81,13 @@ def assert_equal_to_reference(sharded: dict, ref: dict, nproc: int) -> None:
     assert len(sharded["peak_memory_mb"]) == nproc
 
 
-#: t2v-A14B over every layout x (replicated, FSDP); i2v-A14B and ti2v-5B differ from it only in what enters
-#: the DiT (the image latent's channels; per-token timesteps and one expert), so each runs three layouts that
+#: Every layout x (replicated, FSDP) runs once across the three tasks; t2v-A14B (two experts, the switch)
+#: runs every layout and cfg x ulysses both ways. i2v-A14B and ti2v-5B differ from it only in what enters the
+#: DiT (the image latent's channels; per-token timesteps and one expert), so each runs three layouts that
 #: between them cover the sequence split at 2 and 4, the cfg split alone and with Ulysses, FSDP and not.
 SHARDED_CASES = [
-    *[("t2v-A14B", layout, fsdp) for layout in LAYOUTS for fsdp in (False, True)],
+    ("t2v-A14B", "u2", False), ("t2v-A14B", "u4", True), ("t2v-A14B", "cfg", False),
+    ("t2v-A14B", "cfg-u2", False), ("t2v-A14B", "cfg-u2", True),
     ("i2v-A14B", "u4", True), ("i2v-A14B", "cfg-u2", False), ("i2v-A14B", "cfg", True),
     ("ti2v-5B", "u2", True), ("ti2v-5B", "u4", False), ("ti2v-5B", "cfg-u2", True),
 ]
@@ -139,7 +141,7 @@ def test_layout_errors_exit_2_on_every_rank(tiny_ckpt, tmp_path):
     assert not (tmp_path / "v.mp4").exists()
 
 
-@pytest.mark.parametrize("layout", ["u2", "cfg-u2"])
+@pytest.mark.parametrize("layout", ["cfg-u2"])  # both splits at once: the branch halves and the sequence
 def test_sharded_calibration_equals_single_process(tiny_ckpt, tmp_path, layout):
     """Token statistics are summed over the sequence group: N ranks record the 1-rank ratios."""
     ckpt = tiny_ckpt("t2v-A14B")
