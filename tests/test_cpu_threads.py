@@ -14,13 +14,15 @@ def test_cpu_phase_uses_the_ranks_share_and_restores_one_thread(monkeypatch):
     torch.set_num_threads(1)
     try:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        with cpu_phase() as n:
+        with cpu_phase("cuda") as n:  # a GPU run's CPU phase
             assert n == torch.get_num_threads() == rank_cores() == cores
         assert torch.get_num_threads() == 1
+        with cpu_phase("cpu") as n:  # a run all on the CPU keeps its one thread per rank
+            assert n == torch.get_num_threads() == 1
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more ranks than cores: one thread each
-        with cpu_phase() as n:
+        with cpu_phase("cuda") as n:
             assert n == 1
-        with cpu_phase(threads=3):
+        with cpu_phase("cuda", threads=3):
             assert torch.get_num_threads() == 3
         assert torch.get_num_threads() == 1
     finally:

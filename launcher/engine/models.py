@@ -6,8 +6,6 @@ they live. Sharding before loading is what lets each rank read only its rows of 
 """
 from __future__ import annotations
 
-import contextlib
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,9 +57,7 @@ def _host_homes(par: ParallelWan, placement: Placement, *, pin: bool) -> dict[st
 def load_models(config: RunConfig, info: CheckpointInfo, placement: Placement,
                 mesh: "ParallelMesh | None" = None, loras: LoraPlan | None = None) -> tuple[Models, ParallelWan]:
     """`_load_models` with the rank's cores: reading, dtype conversion and the LoRA merge are CPU work."""
-    # a GPU run's load phase on the CPU; a run all on the CPU keeps its thread count (the LoRA merge's
-    # matmuls round differently with more threads, and N ranks must equal one process)
-    with cpu_phase() if placement.device.type != "cpu" else contextlib.nullcontext():
+    with cpu_phase(placement.device):
         return _load_models(config, info, placement, mesh, loras)
 
 

@@ -174,10 +174,7 @@ class WanPipeline:
         """Official --offload_model: T5 comes to where it encodes, and goes back to the CPU after."""
         if self.m.offload_text_encoder:
             self.m.text_encoder.to(self.m.text_device)
-        # a GPU run's T5 on the CPU only: a run all on the CPU keeps its thread count (one thread per
-        # rank is the CPU stand-in for one GPU per rank; more threads would change float rounding)
-        gpu_run = self.m.device.type != "cpu"
-        on_cpu = cpu_phase() if gpu_run and self.m.text_device.type == "cpu" else contextlib.nullcontext()
+        on_cpu = cpu_phase(self.m.device) if self.m.text_device.type == "cpu" else contextlib.nullcontext()
         with on_cpu:  # --t5_cpu: T5-XXL with the rank's cores, not torchrun's one thread
             yield
         if self.m.offload_text_encoder:

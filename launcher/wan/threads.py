@@ -34,9 +34,16 @@ def rank_cores() -> int:
 
 
 @contextlib.contextmanager
-def cpu_phase(threads: int | None = None) -> Iterator[int]:
-    """Run the body with this rank's cores (never fewer threads than already set); restore after."""
+def cpu_phase(run_device: torch.device | str, threads: int | None = None) -> Iterator[int]:
+    """Run the body with this rank's cores (never fewer threads than already set); restore after.
+
+    Only a run that computes on a GPU (`run_device`) gets them: a run all on the CPU keeps its thread
+    count, because one thread per rank is the CPU stand-in for one GPU per rank and more threads would
+    round the LoRA merge and T5 differently (N CPU ranks must equal one process)."""
     before = torch.get_num_threads()
+    if torch.device(run_device).type == "cpu":
+        yield before
+        return
     n = max(before, rank_cores() if threads is None else threads)
     torch.set_num_threads(n)
     try:
