@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints (built once per session) and CLI runners."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,29 +18,34 @@ settings.load_profile("any-load")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread_for_shared_fixtures():
-    """Module- and session-scoped fixtures (a batch's first run, a sweep) are set up before any
-    function-scoped fixture runs, so the one-thread rule must already hold when the session starts."""
+@contextlib.contextmanager
+def one_thread():
+    """Torch at one thread inside, as every rank of the tests' torchrun/srun jobs runs (OMP_NUM_THREADS=1):
+    references made in this process then equal the ranks' output (2 threads round differently, and int8
+    magnifies it); the thread count before is restored after."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_for_shared_fixtures():
+    """Module- and session-scoped fixtures (a batch's first run, a sweep, reference videos) are set up
+    before any function-scoped fixture runs, so the rule must already hold when the session starts."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)
 def one_thread_like_the_ranks():
-    """Every test's in-process runs use one thread, as every rank of the tests' torchrun/srun jobs does
-    (OMP_NUM_THREADS=1): references made in this process then equal the ranks' output whatever thread
-    count an earlier test left (2 threads round differently, and int8 magnifies it)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Every test starts at one thread, whatever an earlier test left."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -30,14 +30,7 @@ def generate(ckpt: Path, out: Path, task: str, *extra: str, steps: int = 4, fram
         "--sample_steps", str(steps), "--save_file", str(video), "--save-latents", str(out / "latents.safetensors"),
         "--overwrite", *extra,
     ]
-    # one thread, as every torchrun rank of the tests has (OMP_NUM_THREADS=1): the reference must not
-    # depend on the thread count an earlier test left (2 threads round differently; int8 magnifies it)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(args) == 0  # at one thread, like the ranks it is compared with (conftest.one_thread)
     manifest = json.loads(video.with_suffix(".json").read_text())
     manifest["_latents"] = load_file(out / "latents.safetensors")["latents"]
     return manifest

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT
 from e2e_helpers import MULTINODE_MAGCACHE, MULTINODE_STEPS, single_process  # noqa: F401 (fixture)
 from netns_hosts import NetnsUnavailable, hosts
@@ -118,14 +117,8 @@ def test_batch_array_spreads_over_both_nodes(cluster, tiny_ckpt, tmp_path):
     flags = ["--task", "ti2v-5B", "--size", "64*64", "--frame_num", "5", "--sample_steps", "2",
              "--ckpt_dir", str(tiny_ckpt("ti2v-5B"))]
     single = tmp_path / "single"
-    # the array's tasks run one thread each (job_env's OMP_NUM_THREADS=1): so does this process's run,
-    # since the thread count changes float rounding (2 threads give other bytes than 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["batch", str(prompts), "--out-dir", str(single), *flags]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    # at one thread, as the array's tasks run (job_env's OMP_NUM_THREADS=1; conftest.one_thread)
+    assert main(["batch", str(prompts), "--out-dir", str(single), *flags]) == 0
     out = tmp_path / "out"
     job = cluster.submit(["--array=0-1", "--cpus-per-task=4", str(SLURM / "batch-array.sbatch"), str(prompts),
                           "--out-dir", str(out), *flags], tmp_path / "job-%a.out", job_env())

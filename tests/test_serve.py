@@ -14,7 +14,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from conftest import ROOT, cli_env
 from PIL import Image
 from serve_helpers import SERVE_FLAGS, Server
@@ -37,12 +36,7 @@ def reference_video(tiny_ckpt, tmp_path_factory):
             out = base / f"{len(cache)}.mp4"
             args = ["generate", "--ckpt_dir", str(tiny_ckpt("t2v-A14B")), *SERVE_FLAGS, "--prompt", prompt,
                     "--base_seed", str(seed), "--save_file", str(out), "--overwrite"]
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as the server's ranks run (OMP_NUM_THREADS=1): 2 threads round otherwise
-            try:
-                assert main(args) == 0
-            finally:
-                torch.set_num_threads(threads)
+            assert main(args) == 0  # at one thread, as the server's ranks run (conftest.one_thread)
             cache[(prompt, seed)] = out.read_bytes()
         return cache[(prompt, seed)]
 
