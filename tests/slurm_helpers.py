@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -62,12 +63,45 @@ def slurm_cluster():
                            timeout=120, env={**os.environ, "SLURM_CONF": conf})
 
 
-def _job_state(job_id: str, env: dict) -> tuple[str, str]:
-    """(JobState, ExitCode) from scontrol, e.g. ("COMPLETED", "0:0")."""
+def _task_states(job_id: str, env: dict) -> list[tuple[str, str]]:
+    """(JobState, ExitCode) of the job, or of every task of an array job, from scontrol."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
                          text=True, timeout=30, env=env).stdout
-    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-    return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "0:0")
+    rows = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]
+    return [(r.get("JobState", "UNKNOWN"), r.get("ExitCode", "0:0")) for r in rows] or [("UNKNOWN", "0:0")]
+
+
+def _exit_status(exit_code: str) -> int:
+    """scontrol's ExitCode "rc:signal" as a shell would report it: rc, or 128+signal."""
+    rc, _, sig = exit_code.partition(":")
+    return int(rc) if int(rc) else (128 + int(sig or 0) if int(sig or 0) else 0)
+
+
+def wait_for_job(job_id: str, timeout: float, env: dict[str, str], output: Callable[[], str]) -> int:
+    """Poll until the job (every task of an array job) has ended; return the highest exit status.
+
+    We poll scontrol every 0.25 s rather than use `sbatch --wait`, whose checks back off to 32 s apart
+    (they stay 2 s apart only below MinJobAge/4): a 12 s job was seen done after 42 s. On timeout the
+    job is cancelled and TimeoutError carries `output()`."""
+    deadline = time.monotonic() + timeout
+    states = _task_states(job_id, env)
+    while not all(state in TERMINAL_STATES for state, _ in states):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=30, env=env)
+            raise TimeoutError(f"job {job_id} still {sorted({s for s, _ in states})} after {timeout}s (cancelled); "
+                               f"output so far:\n{output()}")
+        time.sleep(0.25)
+        states = _task_states(job_id, env)
+    return max(_exit_status(code) for _, code in states)
+
+
+def submit(sbatch_args: list, env: dict[str, str], output: str) -> str:
+    """sbatch --parsable with --output=`output`; the job id."""
+    sub = subprocess.run(["sbatch", "--parsable", f"--output={output}", *map(str, sbatch_args)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    if sub.returncode != 0:
+        raise RuntimeError(f"sbatch {' '.join(map(str, sbatch_args))} failed: {sub.stderr.strip()}")
+    return sub.stdout.strip().split(";")[0]
 
 
 def submit_and_wait(sbatch_args: list[str], timeout: float,
@@ -80,22 +114,9 @@ def submit_and_wait(sbatch_args: list[str], timeout: float,
     """
     run_env = {**os.environ, **(env or {})}
     out_path = Path(tempfile.mkdtemp(prefix="magcache-sbatch-")) / "job.out"
-    sub = subprocess.run(["sbatch", "--parsable", f"--output={out_path}", *map(str, sbatch_args)],
-                         capture_output=True, text=True, timeout=60, env=run_env)
-    if sub.returncode != 0:
-        raise RuntimeError(f"sbatch {' '.join(map(str, sbatch_args))} failed: {sub.stderr.strip()}")
-    job_id = sub.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + timeout
-    state, exit_code = _job_state(job_id, run_env)
-    while state not in TERMINAL_STATES:
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id], capture_output=True, timeout=30, env=run_env)
-            text = out_path.read_text(errors="replace") if out_path.exists() else ""
-            raise TimeoutError(f"job {job_id} still {state} after {timeout}s (cancelled); "
-                               f"output so far:\n{text}")
-        time.sleep(0.25)
-        state, exit_code = _job_state(job_id, run_env)
-    text = out_path.read_text(errors="replace") if out_path.exists() else ""
-    rc, _, sig = exit_code.partition(":")
-    code = int(rc) if int(rc) else (128 + int(sig or 0) if int(sig or 0) else 0)
-    return code, text
+
+    def text() -> str:
+        return out_path.read_text(errors="replace") if out_path.exists() else ""
+
+    code = wait_for_job(submit(sbatch_args, run_env, str(out_path)), timeout, run_env, text)
+    return code, text()

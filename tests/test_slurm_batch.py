@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from slurm_helpers import REPO, slurm_cluster, submit_and_wait  # noqa: F401 (fixture)
+from slurm_helpers import REPO, slurm_cluster, submit, submit_and_wait, wait_for_job  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -32,27 +31,16 @@ def job_env(**extra: str) -> dict[str, str]:
     return {**env, "PATH": path, "MAGCACHE_VENV": str(VENV), "OMP_NUM_THREADS": "1", **extra}
 
 
-def submit_array_and_wait(args: list[str], timeout: float, env: dict[str, str]) -> tuple[int, dict[str, str]]:
-    """`sbatch --wait` an array job: (highest task exit code, {task id: its output})."""
+def submit_array_and_wait(args: list, timeout: float, env: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """Submit an array job and wait for every task: (highest task exit code, {task id: its output})."""
     logs = Path(tempfile.mkdtemp(prefix="magcache-array-"))
-    with open(logs / "sbatch.stdout", "w+") as stdout:
-        proc = subprocess.Popen(["sbatch", "--parsable", "--wait", f"--output={logs}/%a.out", *map(str, args)],
-                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stdout.seek(0)
-            job = stdout.read().strip().split(";")[0]
-            if job:
-                subprocess.run(["scancel", job], capture_output=True, timeout=30, env=env)
-            proc.kill()
-            proc.wait()
-            raise TimeoutError(f"array job {job} still running after {timeout}s (cancelled): "
-                               + " | ".join(p.read_text(errors="replace")[-1500:] for p in logs.glob("*.out")))
-    outputs = {p.stem: p.read_text(errors="replace") for p in logs.glob("*.out")}
-    if proc.returncode and not outputs:
-        raise RuntimeError(f"sbatch failed ({proc.returncode}): {err.strip()}")
-    return proc.returncode, outputs
+
+    def outputs() -> dict[str, str]:
+        return {p.stem: p.read_text(errors="replace") for p in logs.glob("*.out")}
+
+    code = wait_for_job(submit(args, env, f"{logs}/%a.out"), timeout, env,
+                        lambda: " | ".join(text[-1500:] for text in outputs().values()))
+    return code, outputs()
 
 
 @pytest.fixture
