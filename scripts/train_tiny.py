@@ -20,6 +20,8 @@ Stages (each caches its result in --work, so an interrupted run resumes where it
               into the two experts, each fine-tuned on its side of the official boundary (t >= 875:
               high-noise expert); 10% of samples get the negative prompt's context (for guidance)
   5. write    the official layout (make_tiny_checkpoint's writer) in --out
+  6. ratios   the model's own MagCache ratio table: `magcache-launch calibrate --prompts` over 8 of the
+              prompts (calibration_prompts.jsonl, seed 1), written beside it as magcache_ratios.json
 
 Everything is seeded; the same thread count gives the same weights.
 """
@@ -42,6 +44,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from launcher.checkpoint import tiny as mtc  # noqa: E402
+from launcher.cli import main as cli  # noqa: E402
 from benchmarks import shapes  # noqa: E402
 from launcher.wan.tasks import TASKS  # noqa: E402
 from launcher.wan.text_encoder import encode_prompts  # noqa: E402
@@ -50,7 +53,7 @@ from launcher.wan.vae import LATENT_STATS  # noqa: E402
 TASK = TASKS["t2v-A14B"]
 VAE_BASE_DIM = 8
 VAE_LR = 1e-3
-DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256, "num_layers": 2, "freq_dim": 256,
+DIT = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256, "num_layers": 4, "freq_dim": 256,
        "text_dim": mtc.T5_DIM, "patch_size": [1, 2, 2], "cross_attn_norm": True,
        "qk_norm": "rms_norm_across_heads", "eps": 1e-6}
 VOCAB = tuple(dict.fromkeys(
@@ -343,6 +346,25 @@ def train_dit(dit: WanTransformer3DModel, latents: torch.Tensor, prompt_idx: tor
     return dit.eval().requires_grad_(False)
 
 
+CALIBRATION_PROMPTS = 8
+
+
+def calibrate(ckpt: Path, seed: int) -> None:
+    """Write CALIBRATION_PROMPTS of the training prompts and the ratio table `calibrate` makes from them."""
+    scenes = shapes.all_scenes()
+    picks = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed + 10))[:CALIBRATION_PROMPTS]
+    prompts = ckpt / "calibration_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": scenes[int(i)].prompt}) + "\n" for i in picks))
+    try:
+        code = cli(["calibrate", "--task", "t2v-A14B", "--size", f"{shapes.SIZE}*{shapes.SIZE}",
+                    "--frame_num", str(shapes.FRAMES), "--ckpt_dir", str(ckpt), "--prompts", str(prompts), "--seeds", "1",
+                    "--out", str(ckpt / "magcache_ratios.json")])
+    except SystemExit as e:  # typer's exit
+        code = e.code
+    if code not in (0, None):
+        raise SystemExit(f"train_tiny: calibrate on {ckpt} failed ({code})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (new or empty)")
@@ -354,11 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-full-steps", type=int, default=150,
                     help="of --vae-steps, the last ones, on 9-frame crops (the others use 5 frames)")
     ap.add_argument("--vae-batch", type=int, default=8)
-    ap.add_argument("--clips", type=int, default=336)
+    ap.add_argument("--clips", type=int, default=2016, help="training clips (12 per prompt)")
     ap.add_argument("--dit-steps", type=int, default=3000, help="shared steps over all noise levels")
     ap.add_argument("--expert-steps", type=int, default=600, help="fine-tuning steps per expert")
     ap.add_argument("--dit-batch", type=int, default=32)
+    ap.add_argument("--dit-layers", type=int, default=DIT["num_layers"], help="transformer blocks per expert")
     args = ap.parse_args(argv)
+    dit_config = {**DIT, "num_layers": args.dit_layers}
     args.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     info: dict = {}
@@ -410,12 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("high", "low"):
         path = args.work / f"dit-{name}.pt"
         if path.exists():
-            experts[name] = WanTransformer3DModel(**DIT, in_channels=16, out_channels=16)
+            experts[name] = WanTransformer3DModel(**dit_config, in_channels=16, out_channels=16)
             experts[name].load_state_dict(torch.load(path))
     if len(experts) < 2:
         shared_path = args.work / "dit-shared.pt"
         torch.manual_seed(args.seed)
-        shared = WanTransformer3DModel(**DIT, in_channels=16, out_channels=16)
+        shared = WanTransformer3DModel(**dit_config, in_channels=16, out_channels=16)
         if shared_path.exists():
             shared.load_state_dict(torch.load(shared_path))
         else:
@@ -446,13 +470,16 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.out / sub)
     mtc._write_official(TASK, parts, args.out)
     info.update({"seed": args.seed, "clips": args.clips, "dit_steps": args.dit_steps,
-                 "expert_steps": args.expert_steps, "dit_batch": args.dit_batch, "dit": DIT,
+                 "expert_steps": args.expert_steps, "dit_batch": args.dit_batch, "dit": dit_config,
                  "vae_base_dim": VAE_BASE_DIM, "torch_threads": torch.get_num_threads(),
                  "this_run_seconds": round(time.perf_counter() - t_start, 1),
                  "this_run_cpu_seconds": round(time.process_time(), 1)})
     save_meta()
     (args.out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     log(f"wrote {args.out} ({mtc.checkpoint_bytes(args.out) / 1e6:.2f} MB); {json.dumps(info)}")
+    t0 = time.perf_counter()
+    calibrate(args.out, args.seed)
+    log(f"calibrated: {args.out / 'magcache_ratios.json'} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
