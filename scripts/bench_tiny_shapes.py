@@ -200,7 +200,7 @@ def plot_sweeps(sweeps: dict[str, dict], png: Path) -> None:
     plt.close(fig)
 
 
-DEMO_PROMPT = "a yellow triangle moving right on a blue background"  # scripts/demo.sh's default
+DEMO_PROMPT, DEMO_SEED = "a red square moving down on a blue background", 40  # scripts/demo.sh's defaults
 
 
 def demo_strip(ckpt: Path, work: Path, extra_rows: dict[str, Path], png: Path) -> dict:
@@ -213,7 +213,7 @@ def demo_strip(ckpt: Path, work: Path, extra_rows: dict[str, Path], png: Path) -
     rows, found = {}, {}
     for label, extra in (("uncached", ()), ("MagCache (default)", ("--use_magcache",))):
         out = work / ("demo-" + label.split()[0].lower())
-        cli(["generate", *COMMON, "--ckpt_dir", str(ckpt), "--prompt", DEMO_PROMPT, "--base_seed", "42",
+        cli(["generate", *COMMON, "--ckpt_dir", str(ckpt), "--prompt", DEMO_PROMPT, "--base_seed", str(DEMO_SEED),
              "--save_file", str(out / "v.mp4"), "--save-frames", str(out / "frames"), "--overwrite", *extra])
         rows[f"{label}: {DEMO_PROMPT}"] = load_frames(out / "frames").data
         det = shapes.detect(torch.from_numpy(rows[f"{label}: {DEMO_PROMPT}"]))
